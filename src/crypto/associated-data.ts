@@ -1,0 +1,44 @@
+/**
+ * Associated data binds each ciphertext to where it belongs, so a ciphertext copied to another
+ * table, column or row fails to decrypt. It never includes the wrapped key or the key version,
+ * so re-wrapping a data key under a new master key leaves every ciphertext valid.
+ */
+
+/** Where a value is stored. */
+export interface ValueBinding {
+  /** Table (or any stable name for the value's container). */
+  table: string;
+  /** Database column name of the value. */
+  column: string;
+  /**
+   * The row's primary key as text, when known before the value is written. A value sealed without
+   * it is bound to table and column only; a flag in the ciphertext header records which.
+   */
+  primaryKey?: string;
+}
+
+/** Ciphertext format version, first byte of the stored ciphertext. */
+export const FORMAT_V1 = 1;
+/** Header flag: the primary key is part of the associated data. */
+export const FLAG_PRIMARY_KEY_BOUND = 0x01;
+export const HEADER_BYTES = 2;
+
+/** Builds the associated data; the header is included so that flipping a flag is detected. */
+export function associatedData(header: Uint8Array, binding: ValueBinding): Buffer {
+  const boundKey = (header[1] ?? 0) & FLAG_PRIMARY_KEY_BOUND ? (binding.primaryKey ?? '') : '';
+  return Buffer.concat([
+    Buffer.from('typeorm-envelope', 'latin1'),
+    header.subarray(0, HEADER_BYTES),
+    lengthPrefixed(binding.table),
+    lengthPrefixed(binding.column),
+    lengthPrefixed(boundKey),
+  ]);
+}
+
+/** Length-prefixing keeps ("ab","c") and ("a","bc") distinct. */
+function lengthPrefixed(text: string): Buffer {
+  const bytes = Buffer.from(text, 'utf8');
+  const length = Buffer.allocUnsafe(4);
+  length.writeUInt32BE(bytes.length);
+  return Buffer.concat([length, bytes]);
+}

@@ -1,0 +1,115 @@
+import { ValueTypeError } from '../errors';
+
+/** The value types an encrypted property can hold. */
+export type ValueType = 'string' | 'number' | 'bigint' | 'boolean' | 'date' | 'json' | 'buffer' | 'uint8array';
+
+/** One tag byte in front of the encoded value says its type; it is encrypted with the value. */
+const TAGS: Record<ValueType, number> = {
+  string: 1,
+  number: 2,
+  bigint: 3,
+  boolean: 4,
+  date: 5,
+  json: 6,
+  buffer: 7,
+  uint8array: 8,
+};
+const TYPE_OF_TAG = new Map<number, ValueType>(Object.entries(TAGS).map(([type, tag]) => [tag, type as ValueType]));
+
+/** The type a value would be encoded as, or `undefined` when it cannot be encrypted. */
+export function valueTypeOf(value: unknown): ValueType | undefined {
+  switch (typeof value) {
+    case 'string':
+      return 'string';
+    case 'number':
+      return 'number';
+    case 'bigint':
+      return 'bigint';
+    case 'boolean':
+      return 'boolean';
+    case 'object':
+      if (value === null) return undefined;
+      if (value instanceof Date) return 'date';
+      if (Buffer.isBuffer(value)) return 'buffer';
+      if (value instanceof Uint8Array) return 'uint8array';
+      return 'json';
+    default:
+      return undefined;
+  }
+}
+
+/**
+ * Encodes a non-null value into bytes that decode to the same type and value.
+ * When `declared` is given, a value of another type is refused (a `json` property takes any
+ * JSON-serialisable value).
+ */
+export function encodeValue(value: unknown, declared?: ValueType): Buffer {
+  const type = valueTypeOf(value);
+  if (type === undefined) {
+    throw new ValueTypeError(`a value of type ${typeof value} cannot be encrypted`);
+  }
+  const stored = declared === 'json' ? 'json' : type;
+  if (declared !== undefined && declared !== stored) {
+    throw new ValueTypeError(`expected a ${declared} value, got a ${type}`);
+  }
+  return Buffer.concat([Buffer.of(TAGS[stored]), encodeBody(value, stored)]);
+}
+
+/** Decodes bytes made by `encodeValue`. */
+export function decodeValue(bytes: Buffer): unknown {
+  const type = TYPE_OF_TAG.get(bytes[0] ?? -1);
+  if (type === undefined) throw new ValueTypeError('encrypted value has an unknown type tag');
+  const body = bytes.subarray(1);
+  switch (type) {
+    case 'string':
+      return body.toString('utf8');
+    case 'number':
+      return readDouble(body);
+    case 'bigint':
+      return BigInt(body.toString('latin1'));
+    case 'boolean':
+      return body[0] === 1;
+    case 'date':
+      return new Date(readDouble(body));
+    case 'json':
+      return JSON.parse(body.toString('utf8'));
+    case 'buffer':
+      return Buffer.from(body);
+    case 'uint8array':
+      return new Uint8Array(body);
+  }
+}
+
+function encodeBody(value: unknown, type: ValueType): Buffer {
+  switch (type) {
+    case 'string':
+      return Buffer.from(value as string, 'utf8');
+    case 'number':
+      return writeDouble(value as number);
+    case 'bigint':
+      return Buffer.from((value as bigint).toString(), 'latin1');
+    case 'boolean':
+      return Buffer.of(value ? 1 : 0);
+    case 'date':
+      return writeDouble((value as Date).getTime());
+    case 'json': {
+      const text = JSON.stringify(value);
+      if (text === undefined) throw new ValueTypeError('value is not JSON-serialisable');
+      return Buffer.from(text, 'utf8');
+    }
+    case 'buffer':
+    case 'uint8array':
+      return Buffer.from(value as Uint8Array);
+  }
+}
+
+function writeDouble(n: number): Buffer {
+  const out = Buffer.allocUnsafe(8);
+  out.writeDoubleBE(n);
+  return out;
+}
+
+function readDouble(body: Buffer): number {
+  if (body.length !== 8) throw new ValueTypeError('encrypted number has a wrong length');
+  return body.readDoubleBE(0);
+}

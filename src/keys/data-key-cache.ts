@@ -1,0 +1,206 @@
+import { LRUCache } from 'lru-cache';
+import { ConfigError, KeyProviderError, withErrorContext } from '../errors';
+import type { Keyring } from './keyring';
+
+/** Bounds of the in-memory data-key cache. */
+export interface DataKeyCacheOptions {
+  /**
+   * How long one data key encrypts new values before a fresh one is generated, in ms.
+   * Default 30 minutes. Must be finite: a key cannot be cached forever.
+   */
+  dataKeyMaxAge?: number;
+  /** How many values one data key encrypts before a fresh one is generated. Default 1,000,000. */
+  dataKeyMaxUses?: number;
+  /**
+   * How long an unwrapped data key stays in memory after it was unwrapped, in ms. Default 30 minutes.
+   * This bounds how long a revoked master key can still decrypt: `purgeCache()` ends it at once.
+   */
+  unwrappedKeyTtl?: number;
+  /** How many unwrapped data keys are kept at most. Default 1,000. */
+  maxUnwrappedKeys?: number;
+  /** The clock the cache ages entries by (ms). For tests; defaults to `performance`. */
+  clock?: { now(): number };
+}
+
+const MINUTE = 60_000;
+/** A fetch can lose a race with eviction or `purge()`; it is retried this many times. */
+const MAX_ATTEMPTS = 3;
+const DEFAULTS = {
+  dataKeyMaxAge: 30 * MINUTE,
+  dataKeyMaxUses: 1_000_000,
+  unwrappedKeyTtl: 30 * MINUTE,
+  maxUnwrappedKeys: 1_000,
+};
+
+/** A plaintext data key held by the cache; its bytes are zeroed when it leaves the cache. */
+export class CachedDataKey {
+  #plaintext: Buffer;
+  #destroyed = false;
+  uses = 0;
+
+  constructor(
+    readonly version: number,
+    readonly wrappedKey: Buffer,
+    plaintext: Buffer,
+  ) {
+    this.#plaintext = plaintext;
+  }
+
+  get destroyed(): boolean {
+    return this.#destroyed;
+  }
+
+  /** Runs `fn` with the key bytes; `fn` must be synchronous and must not keep them. */
+  use<T>(fn: (key: Buffer) => T): T {
+    /* Precondition: a zeroed key is never used. */
+    if (this.#destroyed) throw new Error('internal error: data key used after eviction');
+    return fn(this.#plaintext);
+  }
+
+  destroy(): void {
+    this.#destroyed = true;
+    this.#plaintext.fill(0);
+  }
+
+  /** Never prints key bytes. */
+  [Symbol.for('nodejs.util.inspect.custom')](): string {
+    return `CachedDataKey { version: ${this.version}, uses: ${this.uses}, destroyed: ${this.#destroyed} }`;
+  }
+}
+
+/**
+ * Caches data keys in memory, bounded in age, uses and count:
+ * - the encrypting data key of the active version is reused for many values, until its maximum
+ *   age or uses, then a fresh one is generated;
+ * - unwrapped data keys are cached by their wrapped bytes, with a TTL and a maximum count;
+ * - concurrent misses for the same key make one provider call (`lru-cache` `fetch`);
+ * - key bytes are zeroed when an entry leaves; purge timers never keep the process alive.
+ */
+export class DataKeyCache {
+  readonly #keyring: Keyring;
+  readonly #maxUses: number;
+  readonly #encrypting: LRUCache<number, CachedDataKey>;
+  readonly #unwrapped: LRUCache<string, CachedDataKey, { version: number; wrappedKey: Buffer }>;
+  /** Provider calls made through this cache, by kind. */
+  readonly stats = { generated: 0, unwrapped: 0 };
+
+  constructor(keyring: Keyring, options: DataKeyCacheOptions = {}) {
+    const o = { ...DEFAULTS, ...definedOptions(options) };
+    /* Precondition: You can not cache something forever. */
+    requirePositive('dataKeyMaxAge', o.dataKeyMaxAge);
+    requirePositive('unwrappedKeyTtl', o.unwrappedKeyTtl);
+    requirePositive('dataKeyMaxUses', o.dataKeyMaxUses);
+    requirePositive('maxUnwrappedKeys', o.maxUnwrappedKeys);
+    this.#keyring = keyring;
+    this.#maxUses = o.dataKeyMaxUses;
+    const perf = options.clock ? { perf: options.clock } : {};
+    const dispose = (value: CachedDataKey) => value.destroy();
+    this.#encrypting = new LRUCache<number, CachedDataKey>({
+      max: 64,
+      ttl: o.dataKeyMaxAge,
+      ttlAutopurge: true,
+      dispose,
+      fetchMethod: (version) => this.#generate(version),
+      ...perf,
+    });
+    this.#unwrapped = new LRUCache<string, CachedDataKey, { version: number; wrappedKey: Buffer }>({
+      max: o.maxUnwrappedKeys,
+      ttl: o.unwrappedKeyTtl,
+      ttlAutopurge: true,
+      dispose,
+      fetchMethod: (_id, _stale, { context }) => this.#unwrap(context.version, context.wrappedKey),
+      ...perf,
+    });
+  }
+
+  /**
+   * Runs `fn` synchronously with the active version's current data key, and counts one use.
+   * The key that reaches its maximum uses is evicted (and zeroed) after `fn` returns.
+   */
+  async withEncryptionKey<T>(fn: (key: Buffer, dataKey: CachedDataKey) => T): Promise<T> {
+    for (let attempt = 0; ; attempt++) {
+      const version = this.#keyring.activeVersion;
+      const dataKey = await this.#encrypting.fetch(version);
+      /* A concurrent caller may have used the key up while this one waited; then fetch again. */
+      if (!dataKey || dataKey.destroyed) {
+        if (attempt < MAX_ATTEMPTS) continue;
+        throw new KeyProviderError('no data key could be obtained', { keyVersion: version });
+      }
+      const result = dataKey.use((key) => fn(key, dataKey));
+      dataKey.uses += 1;
+      if (dataKey.uses >= this.#maxUses && this.#encrypting.peek(version) === dataKey) {
+        this.#encrypting.delete(version);
+      }
+      return result;
+    }
+  }
+
+  /** Runs `fn` synchronously with the plaintext of `wrappedKey`, unwrapping it once per TTL. */
+  async withDecryptionKey<T>(version: number, wrappedKey: Buffer, fn: (key: Buffer) => T): Promise<T> {
+    const id = cacheId(version, wrappedKey);
+    for (let attempt = 0; ; attempt++) {
+      const dataKey = await this.#unwrapped.fetch(id, { context: { version, wrappedKey } });
+      if (!dataKey || dataKey.destroyed) {
+        if (attempt < MAX_ATTEMPTS) continue;
+        throw new KeyProviderError('no data key could be obtained', { keyVersion: version });
+      }
+      return dataKey.use(fn);
+    }
+  }
+
+  /** Drops and zeroes every cached key: the next use asks the key provider again. */
+  purge(): void {
+    this.#encrypting.clear();
+    this.#unwrapped.clear();
+  }
+
+  /** Number of unwrapped keys currently held. */
+  get unwrappedKeyCount(): number {
+    return this.#unwrapped.size;
+  }
+
+  async #generate(version: number): Promise<CachedDataKey> {
+    const provider = this.#keyring.provider(version);
+    this.stats.generated += 1;
+    const { plaintextKey, wrappedKey } = await provider
+      .generateDataKey(this.#keyring.context)
+      .catch((error: unknown) => Promise.reject(withErrorContext(error, { keyVersion: version })));
+    /* A key this instance generated also decrypts what it wrote, without an unwrap call. */
+    this.#unwrapped.set(
+      cacheId(version, wrappedKey),
+      new CachedDataKey(version, wrappedKey, copyOf(plaintextKey)),
+    );
+    return new CachedDataKey(version, wrappedKey, plaintextKey);
+  }
+
+  async #unwrap(version: number, wrappedKey: Buffer): Promise<CachedDataKey> {
+    const provider = this.#keyring.provider(version);
+    this.stats.unwrapped += 1;
+    const plaintext = await provider
+      .unwrapDataKey(wrappedKey, this.#keyring.context)
+      .catch((error: unknown) => Promise.reject(withErrorContext(error, { keyVersion: version })));
+    return new CachedDataKey(version, Buffer.from(wrappedKey), plaintext);
+  }
+}
+
+/** A copy in its own memory (not a slice of Node's shared pool), so zeroing it touches nothing else. */
+function copyOf(key: Buffer): Buffer {
+  const copy = Buffer.alloc(key.length);
+  key.copy(copy);
+  return copy;
+}
+
+function cacheId(version: number, wrappedKey: Buffer): string {
+  return `${version}:${wrappedKey.toString('base64')}`;
+}
+
+function requirePositive(name: string, value: number): void {
+  if (typeof value !== 'number' || !Number.isFinite(value) || value <= 0) {
+    throw new ConfigError(`cache option ${name} must be a positive finite number, got ${String(value)}`);
+  }
+}
+
+function definedOptions(options: DataKeyCacheOptions): Partial<typeof DEFAULTS> {
+  const { clock: _clock, ...rest } = options;
+  return Object.fromEntries(Object.entries(rest).filter(([, v]) => v !== undefined));
+}

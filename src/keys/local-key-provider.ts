@@ -1,0 +1,108 @@
+import { createHash, randomBytes } from 'node:crypto';
+import { inspect } from 'node:util';
+import { gcmOpen, gcmSeal, IV_BYTES, KEY_BYTES } from '../crypto/aes-gcm';
+import { ConfigError, IntegrityError } from '../errors';
+import { canonicalContext, type EncryptionContext, type GeneratedDataKey, KeyProvider } from './key-provider';
+
+/** Options of {@link LocalKeyProvider}. */
+export interface LocalKeyProviderOptions {
+  /**
+   * The customer-provided master key: base64 of exactly 32 random bytes, as printed by
+   * `openssl rand -base64 32`.
+   */
+  key: string;
+}
+
+const WRAP_FORMAT = 1;
+const HOW_TO_MAKE_A_KEY = 'generate one with `openssl rand -base64 32`';
+
+/**
+ * A customer-provided 256-bit master key held in process memory. Data keys are wrapped with
+ * AES-256-GCM under it: `[format 1][iv 12][wrapped key 32][tag 16]`, with the encryption context
+ * as associated data.
+ *
+ * @example
+ * ```ts
+ * new LocalKeyProvider({ key: process.env.MASTER_KEY! })
+ * ```
+ */
+export class LocalKeyProvider extends KeyProvider {
+  readonly #key: Buffer;
+  readonly #fingerprint: string;
+
+  constructor(options: LocalKeyProviderOptions) {
+    super();
+    this.#key = parseMasterKey(options?.key);
+    this.#fingerprint = fingerprintOf(this.#key);
+  }
+
+  /** A fingerprint (`sha256:` + 16 hex digits of SHA-256 over a label and the key), never the key. */
+  get fingerprint(): string {
+    return this.#fingerprint;
+  }
+
+  describe() {
+    return { kind: 'local', keyReference: this.#fingerprint };
+  }
+
+  protected async _generateDataKey(context: EncryptionContext): Promise<GeneratedDataKey> {
+    const plaintextKey = randomBytes(KEY_BYTES);
+    return { plaintextKey, wrappedKey: await this._wrapDataKey(plaintextKey, context) };
+  }
+
+  protected async _wrapDataKey(plaintextKey: Buffer, context: EncryptionContext): Promise<Buffer> {
+    const header = Buffer.of(WRAP_FORMAT);
+    const iv = randomBytes(IV_BYTES);
+    const sealed = gcmSeal(this.#key, iv, plaintextKey, Buffer.concat([header, canonicalContext(context)]));
+    return Buffer.concat([header, iv, sealed]);
+  }
+
+  protected async _unwrapDataKey(wrappedKey: Buffer, context: EncryptionContext): Promise<Buffer> {
+    const header = wrappedKey.subarray(0, 1);
+    const opened =
+      header[0] === WRAP_FORMAT
+        ? gcmOpen(
+            this.#key,
+            wrappedKey.subarray(1, 1 + IV_BYTES),
+            wrappedKey.subarray(1 + IV_BYTES),
+            Buffer.concat([header, canonicalContext(context)]),
+          )
+        : undefined;
+    if (opened === undefined) {
+      throw new IntegrityError('wrapped data key failed authentication', this.errorContext());
+    }
+    return opened;
+  }
+
+  /** Never prints the key. */
+  [inspect.custom](): string {
+    return `LocalKeyProvider { fingerprint: '${this.#fingerprint}' }`;
+  }
+
+  toJSON(): { kind: string; fingerprint: string } {
+    return { kind: 'local', fingerprint: this.#fingerprint };
+  }
+}
+
+function parseMasterKey(key: unknown): Buffer {
+  if (typeof key !== 'string' || key.length === 0) {
+    throw new ConfigError(`LocalKeyProvider needs a master key: ${HOW_TO_MAKE_A_KEY}`);
+  }
+  const trimmed = key.trim();
+  if (!/^[A-Za-z0-9+/]+={0,2}$/.test(trimmed) || trimmed.length % 4 !== 0) {
+    throw new ConfigError(`LocalKeyProvider master key is not valid base64: ${HOW_TO_MAKE_A_KEY}`);
+  }
+  const bytes = Buffer.from(trimmed, 'base64');
+  if (bytes.length !== KEY_BYTES) {
+    bytes.fill(0);
+    throw new ConfigError(
+      `LocalKeyProvider master key must be 32 bytes (256 bits), got ${bytes.length}: ${HOW_TO_MAKE_A_KEY}`,
+    );
+  }
+  return bytes;
+}
+
+function fingerprintOf(key: Buffer): string {
+  const digest = createHash('sha256').update('typeorm-envelope key fingerprint\0').update(key).digest('hex');
+  return `sha256:${digest.slice(0, 16)}`;
+}
