@@ -50,7 +50,11 @@ export class EnvelopeError extends Error {
  */
 export function withErrorContext(error: unknown, context: ErrorContext): unknown {
   if (!(error instanceof EnvelopeError)) return error;
-  const Class = error.constructor as new (m: string, c: ErrorContext, o: { cause?: unknown }) => EnvelopeError;
+  const Class = error.constructor as new (
+    m: string,
+    c: ErrorContext,
+    o: { cause?: unknown },
+  ) => EnvelopeError;
   return new Class(error.detail, { ...context, ...error.context }, { cause: error });
 }
 

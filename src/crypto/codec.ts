@@ -1,7 +1,15 @@
 import { ValueTypeError } from '../errors';
 
 /** The value types an encrypted property can hold. */
-export type ValueType = 'string' | 'number' | 'bigint' | 'boolean' | 'date' | 'json' | 'buffer' | 'uint8array';
+export type ValueType =
+  | 'string'
+  | 'number'
+  | 'bigint'
+  | 'boolean'
+  | 'date'
+  | 'json'
+  | 'buffer'
+  | 'uint8array';
 
 /** One tag byte in front of the encoded value says its type; it is encrypted with the value. */
 const TAGS: Record<ValueType, number> = {
@@ -14,7 +22,9 @@ const TAGS: Record<ValueType, number> = {
   buffer: 7,
   uint8array: 8,
 };
-const TYPE_OF_TAG = new Map<number, ValueType>(Object.entries(TAGS).map(([type, tag]) => [tag, type as ValueType]));
+const TYPE_OF_TAG = new Map<number, ValueType>(
+  Object.entries(TAGS).map(([type, tag]) => [tag, type as ValueType]),
+);
 
 /** The type a value would be encoded as, or `undefined` when it cannot be encrypted. */
 export function valueTypeOf(value: unknown): ValueType | undefined {
@@ -93,13 +103,25 @@ function encodeBody(value: unknown, type: ValueType): Buffer {
     case 'date':
       return writeDouble((value as Date).getTime());
     case 'json': {
-      const text = JSON.stringify(value);
+      const text = stringifyJson(value);
       if (text === undefined) throw new ValueTypeError('value is not JSON-serialisable');
       return Buffer.from(text, 'utf8');
     }
     case 'buffer':
     case 'uint8array':
       return Buffer.from(value as Uint8Array);
+  }
+}
+
+/**
+ * `JSON.stringify`, with `undefined` for a value it throws on (a bigint inside, a cycle, a throwing
+ * `toJSON`). The `TypeError` is not kept as a cause: its message may quote parts of the value.
+ */
+function stringifyJson(value: unknown): string | undefined {
+  try {
+    return JSON.stringify(value);
+  } catch {
+    return undefined;
   }
 }
 

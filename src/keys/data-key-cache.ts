@@ -93,7 +93,9 @@ export class DataKeyCache {
     requirePositive('maxUnwrappedKeys', o.maxUnwrappedKeys);
     this.#keyring = keyring;
     this.#maxUses = o.dataKeyMaxUses;
-    const perf = options.clock ? { perf: options.clock } : {};
+    /* lru-cache reuses a clock reading for `ttlResolution` ms of real time (default 1): with a
+       given clock, every reading must come from it, or an advance is ignored for that long. */
+    const perf = options.clock ? { perf: options.clock, ttlResolution: 0 } : {};
     const dispose = (value: CachedDataKey) => value.destroy();
     this.#encrypting = new LRUCache<number, CachedDataKey>({
       max: 64,

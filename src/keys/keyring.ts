@@ -19,7 +19,11 @@ export class Keyring {
   /** The encryption context bound into every wrapped data key of this keyring. */
   readonly context: EncryptionContext;
 
-  constructor(entries: readonly KeyringEntry[], activeVersion: number, readonly keyringId = 'default') {
+  constructor(
+    entries: readonly KeyringEntry[],
+    activeVersion: number,
+    readonly keyringId = 'default',
+  ) {
     if (!Array.isArray(entries) || entries.length === 0) {
       throw new ConfigError('the keyring needs at least one key version');
     }
@@ -61,7 +65,9 @@ export class Keyring {
   provider(version: number): KeyProvider {
     const provider = this.#providers.get(version);
     if (!provider) {
-      throw new UnknownKeyVersionError(`key version ${version} is not in this keyring`, { keyVersion: version });
+      throw new UnknownKeyVersionError(`key version ${version} is not in this keyring`, {
+        keyVersion: version,
+      });
     }
     return provider;
   }

@@ -1,0 +1,118 @@
+import type { DataSource, EntityMetadata } from 'typeorm';
+import type { ValueBinding } from './crypto/associated-data';
+import type { ValueType } from './crypto/codec';
+import { ConfigError } from './errors';
+import { FieldEncryptor, type SealedValue } from './field-encryptor';
+import { DataKeyCache, type DataKeyCacheOptions } from './keys/data-key-cache';
+import { Keyring, type KeyringEntry } from './keys/keyring';
+import { type EncryptedColumns, installEncryptedColumns } from './typeorm/encrypted-columns';
+import { PropertyStateStore } from './typeorm/property-state';
+import { SidecarLoader } from './typeorm/sidecar-loader';
+import { EncryptionSubscriber } from './typeorm/subscriber';
+
+/** Options of {@link EnvelopeEncryption}. */
+export interface EnvelopeEncryptionOptions {
+  /** The master-key versions; each wraps the data keys stored with its version number. */
+  keys: KeyringEntry[];
+  /** The version that wraps new data keys. */
+  activeVersion: number;
+  /**
+   * Names this keyring in every wrapped data key (the KMS encryption context), so a wrapped key
+   * taken from another application's keyring does not unwrap here. Default `'default'`.
+   */
+  keyringId?: string;
+  /** Bounds of the in-memory data-key cache. */
+  cache?: DataKeyCacheOptions;
+}
+
+const attached = new WeakSet<DataSource>();
+
+/**
+ * Envelope encryption for TypeORM: values are sealed with AES-256-GCM under data keys, and the
+ * data keys are wrapped by the customer's master key.
+ *
+ * @example
+ * ```ts
+ * const encryption = new EnvelopeEncryption({
+ *   keys: [{ version: 1, provider: new LocalKeyProvider({ key: process.env.MASTER_KEY! }) }],
+ *   activeVersion: 1,
+ * });
+ * const dataSource = new DataSource({ type: 'postgres', url, entities: [Customer] });
+ * encryption.attach(dataSource); // before initialize()
+ * await dataSource.initialize();
+ * ```
+ */
+export class EnvelopeEncryption {
+  readonly keyring: Keyring;
+  readonly cache: DataKeyCache;
+  readonly #encryptor: FieldEncryptor;
+
+  constructor(options: EnvelopeEncryptionOptions) {
+    if (!options || typeof options !== 'object') throw new ConfigError('EnvelopeEncryption needs options');
+    this.keyring = new Keyring(options.keys, options.activeVersion, options.keyringId);
+    this.cache = new DataKeyCache(this.keyring, options.cache);
+    this.#encryptor = new FieldEncryptor(this.cache);
+  }
+
+  /**
+   * Makes `dataSource` encrypt and decrypt its `@Encrypted()` properties. Call it before
+   * `initialize()`, so that schema synchronisation and migrations run with encryption in place.
+   */
+  attach(dataSource: DataSource): this {
+    if (attached.has(dataSource)) {
+      throw new ConfigError('an EnvelopeEncryption is already attached to this DataSource');
+    }
+    attached.add(dataSource);
+    const store = new PropertyStateStore();
+    const columns = new Map<EntityMetadata, EncryptedColumns[]>();
+    const subscriber = new EncryptionSubscriber(
+      (metadata) => columns.get(metadata),
+      this.#encryptor,
+      store,
+      new SidecarLoader(store),
+    );
+    const install = () => {
+      columns.clear();
+      for (const metadata of dataSource.entityMetadatas) {
+        const found = installEncryptedColumns(metadata, store);
+        if (found.length) columns.set(metadata, found);
+      }
+      if (!dataSource.subscribers.includes(subscriber)) dataSource.subscribers.push(subscriber);
+    };
+    if (dataSource.isInitialized) {
+      install();
+    } else {
+      /* initialize() rebuilds metadata and subscribers; install right after it has. */
+      const target = dataSource as unknown as { buildMetadatas(): Promise<void> };
+      const buildMetadatas = target.buildMetadatas;
+      target.buildMetadatas = async function (this: unknown) {
+        await buildMetadatas.call(this);
+        install();
+      };
+    }
+    return this;
+  }
+
+  /** Encrypts one value outside TypeORM, for the place `binding` names. */
+  encryptValue(value: unknown, binding: ValueBinding, type?: ValueType): Promise<SealedValue> {
+    return this.#encryptor.seal(value, binding, type);
+  }
+
+  /** Decrypts a value made by {@link encryptValue} (or stored by the TypeORM integration). */
+  decryptValue(sealed: SealedValue, binding: ValueBinding): Promise<unknown> {
+    return this.#encryptor.open(sealed, binding);
+  }
+
+  /**
+   * Drops and zeroes every cached data key, so a revoked master key stops decrypting at once
+   * instead of when the cached keys expire.
+   */
+  purgeCache(): void {
+    this.cache.purge();
+  }
+
+  /** Key-provider calls made so far: data keys generated and unwrapped. */
+  get providerCalls(): { generated: number; unwrapped: number } {
+    return { ...this.cache.stats };
+  }
+}

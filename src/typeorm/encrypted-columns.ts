@@ -1,0 +1,182 @@
+import type { EntityMetadata } from 'typeorm';
+import type { ColumnMetadata } from 'typeorm/metadata/ColumnMetadata';
+import { ConfigError, UnsupportedOperationError } from '../errors';
+import type { SealedValue } from '../field-encryptor';
+import {
+  type EncryptedPropertyDefinition,
+  encryptedDefinition,
+  SIDECAR_ROLES,
+  type SidecarRole,
+} from './encrypted-decorator';
+import {
+  PENDING_SIDECAR,
+  PendingPlaintext,
+  type PropertyStateStore,
+  SealedForUpdate,
+} from './property-state';
+
+/** The four columns of one encrypted property in one entity's built metadata. */
+export interface EncryptedColumns {
+  definition: EncryptedPropertyDefinition;
+  entity: EntityMetadata;
+  /** The ciphertext column; TypeORM knows it by the plaintext property's name and path. */
+  main: ColumnMetadata;
+  sidecars: Record<SidecarRole, ColumnMetadata>;
+  /** The object holding the property: the entity, or an embedded object inside it. */
+  holderOf(entity: object, create: boolean): Record<string, unknown> | undefined;
+}
+
+/**
+ * Finds the encrypted properties in built entity metadata and teaches TypeORM to read and write
+ * their columns through `store`: the ciphertext and sidecar columns take their values from the
+ * sealed state kept beside each object, never from properties on it.
+ */
+export function installEncryptedColumns(
+  entity: EntityMetadata,
+  store: PropertyStateStore,
+): EncryptedColumns[] {
+  const found: EncryptedColumns[] = [];
+  for (const main of entity.columns) {
+    const definition = encryptedDefinition(main.target, main.propertyName);
+    if (!definition) continue;
+    const sidecars = {} as Record<SidecarRole, ColumnMetadata>;
+    for (const role of SIDECAR_ROLES) {
+      const column = entity.columns.find(
+        (c) =>
+          c.propertyName === definition.sidecarProperties[role] &&
+          c.embeddedMetadata === main.embeddedMetadata,
+      );
+      if (!column)
+        throw new ConfigError('sidecar column is missing', {
+          entity: entity.name,
+          column: main.propertyPath,
+        });
+      sidecars[role] = column;
+    }
+    if (main.embeddedMetadata?.embeddedMetadataTree.some((e) => e.isArray)) {
+      throw new ConfigError('@Encrypted() is not supported inside embedded arrays', {
+        entity: entity.name,
+        column: main.propertyPath,
+      });
+    }
+    const columns: EncryptedColumns = { definition, entity, main, sidecars, holderOf: holderFor(main) };
+    overrideColumnAccess(columns, store);
+    found.push(columns);
+  }
+  if (found.length) overridePropertyPathLookup(entity, found);
+  return found;
+}
+
+/**
+ * Reads of the ciphertext column return the sealed ciphertext while it still encrypts the current
+ * plaintext, and a `PendingPlaintext` once the plaintext changed (so TypeORM's diff sees the
+ * change, and a write that skips encryption is refused by the driver). Hydration stores raw column
+ * values beside the entity for `afterLoad` to decrypt.
+ */
+function overrideColumnAccess(columns: EncryptedColumns, store: PropertyStateStore): void {
+  const { main, sidecars, holderOf, definition } = columns;
+  const property = definition.propertyName;
+
+  const partOf = (entity: object | null | undefined, role: 'ciphertext' | SidecarRole): unknown => {
+    if (entity === null || entity === undefined) return entity;
+    const holder = holderOf(entity, false);
+    if (!holder) return undefined;
+    const value = holder[property];
+    if (value === undefined || value === null) return value;
+    if (value instanceof SealedForUpdate) return value.part(role);
+    if (value instanceof PendingPlaintext) return role === 'ciphertext' ? value : PENDING_SIDECAR;
+    /* TypeORM's insert and update value sets copy the ciphertext column's value: follow it back. */
+    const sealed = store.originOf(value)?.sealed ?? store.currentSealed(holder, property, value);
+    if (sealed) return sealed[role];
+    return role === 'ciphertext' ? new PendingPlaintext(value) : PENDING_SIDECAR;
+  };
+
+  main.getEntityValue = (entity: object) => partOf(entity, 'ciphertext');
+  main.setEntityValue = (entity: object, value: unknown) => {
+    const holder = holderOf(entity, true) as Record<string, unknown>;
+    if (value instanceof PendingPlaintext) {
+      holder[property] = value.value; // create()/merge() copying from a plain object
+    } else if (value instanceof SealedForUpdate) {
+      holder[property] = value.plaintext;
+    } else if (store.originOf(value)) {
+      const origin = store.originOf(value) as { value: unknown; sealed: SealedValue };
+      holder[property] = origin.value; // a copy of an entity this library sealed or decrypted
+      store.seal(holder, property, origin.value, origin.sealed);
+    } else {
+      const state = store.upsert(holder, property);
+      state.loaded = { ...state.loaded, ciphertext: value as Buffer | null };
+    }
+  };
+  main.transformer = whereGuard(columns);
+
+  for (const role of SIDECAR_ROLES) {
+    const column = sidecars[role];
+    column.getEntityValue = (entity: object) => partOf(entity, role);
+    column.setEntityValue = (entity: object, value: unknown) => {
+      if (value === PENDING_SIDECAR || !isRawColumnValue(value)) return;
+      const holder = holderOf(entity, true) as Record<string, unknown>;
+      const state = store.upsert(holder, property);
+      state.loaded = { ...state.loaded, [role]: value };
+    };
+  }
+}
+
+/** Raw values as the driver returns them: bytes, a key version, or null. */
+function isRawColumnValue(value: unknown): boolean {
+  return value === null || Buffer.isBuffer(value) || typeof value === 'number';
+}
+
+/**
+ * TypeORM applies a column's transformer to `where` values. Encrypted values use a random IV, so
+ * an equality test against them can never match: refuse instead of returning nothing.
+ */
+function whereGuard(columns: EncryptedColumns) {
+  return {
+    to(value: unknown): unknown {
+      if (
+        value === null ||
+        value === undefined ||
+        Buffer.isBuffer(value) ||
+        value instanceof PendingPlaintext
+      ) {
+        return value;
+      }
+      throw new UnsupportedOperationError(
+        'an encrypted property cannot be used in a where condition (values are encrypted with random IVs, ' +
+          'so the database cannot compare them); load rows by another column and filter in the application',
+        { entity: columns.entity.name, column: columns.main.propertyPath },
+      );
+    },
+    from: (value: unknown) => value,
+  };
+}
+
+/**
+ * An update's SET map names the plaintext property; TypeORM then writes the columns this returns
+ * for that path, so all four sidecar columns are written together.
+ */
+function overridePropertyPathLookup(entity: EntityMetadata, found: EncryptedColumns[]): void {
+  const byPath = new Map(
+    found.map((c) => [c.main.propertyPath, [c.main, ...SIDECAR_ROLES.map((r) => c.sidecars[r])]]),
+  );
+  const original = entity.findColumnsWithPropertyPath.bind(entity);
+  entity.findColumnsWithPropertyPath = (propertyPath: string) =>
+    byPath.get(propertyPath) ?? original(propertyPath);
+}
+
+function holderFor(column: ColumnMetadata): EncryptedColumns['holderOf'] {
+  const path = column.embeddedMetadata?.embeddedMetadataTree ?? [];
+  if (path.length === 0) return (entity) => entity as Record<string, unknown>;
+  return (entity, create) => {
+    let holder = entity as Record<string, unknown>;
+    for (const embedded of path) {
+      let next = holder[embedded.propertyName];
+      if (next === undefined || next === null) {
+        if (!create) return undefined;
+        next = holder[embedded.propertyName] = embedded.create();
+      }
+      holder = next as Record<string, unknown>;
+    }
+    return holder;
+  };
+}

@@ -1,0 +1,170 @@
+import { getMetadataArgsStorage } from 'typeorm';
+import type { ValueType } from '../crypto/codec';
+import { ConfigError } from '../errors';
+import type { Mask } from '../masking';
+
+/** Database column names of the four sidecar columns of one encrypted property. */
+export interface SidecarColumnNames {
+  /** `bytea`: format header, AES-256-GCM ciphertext and tag. Default `<name>_ciphertext`. */
+  ciphertext: string;
+  /** `bytea`: the 96-bit IV. Default `<name>_iv`. */
+  iv: string;
+  /** `bytea`: the data key wrapped by the master key. Default `<name>_wrapped_key`. */
+  wrappedKey: string;
+  /** `integer`: the master-key version that wrapped the data key. Default `<name>_key_version`. */
+  keyVersion: string;
+}
+
+/** Options of {@link Encrypted}. */
+export interface EncryptedOptions {
+  /**
+   * The value type. Values of another type are refused on write. Default: from the property's
+   * TypeScript type where TypeORM can see it (`string`, `number`, `boolean`, `Date`, `Buffer`,
+   * `bigint`), otherwise any supported type; use `'json'` for objects and arrays.
+   */
+  type?: ValueType;
+  /** Whether the value may be `null` (all four columns are then null). Default `false`. */
+  nullable?: boolean;
+  /** Base name of the sidecar columns. Default: the property name. */
+  name?: string;
+  /** Per-column overrides of the sidecar column names. */
+  columnNames?: Partial<SidecarColumnNames>;
+  /**
+   * Bind each ciphertext to its row's primary key when the key is known before the write
+   * (client-assigned keys, and every update). Default `true`.
+   */
+  bindPrimaryKey?: boolean;
+  /** How {@link maskEntity} shows this property: a built-in mask or a function. */
+  mask?: Mask;
+}
+
+/** The sidecar roles, in the order their columns are declared. */
+export const SIDECAR_ROLES = ['iv', 'wrappedKey', 'keyVersion'] as const;
+export type SidecarRole = (typeof SIDECAR_ROLES)[number];
+
+/** Everything the library knows of one `@Encrypted()` property. */
+export interface EncryptedPropertyDefinition {
+  /** The class the decorator was applied to (an entity, a parent class or an embedded class). */
+  // biome-ignore lint/complexity/noBannedTypes: decorators receive any class constructor
+  target: Function;
+  propertyName: string;
+  type?: ValueType;
+  nullable: boolean;
+  bindPrimaryKey: boolean;
+  mask?: Mask;
+  /** Base name used in associated data; stable even if column names are overridden. */
+  baseName: string;
+  columns: SidecarColumnNames;
+  /** Hidden property names TypeORM knows the sidecar columns by; never set on entities. */
+  sidecarProperties: Record<SidecarRole, string>;
+}
+
+// biome-ignore lint/complexity/noBannedTypes: keyed by any class constructor
+const definitions = new Map<Function, Map<string, EncryptedPropertyDefinition>>();
+
+/**
+ * Marks an entity property as encrypted. The property is stored in four sidecar columns
+ * (`<name>_ciphertext`, `<name>_iv`, `<name>_wrapped_key`, `<name>_key_version`) and never as
+ * plaintext; reads and writes through repositories and query builders stay as they were.
+ *
+ * @example
+ * ```ts
+ * @Entity()
+ * class Customer {
+ *   @PrimaryGeneratedColumn() id!: number;
+ *   @Encrypted() email!: string;
+ *   @Encrypted({ type: 'json', nullable: true }) address!: Address | null;
+ * }
+ * ```
+ */
+export function Encrypted(options: EncryptedOptions = {}): PropertyDecorator {
+  return (prototype: object, property: string | symbol) => {
+    if (typeof property !== 'string') throw new ConfigError('@Encrypted() needs a string property name');
+    const target = prototype.constructor;
+    const baseName = options.name ?? property;
+    const definition: EncryptedPropertyDefinition = {
+      target,
+      propertyName: property,
+      type: options.type ?? typeFromDesign(Reflect.getMetadata?.('design:type', prototype, property)),
+      nullable: options.nullable ?? false,
+      bindPrimaryKey: options.bindPrimaryKey ?? true,
+      mask: options.mask,
+      baseName,
+      columns: {
+        ciphertext: `${baseName}_ciphertext`,
+        iv: `${baseName}_iv`,
+        wrappedKey: `${baseName}_wrapped_key`,
+        keyVersion: `${baseName}_key_version`,
+        ...options.columnNames,
+      },
+      sidecarProperties: {
+        iv: `${property}$iv`,
+        wrappedKey: `${property}$wrappedKey`,
+        keyVersion: `${property}$keyVersion`,
+      },
+    };
+    register(definition);
+  };
+}
+
+function register(definition: EncryptedPropertyDefinition): void {
+  const { target, propertyName, columns, nullable } = definition;
+  let forTarget = definitions.get(target);
+  if (!forTarget) {
+    forTarget = new Map();
+    definitions.set(target, forTarget);
+  }
+  if (forTarget.has(propertyName)) {
+    throw new ConfigError(`@Encrypted() is applied twice to ${target.name}.${propertyName}`);
+  }
+  forTarget.set(propertyName, definition);
+  const storage = getMetadataArgsStorage();
+  const column = (property: string, name: string, type: 'bytea' | 'int') =>
+    storage.columns.push({
+      target,
+      propertyName: property,
+      mode: 'regular',
+      options: { name, type, nullable },
+    });
+  column(propertyName, columns.ciphertext, 'bytea');
+  column(definition.sidecarProperties.iv, columns.iv, 'bytea');
+  column(definition.sidecarProperties.wrappedKey, columns.wrappedKey, 'bytea');
+  column(definition.sidecarProperties.keyVersion, columns.keyVersion, 'int');
+}
+
+/** The definition of `propertyName` declared on `target`, if it is encrypted. */
+export function encryptedDefinition(
+  target: unknown,
+  propertyName: string,
+): EncryptedPropertyDefinition | undefined {
+  return typeof target === 'function' ? definitions.get(target)?.get(propertyName) : undefined;
+}
+
+/** Every encrypted property declared on `target` or a parent class, nearest first. */
+export function encryptedDefinitionsOf(target: unknown): EncryptedPropertyDefinition[] {
+  const found = new Map<string, EncryptedPropertyDefinition>();
+  for (let t = target; typeof t === 'function' && t !== Function.prototype; t = Object.getPrototypeOf(t)) {
+    for (const [name, definition] of definitions.get(t) ?? [])
+      if (!found.has(name)) found.set(name, definition);
+  }
+  return [...found.values()];
+}
+
+function typeFromDesign(designType: unknown): ValueType | undefined {
+  switch (designType) {
+    case String:
+      return 'string';
+    case Number:
+      return 'number';
+    case Boolean:
+      return 'boolean';
+    case Date:
+      return 'date';
+    case Buffer:
+      return 'buffer';
+    case BigInt:
+      return 'bigint';
+    default:
+      return undefined;
+  }
+}

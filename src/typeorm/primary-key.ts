@@ -1,0 +1,15 @@
+import type { EntityMetadata } from 'typeorm';
+
+/** The primary key as text (`42`, or JSON of the columns for a composite key), when fully set. */
+export function primaryKeyOf(metadata: EntityMetadata, entity: object): string | undefined {
+  const values = metadata.primaryColumns.map((c) => c.getEntityValue(entity));
+  if (values.length === 0 || values.some((v) => v === undefined || v === null)) return undefined;
+  if (values.length === 1) return keyText(values[0]);
+  return JSON.stringify(
+    Object.fromEntries(metadata.primaryColumns.map((c, i) => [c.propertyPath, keyText(values[i])])),
+  );
+}
+
+function keyText(value: unknown): string {
+  return value instanceof Date ? value.toISOString() : String(value);
+}

@@ -1,0 +1,164 @@
+import { inspect } from 'node:util';
+import { UnsupportedOperationError } from '../errors';
+import type { SealedValue } from '../field-encryptor';
+import type { SidecarRole } from './encrypted-decorator';
+
+/**
+ * What the library knows of one encrypted property of one object (an entity, an embedded object
+ * or an update's SET map). It lives beside the object, never on it: the object only ever holds
+ * plaintext, so nothing needs restoring after a write, whether it succeeded or not.
+ */
+export interface PropertyState {
+  /** Raw column values read from the database, until `afterLoad` decrypts them. */
+  loaded?: LoadedColumns;
+  /** The sealed form of `plaintext`: what the row holds, or will hold after this write. */
+  sealed?: SealedValue;
+  /** The plaintext `sealed` encrypts, kept in a comparable form to detect changes. */
+  snapshot?: unknown;
+}
+
+/** Column values as read; `null` where the database holds NULL, absent where not selected. */
+export interface LoadedColumns {
+  ciphertext?: Buffer | null;
+  iv?: Buffer | null;
+  wrappedKey?: Buffer | null;
+  keyVersion?: number | null;
+}
+
+/** Per-object, per-property state, held weakly. */
+export class PropertyStateStore {
+  readonly #states = new WeakMap<object, Map<string, PropertyState>>();
+  /** Which plaintext each sealed ciphertext buffer stands for, to follow copies made by `create()`. */
+  readonly #origins = new WeakMap<Buffer, { value: unknown; sealed: SealedValue }>();
+
+  get(holder: object, property: string): PropertyState | undefined {
+    return this.#states.get(holder)?.get(property);
+  }
+
+  /** The state, created empty when missing. */
+  upsert(holder: object, property: string): PropertyState {
+    let forHolder = this.#states.get(holder);
+    if (!forHolder) {
+      forHolder = new Map();
+      this.#states.set(holder, forHolder);
+    }
+    let state = forHolder.get(property);
+    if (!state) {
+      state = {};
+      forHolder.set(property, state);
+    }
+    return state;
+  }
+
+  /** Records that `holder[property]` now encrypts to `sealed`. */
+  seal(holder: object, property: string, value: unknown, sealed: SealedValue): void {
+    const state = this.upsert(holder, property);
+    state.sealed = sealed;
+    state.snapshot = snapshotOf(value);
+    state.loaded = undefined;
+    this.#origins.set(sealed.ciphertext, { value, sealed });
+  }
+
+  /** The plaintext and sealed value a ciphertext buffer came from, if this store sealed or opened it. */
+  originOf(ciphertext: unknown): { value: unknown; sealed: SealedValue } | undefined {
+    return Buffer.isBuffer(ciphertext) ? this.#origins.get(ciphertext) : undefined;
+  }
+
+  /** The sealed form, when it still encrypts the current value of `holder[property]`. */
+  currentSealed(holder: object, property: string, value: unknown): SealedValue | undefined {
+    const state = this.get(holder, property);
+    return state?.sealed && sameSnapshot(state.snapshot, value) ? state.sealed : undefined;
+  }
+}
+
+/** A JSON value's snapshot; a class of its own so that it never equals a string value. */
+class JsonSnapshot {
+  constructor(readonly json: string | undefined) {}
+}
+
+/**
+ * A comparable copy of a plaintext value: objects by their JSON (so that changes made inside an
+ * object are seen), bytes and dates by content, primitives by identity.
+ */
+function snapshotOf(value: unknown): unknown {
+  if (value instanceof Date) return new Date(value.getTime());
+  if (value instanceof Uint8Array) return Buffer.from(value);
+  if (typeof value === 'object' && value !== null) return new JsonSnapshot(JSON.stringify(value));
+  return value;
+}
+
+function sameSnapshot(snapshot: unknown, value: unknown): boolean {
+  if (value instanceof Date)
+    return snapshot instanceof Date && Object.is(snapshot.getTime(), value.getTime());
+  if (value instanceof Uint8Array) {
+    return Buffer.isBuffer(snapshot) && snapshot.equals(value);
+  }
+  if (typeof value === 'object' && value !== null) {
+    return snapshot instanceof JsonSnapshot && snapshot.json === JSON.stringify(value);
+  }
+  return Object.is(snapshot, value);
+}
+
+const REFUSED =
+  'a plaintext value reached an encrypted column without being encrypted (the write bypassed the ' +
+  'encryption subscriber: listeners disabled, or a query builder without listeners); it was refused';
+
+/**
+ * Stands for a plaintext value that is not encrypted yet. TypeORM sees it as the value of the
+ * ciphertext column, so its change detection notices the change; if it ever reaches the driver
+ * (a write that skipped encryption), `pg` calls `toPostgres()` and the write is refused.
+ */
+export class PendingPlaintext {
+  readonly #value: unknown;
+
+  constructor(value: unknown) {
+    this.#value = value;
+  }
+
+  get value(): unknown {
+    return this.#value;
+  }
+
+  toPostgres(): never {
+    throw new UnsupportedOperationError(REFUSED);
+  }
+
+  toJSON(): string {
+    return '[unencrypted value, refused]';
+  }
+
+  [inspect.custom](): string {
+    return 'PendingPlaintext { [hidden] }';
+  }
+}
+
+/** Stands for a sidecar column whose value is not computed yet; refused if it reaches the driver. */
+export const PENDING_SIDECAR = Object.freeze({
+  toPostgres(): never {
+    throw new UnsupportedOperationError(REFUSED);
+  },
+  toJSON: () => '[pending sidecar, refused]',
+});
+
+/**
+ * Carries a sealed value in place of the plaintext, for update SET maps that TypeORM copies before
+ * reading them (so state kept beside the original map would not be found).
+ */
+export class SealedForUpdate {
+  constructor(
+    readonly plaintext: unknown,
+    readonly sealed: SealedValue,
+  ) {}
+
+  part(role: 'ciphertext' | SidecarRole): unknown {
+    return this.sealed[role];
+  }
+
+  toJSON(): string {
+    return '[encrypted value]';
+  }
+
+  [inspect.custom](): string {
+    return `SealedForUpdate { keyVersion: ${this.sealed.keyVersion} }`;
+  }
+}

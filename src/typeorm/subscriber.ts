@@ -1,0 +1,150 @@
+import type { EntityMetadata, EntitySubscriberInterface, InsertEvent, LoadEvent, UpdateEvent } from 'typeorm';
+import type { ValueBinding } from '../crypto/associated-data';
+import { IntegrityError } from '../errors';
+import type { FieldEncryptor, SealedValue } from '../field-encryptor';
+import type { EncryptedColumns } from './encrypted-columns';
+import { primaryKeyOf } from './primary-key';
+import { type PropertyStateStore, SealedForUpdate } from './property-state';
+import type { SidecarLoader } from './sidecar-loader';
+
+/** Finds the encrypted columns of an entity's metadata. */
+export type EncryptedColumnsLookup = (metadata: EntityMetadata) => readonly EncryptedColumns[] | undefined;
+
+/**
+ * The TypeORM adapter: encrypts on `beforeInsert` / `beforeUpdate`, decrypts on `afterLoad`.
+ * It holds no crypto: sealing and opening are the field encryptor's.
+ */
+export class EncryptionSubscriber implements EntitySubscriberInterface {
+  /** SET maps of query-builder updates whose properties were swapped for sealed values. */
+  readonly #swapped = new WeakMap<
+    object,
+    Array<{ holder: Record<string, unknown>; property: string; value: unknown }>
+  >();
+
+  constructor(
+    private readonly lookup: EncryptedColumnsLookup,
+    private readonly encryptor: FieldEncryptor,
+    private readonly store: PropertyStateStore,
+    private readonly sidecars: SidecarLoader,
+  ) {}
+
+  beforeInsert(event: InsertEvent<object>): Promise<void> | undefined {
+    const columns = this.lookup(event.metadata);
+    if (!columns || !event.entity) return undefined;
+    return this.#sealChanged(event.metadata, columns, event.entity, undefined, 'entity');
+  }
+
+  beforeUpdate(event: UpdateEvent<object>): Promise<void> | undefined {
+    const columns = this.lookup(event.metadata);
+    if (!columns || !event.entity) return undefined;
+    /* Without a database copy this is a query-builder update: `entity` is its SET map. */
+    const mode = event.databaseEntity ? 'entity' : 'set-map';
+    return this.#sealChanged(event.metadata, columns, event.entity as object, event.databaseEntity, mode);
+  }
+
+  afterUpdate(event: UpdateEvent<object>): void {
+    const swaps = event.entity ? this.#swapped.get(event.entity as object) : undefined;
+    if (!swaps) return;
+    for (const { holder, property, value } of swaps) holder[property] = value;
+    this.#swapped.delete(event.entity as object);
+  }
+
+  afterLoad(entity: object, event?: LoadEvent<object>): Promise<void> | undefined {
+    const metadata = event?.metadata;
+    const columns = metadata && this.lookup(metadata);
+    if (!columns) return undefined;
+    const pending: Promise<void>[] = [];
+    for (const column of columns) {
+      const opened = this.#openLoaded(metadata, column, entity, event);
+      if (opened) pending.push(opened);
+    }
+    return pending.length ? Promise.all(pending).then(() => undefined) : undefined;
+  }
+
+  async #sealChanged(
+    metadata: EntityMetadata,
+    columns: readonly EncryptedColumns[],
+    entity: object,
+    databaseEntity: object | undefined,
+    mode: 'entity' | 'set-map',
+  ): Promise<void> {
+    const primaryKey = mode === 'entity' ? primaryKeyOf(metadata, entity) : undefined;
+    await Promise.all(
+      columns.map(async (column) => {
+        const { propertyName: property, type } = column.definition;
+        const holder = column.holderOf(entity, false);
+        const value = holder?.[property];
+        if (!holder || value === undefined || value === null || value instanceof SealedForUpdate) return;
+        if (this.store.currentSealed(holder, property, value)) return;
+        const databaseHolder = databaseEntity && column.holderOf(databaseEntity, false);
+        const unchanged = databaseHolder && this.store.currentSealed(databaseHolder, property, value);
+        const sealed: SealedValue =
+          unchanged ||
+          (await this.encryptor.seal(
+            value,
+            bindingOf(metadata, column, column.definition.bindPrimaryKey ? primaryKey : undefined),
+            type,
+          ));
+        if (mode === 'entity') {
+          this.store.seal(holder, property, value, sealed);
+        } else {
+          /* TypeORM copies the SET map before reading it: carry the sealed value in the map itself. */
+          holder[property] = new SealedForUpdate(value, sealed);
+          const swaps = this.#swapped.get(entity) ?? [];
+          swaps.push({ holder, property, value });
+          this.#swapped.set(entity, swaps);
+        }
+      }),
+    );
+  }
+
+  #openLoaded(
+    metadata: EntityMetadata,
+    column: EncryptedColumns,
+    entity: object,
+    event: LoadEvent<object> | undefined,
+  ): Promise<void> | undefined {
+    const property = column.definition.propertyName;
+    const holder = column.holderOf(entity, false);
+    const loaded = holder && this.store.get(holder, property)?.loaded;
+    if (!holder || !loaded || loaded.ciphertext === undefined) return undefined;
+    const context = {
+      entity: metadata.name,
+      column: column.main.propertyPath,
+      primaryKey: primaryKeyOf(metadata, entity),
+    };
+    const { ciphertext, iv, wrappedKey, keyVersion } = loaded;
+    if (ciphertext === null) {
+      if ((iv ?? null) !== null || (wrappedKey ?? null) !== null || (keyVersion ?? null) !== null) {
+        throw new IntegrityError('encrypted value is null but its sidecar columns are not', context);
+      }
+      holder[property] = null;
+      this.store.upsert(holder, property).loaded = undefined;
+      return undefined;
+    }
+    if (iv === undefined || wrappedKey === undefined || keyVersion === undefined) {
+      /* A partial `select` named the property: fetch its sidecar columns, then decrypt. */
+      return this.sidecars
+        .load(metadata, column, entity, event?.queryRunner)
+        .then(() => this.#openLoaded(metadata, column, entity, undefined));
+    }
+    if (iv === null || wrappedKey === null || keyVersion === null) {
+      throw new IntegrityError('encrypted value is missing a sidecar column', context);
+    }
+    const sealed = { ciphertext, iv, wrappedKey, keyVersion };
+    const binding = bindingOf(metadata, column, context.primaryKey);
+    return this.encryptor.open(sealed, binding, context).then((value) => {
+      holder[property] = value;
+      this.store.seal(holder, property, value, sealed);
+    });
+  }
+}
+
+/** The place a value is bound to: table, base column name, and the primary key when given. */
+function bindingOf(
+  metadata: EntityMetadata,
+  column: EncryptedColumns,
+  primaryKey: string | undefined,
+): ValueBinding {
+  return { table: metadata.tableName, column: column.definition.baseName, primaryKey };
+}

@@ -1,0 +1,77 @@
+import 'reflect-metadata';
+import { DataSource, type DataSourceOptions, type Logger } from 'typeorm';
+import { EnvelopeEncryption, type EnvelopeEncryptionOptions } from '../../src';
+import { CountingKeyProvider } from './counting-key-provider';
+import { createTestSchema, type TestSchema } from './database';
+
+/** Records every query and its parameters, to prove plaintext never reaches TypeORM's log. */
+export class RecordingLogger implements Logger {
+  readonly lines: string[] = [];
+  logQuery(query: string, parameters?: unknown[]) {
+    this.lines.push(`${query} -- ${JSON.stringify(parameters ?? [])}`);
+  }
+  logQueryError(error: string | Error, query: string, parameters?: unknown[]) {
+    this.lines.push(`ERROR ${String(error)} ${query} -- ${JSON.stringify(parameters ?? [])}`);
+  }
+  logQuerySlow(_time: number, query: string, parameters?: unknown[]) {
+    this.lines.push(`${query} -- ${JSON.stringify(parameters ?? [])}`);
+  }
+  logSchemaBuild(message: string) {
+    this.lines.push(message);
+  }
+  logMigration(message: string) {
+    this.lines.push(message);
+  }
+  log(_level: string, message: unknown) {
+    this.lines.push(String(message));
+  }
+}
+
+export interface EncryptedTestDatabase {
+  dataSource: DataSource;
+  encryption: EnvelopeEncryption;
+  provider: CountingKeyProvider;
+  schema: TestSchema;
+  logger: RecordingLogger;
+  close(): Promise<void>;
+}
+
+/**
+ * A real PostgreSQL schema with a DataSource that has encryption attached, a counting local key
+ * provider (key generated at run time) and a query logger.
+ */
+export async function encryptedDatabase(
+  entities: DataSourceOptions['entities'],
+  options: { prefix?: string; encryption?: Partial<EnvelopeEncryptionOptions> } = {},
+): Promise<EncryptedTestDatabase> {
+  const schema = await createTestSchema(options.prefix ?? 'typeorm');
+  const provider = new CountingKeyProvider();
+  const encryption = new EnvelopeEncryption({
+    keys: [{ version: 1, provider }],
+    activeVersion: 1,
+    ...options.encryption,
+  });
+  const logger = new RecordingLogger();
+  const dataSource = new DataSource({
+    type: 'postgres',
+    url: schema.url,
+    schema: schema.schema,
+    entities,
+    synchronize: true,
+    logging: true,
+    logger,
+  });
+  encryption.attach(dataSource);
+  await dataSource.initialize();
+  return {
+    dataSource,
+    encryption,
+    provider,
+    schema,
+    logger,
+    async close() {
+      await dataSource.destroy();
+      await schema.drop();
+    },
+  };
+}
