@@ -58,6 +58,10 @@ export function encodeValue(value: unknown, declared?: ValueType): Buffer {
   if (type === undefined) {
     throw new ValueTypeError(`a value of type ${typeof value} cannot be encrypted`);
   }
+  /* A lone surrogate would decrypt as U+FFFD: a silently different value. Refuse it instead. */
+  if (type === 'string' && !(value as string & { isWellFormed(): boolean }).isWellFormed()) {
+    throw new ValueTypeError('string is not well-formed UTF-16 (it has a lone surrogate)');
+  }
   const stored = declared === 'json' ? 'json' : type;
   if (declared !== undefined && declared !== stored) {
     throw new ValueTypeError(`expected a ${declared} value, got a ${type}`);

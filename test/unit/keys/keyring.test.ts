@@ -1,0 +1,109 @@
+import { randomBytes } from 'node:crypto';
+import { describe, expect, it } from 'vitest';
+import { ConfigError, UnknownKeyVersionError } from '../../../src/errors';
+import type { KeyProvider } from '../../../src/keys/key-provider';
+import { Keyring } from '../../../src/keys/keyring';
+import { LocalKeyProvider } from '../../../src/keys/local-key-provider';
+
+const provider = () => new LocalKeyProvider({ key: randomBytes(32).toString('base64') });
+
+describe('Keyring', () => {
+  it('lists its versions in ascending order and starts at the given active version', () => {
+    const keyring = new Keyring(
+      [
+        { version: 3, provider: provider() },
+        { version: 1, provider: provider() },
+        { version: 2, provider: provider() },
+      ],
+      2,
+    );
+    expect(keyring.versions).toEqual([1, 2, 3]);
+    expect(keyring.activeVersion).toBe(2);
+    expect(keyring.has(3)).toBe(true);
+    expect(keyring.has(4)).toBe(false);
+  });
+
+  it('returns the provider of each version', () => {
+    const one = provider();
+    const two = provider();
+    const keyring = new Keyring(
+      [
+        { version: 1, provider: one },
+        { version: 2, provider: two },
+      ],
+      1,
+    );
+    expect(keyring.provider(1)).toBe(one);
+    expect(keyring.provider(2)).toBe(two);
+  });
+
+  it('needs at least one version', () => {
+    expect(() => new Keyring([], 1)).toThrow(ConfigError);
+    expect(() => new Keyring(undefined as unknown as [], 1)).toThrow(ConfigError);
+  });
+
+  it.each([0, -1, 1.5, Number.NaN, Number.POSITIVE_INFINITY, 2 ** 53, '1' as unknown as number])(
+    'refuses the invalid version %s',
+    (version) => {
+      expect(() => new Keyring([{ version, provider: provider() }], version)).toThrow(ConfigError);
+    },
+  );
+
+  it('refuses a version configured twice', () => {
+    const entries = [
+      { version: 1, provider: provider() },
+      { version: 1, provider: provider() },
+    ];
+    expect(() => new Keyring(entries, 1)).toThrow(/configured twice/);
+    expect(() => new Keyring(entries, 1)).toThrow(ConfigError);
+  });
+
+  it('refuses a version without a provider', () => {
+    expect(() => new Keyring([{ version: 1, provider: undefined as unknown as KeyProvider }], 1)).toThrow(
+      ConfigError,
+    );
+    expect(() => new Keyring([{ version: 1, provider: {} as KeyProvider }], 1)).toThrow(ConfigError);
+  });
+
+  it('refuses an active version that is not configured', () => {
+    expect(() => new Keyring([{ version: 1, provider: provider() }], 2)).toThrow(ConfigError);
+  });
+
+  it('activates a configured version and refuses an unconfigured one', () => {
+    const keyring = new Keyring(
+      [
+        { version: 1, provider: provider() },
+        { version: 2, provider: provider() },
+      ],
+      1,
+    );
+    keyring.activate(2);
+    expect(keyring.activeVersion).toBe(2);
+    expect(() => keyring.activate(3)).toThrow(ConfigError);
+    expect(keyring.activeVersion).toBe(2);
+    keyring.activate(1);
+    expect(keyring.activeVersion).toBe(1);
+  });
+
+  it('names the missing version in UnknownKeyVersionError', () => {
+    const keyring = new Keyring([{ version: 1, provider: provider() }], 1);
+    let error: unknown;
+    try {
+      keyring.provider(7);
+    } catch (e) {
+      error = e;
+    }
+    expect(error).toBeInstanceOf(UnknownKeyVersionError);
+    expect((error as UnknownKeyVersionError).keyVersion).toBe(7);
+    expect((error as Error).message).toContain('7');
+  });
+
+  it('binds wrapped keys to its id through a frozen encryption context', () => {
+    const entries = [{ version: 1, provider: provider() }];
+    expect(new Keyring(entries, 1).context).toEqual({ 'typeorm-envelope:keyring': 'default' });
+    const keyring = new Keyring(entries, 1, 'billing');
+    expect(keyring.keyringId).toBe('billing');
+    expect(keyring.context).toEqual({ 'typeorm-envelope:keyring': 'billing' });
+    expect(Object.isFrozen(keyring.context)).toBe(true);
+  });
+});
