@@ -23,6 +23,8 @@ export interface LoadedColumns {
   iv?: Buffer | null;
   wrappedKey?: Buffer | null;
   keyVersion?: number | null;
+  /** The row's primary key, when it was read apart from the entity (a partial select). */
+  primaryKey?: string;
 }
 
 /** Per-object, per-property state, held weakly. */
@@ -100,8 +102,9 @@ function sameSnapshot(snapshot: unknown, value: unknown): boolean {
 }
 
 const REFUSED =
-  'a plaintext value reached an encrypted column without being encrypted (the write bypassed the ' +
-  'encryption subscriber: listeners disabled, or a query builder without listeners); it was refused';
+  'a plaintext value reached an encrypted column without being encrypted, and was refused: either a ' +
+  'write bypassed the encryption subscriber (listeners disabled), or the value was used in a where ' +
+  'condition, which encrypted properties do not support (values are encrypted with random IVs)';
 
 /**
  * Stands for a plaintext value that is not encrypted yet. TypeORM sees it as the value of the

@@ -1,8 +1,14 @@
 import type { EntityMetadata, QueryRunner } from 'typeorm';
-import { UnsupportedOperationError } from '../errors';
 import type { EncryptedColumns } from './encrypted-columns';
 import { primaryKeyOf } from './primary-key';
 import type { PropertyStateStore } from './property-state';
+
+interface Batch {
+  metadata: EntityMetadata;
+  column: EncryptedColumns;
+  queryRunner?: QueryRunner;
+  requests: Request[];
+}
 
 interface Request {
   entity: object;
@@ -32,54 +38,62 @@ export class SidecarLoader {
     entity: object,
     queryRunner?: QueryRunner,
   ): Promise<void> {
-    if (primaryKeyOf(metadata, entity) === undefined) {
-      return Promise.reject(
-        new UnsupportedOperationError('select the primary key together with an encrypted property', {
-          entity: metadata.name,
-          column: column.main.propertyPath,
-        }),
-      );
-    }
     const key = `${this.#runnerId(queryRunner)}:${metadata.name}:${column.main.propertyPath}`;
     let batch = this.#batches.get(key);
     if (!batch) {
-      batch = { metadata, column, queryRunner, requests: [] };
-      this.#batches.set(key, batch);
+      const created: Batch = { metadata, column, queryRunner, requests: [] };
+      this.#batches.set(key, created);
       queueMicrotask(() => {
         this.#batches.delete(key);
-        void this.#run(batch as NonNullable<typeof batch>);
+        void this.#run(created);
       });
+      batch = created;
     }
-    return new Promise((resolve, reject) => batch.requests.push({ entity, resolve, reject }));
+    const requests = batch.requests;
+    return new Promise((resolve, reject) => requests.push({ entity, resolve, reject }));
   }
 
-  async #run(batch: {
-    metadata: EntityMetadata;
-    column: EncryptedColumns;
-    queryRunner?: QueryRunner;
-    requests: Request[];
-  }) {
-    const { metadata, column, queryRunner, requests } = batch;
+  /**
+   * Reads the four columns again, by primary key where the rows have one, else by the ciphertext
+   * itself (a partial select without the key). The whole sealed value comes from this second read,
+   * so its four parts always belong together.
+   */
+  async #run({ metadata, column, queryRunner, requests }: Batch) {
     try {
-      const manager = queryRunner?.manager ?? metadata.connection.manager;
-      const paths = [...metadata.primaryColumns.map((c) => c.propertyPath), column.main.propertyPath];
-      const sidecarPaths = Object.values(column.sidecars).map((c) => c.propertyPath);
-      const rows = await manager
-        .createQueryBuilder(metadata.target, 'row')
-        .select([...paths, ...sidecarPaths].map((p) => `row.${p}`))
-        .whereInIds(requests.map((r) => metadata.getEntityIdMap(r.entity)))
-        .callListeners(false)
-        .getMany();
-      const byKey = new Map(rows.map((row) => [primaryKeyOf(metadata, row), row]));
       const property = column.definition.propertyName;
+      const ciphertextOf = (entity: object) => {
+        const holder = column.holderOf(entity, false);
+        return holder ? this.store.get(holder, property)?.loaded?.ciphertext : undefined;
+      };
+      const byKey = requests.every((r) => primaryKeyOf(metadata, r.entity) !== undefined);
+      const identify = (entity: object) =>
+        byKey ? primaryKeyOf(metadata, entity) : ciphertextOf(entity)?.toString('hex');
+      const manager = queryRunner?.manager ?? metadata.connection.manager;
+      const query = manager
+        .createQueryBuilder(metadata.target, 'row')
+        .select(
+          [
+            ...metadata.primaryColumns.map((c) => c.propertyPath),
+            column.main.propertyPath,
+            ...Object.values(column.sidecars).map((c) => c.propertyPath),
+          ].map((path) => `row.${path}`),
+        )
+        .callListeners(false);
+      if (byKey) query.whereInIds(requests.map((r) => metadata.getEntityIdMap(r.entity)));
+      else
+        query.where(`row.${column.main.propertyPath} IN (:...ciphertexts)`, {
+          ciphertexts: requests.map((r) => ciphertextOf(r.entity)),
+        });
+      const fresh = new Map<string | undefined, object>();
+      for (const row of await query.getMany()) fresh.set(identify(row), row);
       for (const request of requests) {
-        const row = byKey.get(primaryKeyOf(metadata, request.entity));
-        const fresh = row && column.holderOf(row, false);
-        const target = column.holderOf(request.entity, true);
-        /* The whole sealed value comes from the second read, so its four parts belong together. */
-        const loaded = fresh ? this.store.get(fresh, property)?.loaded : undefined;
-        if (target)
-          this.store.upsert(target, property).loaded = loaded ? { ...loaded } : { ciphertext: null };
+        const row = fresh.get(identify(request.entity));
+        const freshHolder = row && column.holderOf(row, false);
+        const loaded = freshHolder ? this.store.get(freshHolder, property)?.loaded : undefined;
+        const target = column.holderOf(request.entity, true) as object;
+        this.store.upsert(target, property).loaded = loaded
+          ? { ...loaded, primaryKey: row && primaryKeyOf(metadata, row) }
+          : { ciphertext: null };
         request.resolve();
       }
     } catch (error) {

@@ -111,7 +111,7 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
     const context = {
       entity: metadata.name,
       column: column.main.propertyPath,
-      primaryKey: primaryKeyOf(metadata, entity),
+      primaryKey: loaded.primaryKey ?? primaryKeyOf(metadata, entity),
     };
     const { ciphertext, iv, wrappedKey, keyVersion } = loaded;
     if (ciphertext === null) {
