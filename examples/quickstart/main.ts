@@ -1,0 +1,189 @@
+/**
+ * typeorm-envelope quickstart: `npm run demo`.
+ *
+ * Runs with no server and no configuration: PostgreSQL is PGlite (WASM, in memory) served over a
+ * local socket, and the master key is generated for this run. The library is imported from
+ * `../../src` so that the demo runs without building the package; in an application, import
+ * from 'typeorm-envelope'.
+ */
+import 'reflect-metadata';
+import { randomBytes } from 'node:crypto';
+import { DataSource } from 'typeorm';
+import { EnvelopeEncryption, LocalKeyProvider, maskEntity } from '../../src';
+import { Customer } from './customer';
+import { startPgliteServer } from './pglite-server';
+
+/** What the demo observed; checked by test/integration/examples.test.ts. */
+export interface DemoResult {
+  /** Fingerprint of the run's master key (never the key). */
+  fingerprint: string;
+  /** The customers as the application loaded them, in id order. */
+  customers: Array<Pick<Customer, 'id' | 'email' | 'address' | 'plan'>>;
+  /** Whether any stored byte sequence contained a plaintext email or city. */
+  plaintextInDatabase: boolean;
+  /** `maskEntity()` of the first customer. */
+  masked: Record<string, unknown>;
+  /** `name: message` of the error a `where` on an encrypted property raised. */
+  whereError: string;
+  /** The error raised by loading the tampered row. */
+  tamperError: { name: string; message: string; primaryKey: string };
+  /** Key-provider calls made during the run. */
+  providerCalls: { generated: number; unwrapped: number };
+}
+
+const SHOWN_BYTES = 8;
+
+/** Short hex of a bytea value: the first bytes, an ellipsis and the length. */
+function shortHex(value: unknown): string {
+  if (!Buffer.isBuffer(value)) return String(value);
+  const head = value.subarray(0, SHOWN_BYTES).toString('hex');
+  return `${head}${value.length > SHOWN_BYTES ? '…' : ''} (${value.length} B)`;
+}
+
+function table(rows: string[][]): string[] {
+  const widths = rows[0]?.map((_, i) => Math.max(...rows.map((r) => (r[i] ?? '').length))) ?? [];
+  return rows.map((r) => `  ${r.map((cell, i) => cell.padEnd(widths[i] ?? 0)).join('  ')}`.trimEnd());
+}
+
+function describeError(error: unknown): string {
+  return error instanceof Error ? `${error.name}: ${error.message}` : String(error);
+}
+
+export async function main(log: (line: string) => void = console.log): Promise<DemoResult> {
+  log('typeorm-envelope quickstart (PostgreSQL: embedded PGlite, in memory)');
+  const server = await startPgliteServer();
+  let dataSource: DataSource | undefined;
+  try {
+    // The customer-held master key. Generated here for the demo; in production it comes from a
+    // secret store (LocalKeyProvider) or stays in a KMS. It is never printed, only its fingerprint.
+    const provider = new LocalKeyProvider({ key: randomBytes(32).toString('base64') });
+    const encryption = new EnvelopeEncryption({ keys: [{ version: 1, provider }], activeVersion: 1 });
+    log(`master key: generated for this run, fingerprint ${provider.fingerprint}`);
+
+    dataSource = new DataSource({
+      type: 'postgres',
+      url: server.url,
+      entities: [Customer],
+      synchronize: true,
+      logging: false,
+    });
+    encryption.attach(dataSource); // before initialize()
+    await dataSource.initialize();
+    const repository = dataSource.getRepository(Customer);
+
+    const people: Array<Pick<Customer, 'email' | 'address' | 'plan'>> = [
+      { email: 'alice@example.com', address: { street: '1 Main St', city: 'Springfield' }, plan: 'pro' },
+      {
+        email: 'bob@example.org',
+        address: { street: '742 Evergreen Tce', city: 'Shelbyville' },
+        plan: 'free',
+      },
+      { email: 'carol@example.net', address: null, plan: 'team' },
+    ];
+    await repository.save(people.map((p) => Object.assign(new Customer(), p)));
+    log(`saved ${people.length} customers\n`);
+
+    const customers = await repository.find({ order: { id: 'ASC' } });
+    log('What the application sees (repository.find()):');
+    for (const line of table([
+      ['id', 'email', 'address', 'plan'],
+      ...customers.map((c) => [String(c.id), c.email, JSON.stringify(c.address), c.plan]),
+    ]))
+      log(line);
+
+    const rows: Array<Record<string, unknown>> = await dataSource.query('SELECT * FROM customer ORDER BY id');
+    log('\nWhat the database stores (SELECT * FROM customer; bytea shown as first bytes + length):');
+    for (const line of table([
+      ['id', 'email_ciphertext', 'email_iv', 'email_wrapped_key', 'key_version', 'plan'],
+      ...rows.map((r) => [
+        String(r.id),
+        shortHex(r.email_ciphertext),
+        shortHex(r.email_iv),
+        shortHex(r.email_wrapped_key),
+        String(r.email_key_version),
+        String(r.plan),
+      ]),
+    ]))
+      log(line);
+    log(`  columns: ${Object.keys(rows[0] ?? {}).join(', ')}`);
+    const wrappedKeys = new Set(rows.map((r) => shortHex(r.email_wrapped_key)));
+    if (rows.length > 1 && wrappedKeys.size === 1) {
+      log('  (one data key, wrapped once by the master key, seals all three: it is cached in memory)');
+    }
+    const stored = Buffer.concat(
+      rows.flatMap((r) => Object.values(r).map((v) => (Buffer.isBuffer(v) ? v : Buffer.from(String(v))))),
+    );
+    const secrets = people.flatMap((p) => [p.email, ...(p.address ? [p.address.city] : [])]);
+    const plaintextInDatabase = secrets.some((s) => stored.includes(Buffer.from(s)));
+    log(`  plaintext email or city anywhere in the stored rows: ${plaintextInDatabase ? 'YES' : 'no'}`);
+
+    const first = customers[0] as Customer;
+    const masked = maskEntity(first) as Record<string, unknown>;
+    log(`\nLog-safe view, maskEntity(customer): ${JSON.stringify(masked)}`);
+
+    log('\nQuerying by an encrypted property, find({ where: { email } }):');
+    let whereError = '';
+    try {
+      await repository.find({ where: { email: first.email } });
+      log('  (not refused)');
+    } catch (error) {
+      whereError = describeError(error);
+      log(`  refused -> ${whereError}`);
+    }
+
+    const victim = customers[1] as Customer;
+    log(`\nTampering: flipping one bit of email_ciphertext of customer ${victim.id} with raw SQL`);
+    await dataSource.query(
+      'UPDATE customer SET email_ciphertext = set_byte(email_ciphertext, 5, get_byte(email_ciphertext, 5) # 1) WHERE id = $1',
+      [victim.id],
+    );
+    let tamperError = { name: '', message: '', primaryKey: '' };
+    try {
+      const loaded = await repository.findOneByOrFail({ id: victim.id });
+      log(`  loaded without error (unexpected): ${loaded.email}`);
+    } catch (error) {
+      const e = error as Error & { primaryKey?: string };
+      tamperError = { name: e.name, message: e.message, primaryKey: String(e.primaryKey ?? '') };
+      log(`  loading it -> ${describeError(error)}`);
+    }
+    const untouched = await repository.findOneByOrFail({ id: first.id });
+    log(`  customer ${untouched.id} still loads: ${untouched.email}`);
+
+    const providerCalls = encryption.providerCalls;
+    log(
+      `\nKey-provider calls: ${providerCalls.generated} data key(s) generated, ${providerCalls.unwrapped} unwrapped`,
+    );
+
+    return {
+      fingerprint: provider.fingerprint,
+      customers: customers.map(({ id, email, address, plan }) => ({ id, email, address, plan })),
+      plaintextInDatabase,
+      masked,
+      whereError,
+      tamperError,
+      providerCalls,
+    };
+  } finally {
+    if (dataSource?.isInitialized) await dataSource.destroy();
+    await server.stop();
+  }
+}
+
+if (require.main === module) {
+  main().then(
+    (result) => {
+      const ok =
+        !result.plaintextInDatabase &&
+        result.whereError.startsWith('UnsupportedOperationError') &&
+        result.tamperError.name === 'IntegrityError';
+      if (!ok) {
+        console.error('demo: an expected behaviour was not observed (see above)');
+        process.exitCode = 1;
+      }
+    },
+    (error: unknown) => {
+      console.error(error);
+      process.exitCode = 1;
+    },
+  );
+}
