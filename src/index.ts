@@ -17,6 +17,7 @@ export {
   ValueTypeError,
 } from './errors';
 export type { SealedValue } from './field-encryptor';
+export { AwsKmsKeyProvider, type AwsKmsKeyProviderOptions } from './keys/aws-kms-key-provider';
 export type { DataKeyCacheOptions } from './keys/data-key-cache';
 export {
   type EncryptionContext,

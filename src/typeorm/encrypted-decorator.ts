@@ -52,7 +52,7 @@ export interface EncryptedPropertyDefinition {
   nullable: boolean;
   bindPrimaryKey: boolean;
   mask?: Mask;
-  /** Base name used in associated data; stable even if column names are overridden. */
+  /** Base of the default sidecar column names. */
   baseName: string;
   columns: SidecarColumnNames;
   /** Hidden property names TypeORM knows the sidecar columns by; never set on entities. */

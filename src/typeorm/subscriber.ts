@@ -31,14 +31,14 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
   beforeInsert(event: InsertEvent<object>): Promise<void> | undefined {
     const columns = this.lookup(event.metadata);
     if (!columns || !event.entity) return undefined;
-    return this.#sealChanged(event.metadata, columns, event.entity, undefined, 'entity');
+    return this.#sealChanged(event.metadata, columns, event.entity, undefined, 'insert');
   }
 
   beforeUpdate(event: UpdateEvent<object>): Promise<void> | undefined {
     const columns = this.lookup(event.metadata);
     if (!columns || !event.entity) return undefined;
     /* Without a database copy this is a query-builder update: `entity` is its SET map. */
-    const mode = event.databaseEntity ? 'entity' : 'set-map';
+    const mode = event.databaseEntity ? 'update' : 'set-map';
     return this.#sealChanged(event.metadata, columns, event.entity as object, event.databaseEntity, mode);
   }
 
@@ -66,9 +66,9 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
     columns: readonly EncryptedColumns[],
     entity: object,
     databaseEntity: object | undefined,
-    mode: 'entity' | 'set-map',
+    mode: 'insert' | 'update' | 'set-map',
   ): Promise<void> {
-    const primaryKey = mode === 'entity' ? primaryKeyOf(metadata, entity) : undefined;
+    const primaryKey = this.#knownPrimaryKey(metadata, entity, mode);
     await Promise.all(
       columns.map(async (column) => {
         const { propertyName: property, type } = column.definition;
@@ -85,7 +85,7 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
             bindingOf(metadata, column, column.definition.bindPrimaryKey ? primaryKey : undefined),
             type,
           ));
-        if (mode === 'entity') {
+        if (mode !== 'set-map') {
           this.store.seal(holder, property, value, sealed);
         } else {
           /* TypeORM copies the SET map before reading it: carry the sealed value in the map itself. */
@@ -96,6 +96,17 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
         }
       }),
     );
+  }
+
+  /**
+   * The primary key a value can be bound to: known on update; on insert only when no primary
+   * column is generated (TypeORM leaves generated keys to the database even when one is given);
+   * never for a SET map, which may update many rows.
+   */
+  #knownPrimaryKey(metadata: EntityMetadata, entity: object, mode: 'insert' | 'update' | 'set-map') {
+    if (mode === 'set-map') return undefined;
+    if (mode === 'insert' && metadata.primaryColumns.some((c) => c.isGenerated)) return undefined;
+    return primaryKeyOf(metadata, entity);
   }
 
   #openLoaded(
@@ -146,5 +157,5 @@ function bindingOf(
   column: EncryptedColumns,
   primaryKey: string | undefined,
 ): ValueBinding {
-  return { table: metadata.tableName, column: column.definition.baseName, primaryKey };
+  return { table: metadata.tableName, column: column.main.propertyPath, primaryKey };
 }

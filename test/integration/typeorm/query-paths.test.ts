@@ -49,7 +49,10 @@ describe('reads', () => {
       ['5500000000000004', 'alice@example.com'],
     ]);
     const withOrders = await customers().findOne({ where: { id: alice.id }, relations: { orders: true } });
-    expect(withOrders?.orders.map((o) => o.cardNumber).sort()).toEqual(['4111111111111111', '5500000000000004']);
+    expect(withOrders?.orders.map((o) => o.cardNumber).sort()).toEqual([
+      '4111111111111111',
+      '5500000000000004',
+    ]);
     const joined = await customers()
       .createQueryBuilder('c')
       .leftJoinAndSelect('c.orders', 'o')
@@ -75,8 +78,12 @@ describe('reads', () => {
   });
 
   it('IsNull and Not(IsNull) work on an encrypted property (null-ness is not encrypted)', async () => {
-    expect((await customers().findBy({ address: IsNull() })).map((c) => c.email)).toEqual(['bob@example.com']);
-    expect((await customers().findBy({ address: Not(IsNull()) })).map((c) => c.email)).toEqual(['alice@example.com']);
+    expect((await customers().findBy({ address: IsNull() })).map((c) => c.email)).toEqual([
+      'bob@example.com',
+    ]);
+    expect((await customers().findBy({ address: Not(IsNull()) })).map((c) => c.email)).toEqual([
+      'alice@example.com',
+    ]);
   });
 });
 
@@ -93,7 +100,8 @@ describe('where on an encrypted property is refused, not silently empty', () => 
       () => undefined,
       (e: unknown) => e,
     );
-    const cause = error instanceof UnsupportedOperationError ? error : (error as { driverError?: unknown })?.driverError;
+    const cause =
+      error instanceof UnsupportedOperationError ? error : (error as { driverError?: unknown })?.driverError;
     expect(cause ?? error).toBeInstanceOf(UnsupportedOperationError);
     expect(String((cause ?? error) as Error)).toContain('where condition');
     expect(String((cause ?? error) as Error)).not.toContain('alice@example.com');
