@@ -167,8 +167,9 @@ export class AwsKmsKeyProvider extends KeyProvider {
     const { KeyMetadata: meta } = await this.#send('DescribeKey', (c) =>
       c.send(new this.#kms.DescribeKeyCommand({ KeyId: this.#keyId })),
     );
-    if (!meta?.Arn)
+    if (!meta?.Arn) {
       throw new KeyProviderError('KMS DescribeKey returned no key metadata', this.errorContext());
+    }
     this.#resolvedArn = meta.Arn;
     return {
       Arn: meta.Arn,

@@ -48,22 +48,18 @@ describe('data keys under concurrency', () => {
 
 describe('two DataSources with different keyrings in one process', () => {
   it('each reads its own rows; neither can read the other', async () => {
-    const a = await one.dataSource
-      .getRepository(Customer)
-      .save({
-        email: 'one@example.com',
-        plan: 'k',
-        address: null,
-        contact: { phone: null, preferredChannel: null },
-      });
-    const b = await two.dataSource
-      .getRepository(Customer)
-      .save({
-        email: 'two@example.com',
-        plan: 'k',
-        address: null,
-        contact: { phone: null, preferredChannel: null },
-      });
+    const a = await one.dataSource.getRepository(Customer).save({
+      email: 'one@example.com',
+      plan: 'k',
+      address: null,
+      contact: { phone: null, preferredChannel: null },
+    });
+    const b = await two.dataSource.getRepository(Customer).save({
+      email: 'two@example.com',
+      plan: 'k',
+      address: null,
+      contact: { phone: null, preferredChannel: null },
+    });
     expect((await one.dataSource.getRepository(Customer).findOneByOrFail({ id: a.id })).email).toBe(
       'one@example.com',
     );
@@ -84,14 +80,12 @@ describe('two DataSources with different keyrings in one process', () => {
   });
 
   it('an entity loaded from one DataSource and saved to the other is encrypted with the other keyring', async () => {
-    const fromOne = await one.dataSource
-      .getRepository(Customer)
-      .save({
-        email: 'moving@example.com',
-        plan: 'move',
-        address: null,
-        contact: { phone: null, preferredChannel: null },
-      });
+    const fromOne = await one.dataSource.getRepository(Customer).save({
+      email: 'moving@example.com',
+      plan: 'move',
+      address: null,
+      contact: { phone: null, preferredChannel: null },
+    });
     const loaded = await one.dataSource.getRepository(Customer).findOneByOrFail({ id: fromOne.id });
     const copy = two.dataSource.getRepository(Customer).create({ ...loaded, id: undefined });
     await two.dataSource.getRepository(Customer).save(copy);
