@@ -9,7 +9,7 @@ import {
 import { decodeValue, encodeValue, type ValueType } from './crypto/codec';
 import { IvPool } from './crypto/iv-pool';
 import { type ErrorContext, IntegrityError, withErrorContext } from './errors';
-import type { DataKeyCache } from './keys/data-key-cache';
+import { type CachedDataKey, type DataKeyCache, NOT_CACHED } from './keys/data-key-cache';
 
 /** The four stored parts of one encrypted value. */
 export interface SealedValue {
@@ -34,20 +34,18 @@ export class FieldEncryptor {
 
   /** Encrypts a non-null value for the place `binding` names. */
   async seal(value: unknown, binding: ValueBinding, declared?: ValueType): Promise<SealedValue> {
-    const plaintext = encodeValue(value, declared);
-    const header = Buffer.of(FORMAT_V1, binding.primaryKey === undefined ? 0 : FLAG_PRIMARY_KEY_BOUND);
-    const aad = associatedData(header, binding);
-    const iv = this.#ivs.next();
-    try {
-      return await this.cache.withEncryptionKey((key, dataKey) => ({
-        ciphertext: Buffer.concat([header, gcmSeal(key, iv, plaintext, aad)]),
-        iv,
-        wrappedKey: dataKey.wrappedKey,
-        keyVersion: dataKey.version,
-      }));
-    } finally {
-      plaintext.fill(0);
-    }
+    const sealed = this.trySeal(value, binding, declared);
+    if (sealed !== NOT_CACHED) return sealed;
+    return this.#withPlaintext(value, declared, (plaintext) =>
+      this.cache.withEncryptionKey((key, dataKey) => this.#seal(key, dataKey, plaintext, binding)),
+    );
+  }
+
+  /** Like {@link seal}, synchronously, when the encrypting data key is cached; else `NOT_CACHED`. */
+  trySeal(value: unknown, binding: ValueBinding, declared?: ValueType): SealedValue | typeof NOT_CACHED {
+    return this.#withPlaintext(value, declared, (plaintext) =>
+      this.cache.tryWithEncryptionKey((key, dataKey) => this.#seal(key, dataKey, plaintext, binding)),
+    );
   }
 
   /**
@@ -55,13 +53,10 @@ export class FieldEncryptor {
    * is an `IntegrityError` carrying `context`.
    */
   async open(sealed: SealedValue, binding: ValueBinding, context: ErrorContext = {}): Promise<unknown> {
+    const opened = this.tryOpen(sealed, binding, context);
+    if (opened !== NOT_CACHED) return opened;
     const where = { ...context, keyVersion: sealed.keyVersion };
-    const header = sealed.ciphertext.subarray(0, HEADER_BYTES);
-    if (header[0] !== FORMAT_V1 || sealed.ciphertext.length < HEADER_BYTES) {
-      throw new IntegrityError('ciphertext has an unknown format', where);
-    }
-    const aad = associatedData(header, binding);
-    const body = sealed.ciphertext.subarray(HEADER_BYTES);
+    const { header, body, aad } = this.#parse(sealed, binding, where);
     let plaintext: Buffer | undefined;
     try {
       plaintext = await this.cache.withDecryptionKey(sealed.keyVersion, sealed.wrappedKey, (key) =>
@@ -70,6 +65,55 @@ export class FieldEncryptor {
     } catch (error) {
       throw withErrorContext(error, where);
     }
+    return this.#decode(plaintext, where, header);
+  }
+
+  /** Like {@link open}, synchronously, when the data key is cached; else `NOT_CACHED`. */
+  tryOpen(sealed: SealedValue, binding: ValueBinding, context: ErrorContext = {}): unknown {
+    const where = { ...context, keyVersion: sealed.keyVersion };
+    const { header, body, aad } = this.#parse(sealed, binding, where);
+    const plaintext = this.cache.tryWithDecryptionKey(sealed.keyVersion, sealed.wrappedKey, (key) =>
+      gcmOpen(key, sealed.iv, body, aad),
+    );
+    return plaintext === NOT_CACHED ? NOT_CACHED : this.#decode(plaintext, where, header);
+  }
+
+  #withPlaintext<T>(value: unknown, declared: ValueType | undefined, fn: (plaintext: Buffer) => T): T {
+    const plaintext = encodeValue(value, declared);
+    let result: T;
+    try {
+      result = fn(plaintext);
+    } catch (error) {
+      plaintext.fill(0);
+      throw error;
+    }
+    if (result instanceof Promise) {
+      return result.finally(() => plaintext.fill(0)) as T;
+    }
+    plaintext.fill(0);
+    return result;
+  }
+
+  #seal(key: Buffer, dataKey: CachedDataKey, plaintext: Buffer, binding: ValueBinding): SealedValue {
+    const header = Buffer.of(FORMAT_V1, binding.primaryKey === undefined ? 0 : FLAG_PRIMARY_KEY_BOUND);
+    const iv = this.#ivs.next();
+    return {
+      ciphertext: Buffer.concat([header, gcmSeal(key, iv, plaintext, associatedData(header, binding))]),
+      iv,
+      wrappedKey: dataKey.wrappedKey,
+      keyVersion: dataKey.version,
+    };
+  }
+
+  #parse(sealed: SealedValue, binding: ValueBinding, where: ErrorContext) {
+    const header = sealed.ciphertext.subarray(0, HEADER_BYTES);
+    if (sealed.ciphertext.length < HEADER_BYTES || header[0] !== FORMAT_V1) {
+      throw new IntegrityError('ciphertext has an unknown format', where);
+    }
+    return { header, body: sealed.ciphertext.subarray(HEADER_BYTES), aad: associatedData(header, binding) };
+  }
+
+  #decode(plaintext: Buffer | undefined, where: ErrorContext, _header: Buffer): unknown {
     if (plaintext === undefined) throw new IntegrityError('encrypted value failed authentication', where);
     try {
       return decodeValue(plaintext);

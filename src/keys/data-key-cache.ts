@@ -23,6 +23,9 @@ export interface DataKeyCacheOptions {
 }
 
 const MINUTE = 60_000;
+/** Returned by the `try…` methods when the key is not in the cache. */
+export const NOT_CACHED: unique symbol = Symbol('not cached');
+
 /** A fetch can lose a race with eviction or `purge()`; it is retried this many times. */
 const MAX_ATTEMPTS = 3;
 const DEFAULTS = {
@@ -121,20 +124,24 @@ export class DataKeyCache {
    */
   async withEncryptionKey<T>(fn: (key: Buffer, dataKey: CachedDataKey) => T): Promise<T> {
     for (let attempt = 0; ; attempt++) {
+      const result = this.tryWithEncryptionKey(fn);
+      if (result !== NOT_CACHED) return result;
       const version = this.#keyring.activeVersion;
       const dataKey = await this.#encrypting.fetch(version);
       /* A concurrent caller may have used the key up while this one waited; then fetch again. */
-      if (!dataKey || dataKey.destroyed) {
-        if (attempt < MAX_ATTEMPTS) continue;
+      if (dataKey && !dataKey.destroyed) return this.#useEncryptionKey(version, dataKey, fn);
+      if (attempt >= MAX_ATTEMPTS) {
         throw new KeyProviderError('no data key could be obtained', { keyVersion: version });
       }
-      const result = dataKey.use((key) => fn(key, dataKey));
-      dataKey.uses += 1;
-      if (dataKey.uses >= this.#maxUses && this.#encrypting.peek(version) === dataKey) {
-        this.#encrypting.delete(version);
-      }
-      return result;
     }
+  }
+
+  /** Like {@link withEncryptionKey}, but only when the key is cached: never calls a provider. */
+  tryWithEncryptionKey<T>(fn: (key: Buffer, dataKey: CachedDataKey) => T): T | typeof NOT_CACHED {
+    const version = this.#keyring.activeVersion;
+    const dataKey = this.#encrypting.get(version);
+    if (!dataKey || dataKey.destroyed) return NOT_CACHED;
+    return this.#useEncryptionKey(version, dataKey, fn);
   }
 
   /** Runs `fn` synchronously with the plaintext of `wrappedKey`, unwrapping it once per TTL. */
@@ -142,12 +149,34 @@ export class DataKeyCache {
     const id = cacheId(version, wrappedKey);
     for (let attempt = 0; ; attempt++) {
       const dataKey = await this.#unwrapped.fetch(id, { context: { version, wrappedKey } });
-      if (!dataKey || dataKey.destroyed) {
-        if (attempt < MAX_ATTEMPTS) continue;
+      if (dataKey && !dataKey.destroyed) return dataKey.use(fn);
+      if (attempt >= MAX_ATTEMPTS) {
         throw new KeyProviderError('no data key could be obtained', { keyVersion: version });
       }
-      return dataKey.use(fn);
     }
+  }
+
+  /** Like {@link withDecryptionKey}, but only when the key is cached: never calls a provider. */
+  tryWithDecryptionKey<T>(
+    version: number,
+    wrappedKey: Buffer,
+    fn: (key: Buffer) => T,
+  ): T | typeof NOT_CACHED {
+    const dataKey = this.#unwrapped.get(cacheId(version, wrappedKey));
+    return dataKey && !dataKey.destroyed ? dataKey.use(fn) : NOT_CACHED;
+  }
+
+  #useEncryptionKey<T>(
+    version: number,
+    dataKey: CachedDataKey,
+    fn: (key: Buffer, dataKey: CachedDataKey) => T,
+  ): T {
+    const result = dataKey.use((key) => fn(key, dataKey));
+    dataKey.uses += 1;
+    if (dataKey.uses >= this.#maxUses && this.#encrypting.peek(version) === dataKey) {
+      this.#encrypting.delete(version);
+    }
+    return result;
   }
 
   /** Drops and zeroes every cached key: the next use asks the key provider again. */

@@ -2,6 +2,7 @@ import type { EntityMetadata, EntitySubscriberInterface, InsertEvent, LoadEvent,
 import type { ValueBinding } from '../crypto/associated-data';
 import { IntegrityError } from '../errors';
 import type { FieldEncryptor, SealedValue } from '../field-encryptor';
+import { NOT_CACHED } from '../keys/data-key-cache';
 import type { EncryptedColumns } from './encrypted-columns';
 import { primaryKeyOf } from './primary-key';
 import { type PropertyStateStore, SealedForUpdate } from './property-state';
@@ -61,41 +62,57 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
     return pending.length ? Promise.all(pending).then(() => undefined) : undefined;
   }
 
-  async #sealChanged(
+  /**
+   * Seals every encrypted property whose value changed. Runs synchronously while the data key is
+   * cached (the common case), so a write costs no extra promise per entity.
+   */
+  #sealChanged(
     metadata: EntityMetadata,
     columns: readonly EncryptedColumns[],
     entity: object,
     databaseEntity: object | undefined,
     mode: 'insert' | 'update' | 'set-map',
-  ): Promise<void> {
+  ): Promise<void> | undefined {
     const primaryKey = this.#knownPrimaryKey(metadata, entity, mode);
-    await Promise.all(
-      columns.map(async (column) => {
-        const { propertyName: property, type } = column.definition;
-        const holder = column.holderOf(entity, false);
-        const value = holder?.[property];
-        if (!holder || value === undefined || value === null || value instanceof SealedForUpdate) return;
-        if (this.store.currentSealed(holder, property, value)) return;
-        const databaseHolder = databaseEntity && column.holderOf(databaseEntity, false);
-        const unchanged = databaseHolder && this.store.currentSealed(databaseHolder, property, value);
-        const sealed: SealedValue =
-          unchanged ||
-          (await this.encryptor.seal(
-            value,
-            bindingOf(metadata, column, column.definition.bindPrimaryKey ? primaryKey : undefined),
-            type,
-          ));
-        if (mode !== 'set-map') {
-          this.store.seal(holder, property, value, sealed);
-        } else {
-          /* TypeORM copies the SET map before reading it: carry the sealed value in the map itself. */
-          holder[property] = new SealedForUpdate(value, sealed);
-          const swaps = this.#swapped.get(entity) ?? [];
-          swaps.push({ holder, property, value });
-          this.#swapped.set(entity, swaps);
-        }
-      }),
-    );
+    const pending: Promise<void>[] = [];
+    for (const column of columns) {
+      const { propertyName: property, type, bindPrimaryKey } = column.definition;
+      const holder = column.holderOf(entity, false);
+      const value = holder?.[property];
+      if (!holder || value === undefined || value === null || value instanceof SealedForUpdate) continue;
+      if (this.store.currentSealed(holder, property, value)) continue;
+      const record = (sealed: SealedValue) => this.#record(entity, holder, property, value, sealed, mode);
+      const databaseHolder = databaseEntity && column.holderOf(databaseEntity, false);
+      const unchanged = databaseHolder && this.store.currentSealed(databaseHolder, property, value);
+      if (unchanged) {
+        record(unchanged);
+        continue;
+      }
+      const binding = bindingOf(metadata, column, bindPrimaryKey ? primaryKey : undefined);
+      const sealed = this.encryptor.trySeal(value, binding, type);
+      if (sealed !== NOT_CACHED) record(sealed);
+      else pending.push(this.encryptor.seal(value, binding, type).then(record));
+    }
+    return pending.length ? Promise.all(pending).then(() => undefined) : undefined;
+  }
+
+  #record(
+    entity: object,
+    holder: Record<string, unknown>,
+    property: string,
+    value: unknown,
+    sealed: SealedValue,
+    mode: 'insert' | 'update' | 'set-map',
+  ): void {
+    if (mode !== 'set-map') {
+      this.store.seal(holder, property, value, sealed);
+      return;
+    }
+    /* TypeORM copies the SET map before reading it: carry the sealed value in the map itself. */
+    holder[property] = new SealedForUpdate(value, sealed);
+    const swaps = this.#swapped.get(entity) ?? [];
+    swaps.push({ holder, property, value });
+    this.#swapped.set(entity, swaps);
   }
 
   /**
@@ -144,10 +161,16 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
     }
     const sealed = { ciphertext, iv, wrappedKey, keyVersion };
     const binding = bindingOf(metadata, column, context.primaryKey);
-    return this.encryptor.open(sealed, binding, context).then((value) => {
+    const record = (value: unknown) => {
       holder[property] = value;
       this.store.seal(holder, property, value, sealed);
-    });
+    };
+    const opened = this.encryptor.tryOpen(sealed, binding, context);
+    if (opened !== NOT_CACHED) {
+      record(opened);
+      return undefined;
+    }
+    return this.encryptor.open(sealed, binding, context).then(record);
   }
 }
 
