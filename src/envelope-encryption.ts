@@ -1,7 +1,7 @@
 import type { DataSource, EntityMetadata } from 'typeorm';
 import type { ValueBinding } from './crypto/associated-data';
 import type { ValueType } from './crypto/codec';
-import { ConfigError } from './errors';
+import { ConfigError, withErrorContext } from './errors';
 import { FieldEncryptor, type SealedValue } from './field-encryptor';
 import { DataKeyCache, type DataKeyCacheOptions } from './keys/data-key-cache';
 import { Keyring, type KeyringEntry } from './keys/keyring';
@@ -23,6 +23,24 @@ export interface EnvelopeEncryptionOptions {
   keyringId?: string;
   /** Bounds of the in-memory data-key cache. */
   cache?: DataKeyCacheOptions;
+}
+
+/** Options of {@link EnvelopeEncryption.attach}. */
+export interface AttachOptions {
+  /**
+   * Validate the master keys (see {@link EnvelopeEncryption.validate}) when the DataSource
+   * initializes, so a missing, disabled or wrong key fails at start-up rather than on the first
+   * write. Default `true`.
+   */
+  validate?: boolean;
+}
+
+/** The outcome of validating one master-key version. */
+export interface KeyValidation {
+  version: number;
+  active: boolean;
+  kind: string;
+  keyReference: string;
 }
 
 const attached = new WeakSet<DataSource>();
@@ -58,11 +76,12 @@ export class EnvelopeEncryption {
    * Makes `dataSource` encrypt and decrypt its `@Encrypted()` properties. Call it before
    * `initialize()`, so that schema synchronisation and migrations run with encryption in place.
    */
-  attach(dataSource: DataSource): this {
+  attach(dataSource: DataSource, options: AttachOptions = {}): this {
     if (attached.has(dataSource)) {
       throw new ConfigError('an EnvelopeEncryption is already attached to this DataSource');
     }
     attached.add(dataSource);
+    const encryption = this;
     const store = new PropertyStateStore();
     const columns = new Map<EntityMetadata, EncryptedColumns[]>();
     const subscriber = new EncryptionSubscriber(
@@ -85,12 +104,49 @@ export class EnvelopeEncryption {
       /* initialize() rebuilds metadata and subscribers; install right after it has. */
       const target = dataSource as unknown as { buildMetadatas(): Promise<void> };
       const buildMetadatas = target.buildMetadatas;
+      const validate = options.validate ?? true;
       target.buildMetadatas = async function (this: unknown) {
         await buildMetadatas.call(this);
         install();
+        if (validate) await encryption.validate();
       };
     }
     return this;
+  }
+
+  /**
+   * Checks every configured master-key version: the active one with a full round trip (generate a
+   * data key, unwrap it), the others without using them (KMS `DescribeKey`: exists, enabled,
+   * symmetric). Throws at the first failure, naming the version, the key and the check that failed.
+   */
+  async validate(): Promise<KeyValidation[]> {
+    const results: KeyValidation[] = [];
+    for (const version of this.keyring.versions) {
+      const active = version === this.keyring.activeVersion;
+      results.push(await this.#validateVersion(version, active));
+    }
+    return results;
+  }
+
+  /**
+   * Makes `version` the one new data keys are wrapped with, after validating it with a full round
+   * trip. Values already stored keep their version until they are re-wrapped.
+   */
+  async activate(version: number): Promise<KeyValidation> {
+    const result = await this.#validateVersion(version, true);
+    this.keyring.activate(version);
+    return result;
+  }
+
+  async #validateVersion(version: number, roundTrip: boolean): Promise<KeyValidation> {
+    const provider = this.keyring.provider(version);
+    try {
+      if (roundTrip) await provider.validate(this.keyring.context);
+      else await provider.checkKey();
+    } catch (error) {
+      throw withErrorContext(error, { keyVersion: version, keyId: provider.describe().keyReference });
+    }
+    return { version, active: roundTrip, ...provider.describe() };
   }
 
   /** Encrypts one value outside TypeORM, for the place `binding` names. */

@@ -4,7 +4,12 @@
  */
 export type { ValueBinding } from './crypto/associated-data';
 export type { ValueType } from './crypto/codec';
-export { EnvelopeEncryption, type EnvelopeEncryptionOptions } from './envelope-encryption';
+export {
+  type AttachOptions,
+  EnvelopeEncryption,
+  type EnvelopeEncryptionOptions,
+  type KeyValidation,
+} from './envelope-encryption';
 export {
   ConfigError,
   EnvelopeError,

@@ -181,10 +181,10 @@ export class AwsKmsKeyProvider extends KeyProvider {
 
   /**
    * Checks, in order, that the key is `Enabled`, symmetric (`SYMMETRIC_DEFAULT`) and for
-   * `ENCRYPT_DECRYPT`, then that a generate/unwrap round trip under `context` works. Each failure
-   * names what is wrong.
+   * `ENCRYPT_DECRYPT` (`validate()` then adds a generate/unwrap round trip). Each failure names what
+   * is wrong.
    */
-  override async validate(context: EncryptionContext): Promise<void> {
+  override async checkKey(): Promise<void> {
     const { KeyState, KeySpec, KeyUsage } = await this.describeKey();
     const required = 'a symmetric ENCRYPT_DECRYPT key is required';
     if (KeyState !== 'Enabled') {
@@ -197,7 +197,6 @@ export class AwsKmsKeyProvider extends KeyProvider {
     if (KeyUsage !== 'ENCRYPT_DECRYPT') {
       throw new KeyProviderError(`key usage is ${KeyUsage}; ${required}`, this.errorContext());
     }
-    await super.validate(context);
   }
 
   /**

@@ -9,6 +9,12 @@ export interface DataKeyCacheOptions {
    * Default 30 minutes. Must be finite: a key cannot be cached forever.
    */
   dataKeyMaxAge?: number;
+  /**
+   * How long before `dataKeyMaxAge` the active data key is renewed in the background, by one
+   * request, so that writes do not all wait on the key provider when it expires. Default: a tenth
+   * of `dataKeyMaxAge`, at most one minute.
+   */
+  refreshAhead?: number;
   /** How many values one data key encrypts before a fresh one is generated. Default 1,000,000. */
   dataKeyMaxUses?: number;
   /**
@@ -45,6 +51,8 @@ export class CachedDataKey {
     readonly version: number,
     readonly wrappedKey: Buffer,
     plaintext: Buffer,
+    /** When the key was generated or unwrapped, on the cache's clock. */
+    readonly createdAt = 0,
   ) {
     this.#plaintext = plaintext;
   }
@@ -82,6 +90,10 @@ export class CachedDataKey {
 export class DataKeyCache {
   readonly #keyring: Keyring;
   readonly #maxUses: number;
+  readonly #renewAfter: number;
+  readonly #clock: { now(): number };
+  /** The background renewal of the active data key, while one runs. */
+  #renewing: Promise<void> | undefined;
   readonly #encrypting: LRUCache<number, CachedDataKey>;
   readonly #unwrapped: LRUCache<string, CachedDataKey, { version: number; wrappedKey: Buffer }>;
   /** Provider calls made through this cache, by kind. */
@@ -96,6 +108,12 @@ export class DataKeyCache {
     requirePositive('maxUnwrappedKeys', o.maxUnwrappedKeys);
     this.#keyring = keyring;
     this.#maxUses = o.dataKeyMaxUses;
+    const refreshAhead = options.refreshAhead ?? Math.min(MINUTE, o.dataKeyMaxAge / 10);
+    if (!(refreshAhead >= 0 && refreshAhead < o.dataKeyMaxAge)) {
+      throw new ConfigError('cache option refreshAhead must be at least 0 and less than dataKeyMaxAge');
+    }
+    this.#renewAfter = o.dataKeyMaxAge - refreshAhead;
+    this.#clock = options.clock ?? performance;
     /* lru-cache reuses a clock reading for `ttlResolution` ms of real time (default 1): with a
        given clock, every reading must come from it, or an advance is ignored for that long. */
     const perf = options.clock ? { perf: options.clock, ttlResolution: 0 } : {};
@@ -141,6 +159,7 @@ export class DataKeyCache {
     const version = this.#keyring.activeVersion;
     const dataKey = this.#encrypting.get(version);
     if (!dataKey || dataKey.destroyed) return NOT_CACHED;
+    if (this.#clock.now() - dataKey.createdAt >= this.#renewAfter) this.#renew(version, dataKey);
     return this.#useEncryptionKey(version, dataKey, fn);
   }
 
@@ -164,6 +183,23 @@ export class DataKeyCache {
   ): T | typeof NOT_CACHED {
     const dataKey = this.#unwrapped.get(cacheId(version, wrappedKey));
     return dataKey && !dataKey.destroyed ? dataKey.use(fn) : NOT_CACHED;
+  }
+
+  /**
+   * Generates the next data key while the current one still serves. A failure is left for the
+   * next fetch to report: the current key keeps working until its maximum age.
+   */
+  #renew(version: number, current: CachedDataKey): void {
+    if (this.#renewing) return;
+    this.#renewing = this.#generate(version)
+      .then((next) => {
+        if (this.#encrypting.peek(version) === current) this.#encrypting.set(version, next);
+        else next.destroy();
+      })
+      .catch(() => undefined)
+      .finally(() => {
+        this.#renewing = undefined;
+      });
   }
 
   #useEncryptionKey<T>(
@@ -199,9 +235,9 @@ export class DataKeyCache {
     /* A key this instance generated also decrypts what it wrote, without an unwrap call. */
     this.#unwrapped.set(
       cacheId(version, wrappedKey),
-      new CachedDataKey(version, wrappedKey, copyOf(plaintextKey)),
+      new CachedDataKey(version, wrappedKey, copyOf(plaintextKey), this.#clock.now()),
     );
-    return new CachedDataKey(version, wrappedKey, plaintextKey);
+    return new CachedDataKey(version, wrappedKey, plaintextKey, this.#clock.now());
   }
 
   async #unwrap(version: number, wrappedKey: Buffer): Promise<CachedDataKey> {
@@ -210,7 +246,7 @@ export class DataKeyCache {
     const plaintext = await provider
       .unwrapDataKey(wrappedKey, this.#keyring.context)
       .catch((error: unknown) => Promise.reject(withErrorContext(error, { keyVersion: version })));
-    return new CachedDataKey(version, Buffer.from(wrappedKey), plaintext);
+    return new CachedDataKey(version, Buffer.from(wrappedKey), plaintext, this.#clock.now());
   }
 }
 
@@ -232,6 +268,6 @@ function requirePositive(name: string, value: number): void {
 }
 
 function definedOptions(options: DataKeyCacheOptions): Partial<typeof DEFAULTS> {
-  const { clock: _clock, ...rest } = options;
+  const { clock: _clock, refreshAhead: _refreshAhead, ...rest } = options;
   return Object.fromEntries(Object.entries(rest).filter(([, v]) => v !== undefined));
 }

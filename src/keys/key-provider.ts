@@ -79,8 +79,15 @@ export abstract class KeyProvider {
     }
   }
 
-  /** Checks that the master key is usable: exists, right kind, and a wrap/unwrap round trip works. */
+  /**
+   * Checks what can be checked without using the key: that it exists, is enabled and is of the
+   * right kind (KMS `DescribeKey`). Nothing to check for a key held in memory.
+   */
+  async checkKey(): Promise<void> {}
+
+  /** Checks that the master key is usable: `checkKey()`, then a generate → unwrap round trip. */
   async validate(context: EncryptionContext): Promise<void> {
+    await this.checkKey();
     const { plaintextKey, wrappedKey } = await this.generateDataKey(context);
     try {
       const unwrapped = await this.unwrapDataKey(wrappedKey, context);

@@ -92,7 +92,7 @@ describe('DataKeyCache encryption keys', () => {
 
   it('generates a new key after dataKeyMaxAge on the given clock and zeroes the old one', async () => {
     const clock = new FakeClock();
-    const { provider, cache } = setup({ dataKeyMaxAge: 60_000, clock });
+    const { provider, cache } = setup({ dataKeyMaxAge: 60_000, refreshAhead: 0, clock });
     const first = await encryptionKey(cache);
     clock.advance(59_000);
     expect((await encryptionKey(cache)).key).toBe(first.key);
@@ -104,6 +104,31 @@ describe('DataKeyCache encryption keys', () => {
     expect(second.key).not.toBe(first.key);
     expect(isZeroed(first.key)).toBe(true);
     expect(first.dataKey.destroyed).toBe(true);
+  });
+
+  it('renews the active key ahead of its maximum age with one request, serving the old key meanwhile', async () => {
+    const clock = new FakeClock();
+    const { provider, cache } = setup({ dataKeyMaxAge: 60_000, refreshAhead: 10_000, clock });
+    const first = await encryptionKey(cache);
+    clock.advance(49_000);
+    await encryptionKey(cache);
+    expect(provider.generated).toBe(1);
+
+    clock.advance(2_000); // inside the refresh window
+    const during = await Promise.all(Array.from({ length: 100 }, () => encryptionKey(cache)));
+    expect(during.every((r) => r.key === first.key)).toBe(true);
+    await new Promise((resolve) => setImmediate(resolve));
+    expect(provider.generated).toBe(2);
+
+    const after = await encryptionKey(cache);
+    expect(after.key).not.toBe(first.key);
+    expect(isZeroed(first.key)).toBe(true);
+    expect(provider.generated).toBe(2);
+  });
+
+  it('refuses a refreshAhead that is not below dataKeyMaxAge', () => {
+    expect(() => setup({ dataKeyMaxAge: 1_000, refreshAhead: 1_000 })).toThrow(ConfigError);
+    expect(() => setup({ dataKeyMaxAge: 1_000, refreshAhead: -1 })).toThrow(ConfigError);
   });
 
   it('serves 200 concurrent callers on a cold cache with one generation', async () => {
