@@ -45,6 +45,12 @@ export interface KeyValidation {
 
 const attached = new WeakSet<DataSource>();
 
+/** An entity with encrypted properties, as installed in one DataSource. */
+export interface EncryptedEntity {
+  metadata: EntityMetadata;
+  columns: readonly EncryptedColumns[];
+}
+
 /**
  * Envelope encryption for TypeORM: values are sealed with AES-256-GCM under data keys, and the
  * data keys are wrapped by the customer's master key.
@@ -64,6 +70,7 @@ export class EnvelopeEncryption {
   readonly keyring: Keyring;
   readonly cache: DataKeyCache;
   readonly #encryptor: FieldEncryptor;
+  readonly #installed = new WeakMap<DataSource, Map<EntityMetadata, EncryptedColumns[]>>();
 
   constructor(options: EnvelopeEncryptionOptions) {
     if (!options || typeof options !== 'object') throw new ConfigError('EnvelopeEncryption needs options');
@@ -84,6 +91,7 @@ export class EnvelopeEncryption {
     const encryption = this;
     const store = new PropertyStateStore();
     const columns = new Map<EntityMetadata, EncryptedColumns[]>();
+    this.#installed.set(dataSource, columns);
     const subscriber = new EncryptionSubscriber(
       (metadata) => columns.get(metadata),
       this.#encryptor,
@@ -147,6 +155,25 @@ export class EnvelopeEncryption {
       throw withErrorContext(error, { keyVersion: version, keyId: provider.describe().keyReference });
     }
     return { version, active: roundTrip, ...provider.describe() };
+  }
+
+  /**
+   * The entities of `dataSource` that have encrypted properties, with their columns, once the
+   * DataSource is initialized. For rotation and maintenance tools.
+   */
+  encryptedEntities(dataSource: DataSource): EncryptedEntity[] {
+    const installed = this.#installed.get(dataSource);
+    if (!installed || !dataSource.isInitialized) {
+      throw new ConfigError(
+        'this EnvelopeEncryption is not attached to that DataSource, or it is not initialized',
+      );
+    }
+    return [...installed].map(([metadata, columns]) => ({ metadata, columns }));
+  }
+
+  /** The field encryptor, for rotation and maintenance tools. */
+  get encryptor(): FieldEncryptor {
+    return this.#encryptor;
   }
 
   /** Encrypts one value outside TypeORM, for the place `binding` names. */

@@ -141,16 +141,20 @@ export class DataKeyCache {
    * The key that reaches its maximum uses is evicted (and zeroed) after `fn` returns.
    */
   async withEncryptionKey<T>(fn: (key: Buffer, dataKey: CachedDataKey) => T): Promise<T> {
-    for (let attempt = 0; ; attempt++) {
+    for (let aborted = 0; ; ) {
       const result = this.tryWithEncryptionKey(fn);
       if (result !== NOT_CACHED) return result;
       const version = this.#keyring.activeVersion;
       const dataKey = await this.#encrypting.fetch(version);
-      /* A concurrent caller may have used the key up while this one waited; then fetch again. */
-      if (dataKey && !dataKey.destroyed) return this.#useEncryptionKey(version, dataKey, fn);
-      if (attempt >= MAX_ATTEMPTS) {
-        throw new KeyProviderError('no data key could be obtained', { keyVersion: version });
+      if (!dataKey) {
+        if (++aborted > MAX_ATTEMPTS) {
+          throw new KeyProviderError('no data key could be obtained', { keyVersion: version });
+        }
+        continue;
       }
+      /* Concurrent callers used the key up while this one waited (progress was made): fetch again. */
+      if (dataKey.destroyed) continue;
+      return this.#useEncryptionKey(version, dataKey, fn);
     }
   }
 

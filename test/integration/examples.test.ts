@@ -31,3 +31,32 @@ describe('examples/quickstart (npm run demo)', () => {
     expect(output).not.toMatch(/(?<![A-Za-z0-9+/])[A-Za-z0-9+/]{43}=/);
   }, 240_000);
 });
+
+describe('examples/aws-kms (npm run example:aws-kms)', () => {
+  it('runs end to end on the KMS emulator, shows one GenerateDataKey and revocation, and exits 0', () => {
+    const env: NodeJS.ProcessEnv = { ...process.env, NO_COLOR: '1' };
+    delete env.KMS_KEY_ID; // the emulator, never real AWS
+    const run = spawnSync('npm', ['run', '--silent', 'example:aws-kms'], {
+      cwd: root,
+      encoding: 'utf8',
+      timeout: 180_000,
+      env,
+      shell: process.platform === 'win32',
+    });
+    const output = `${run.stdout ?? ''}\n${run.stderr ?? ''}`;
+    expect(run.error, output).toBeUndefined();
+    expect(run.status, output).toBe(0);
+
+    for (const email of ['alice@example.com', 'bob@example.org', 'carol@example.net']) {
+      expect(output).toContain(email);
+    }
+    expect(output).toContain('alias/typeorm-envelope-demo');
+    expect(output).toContain('plaintext email or city anywhere in the stored rows: no');
+    // Start-up validation makes one GenerateDataKey; all the writes share one more.
+    expect(output).toMatch(/^\s*GenerateDataKey\s+1\s+1\s+0\s*$/m);
+    expect(output).toMatch(/^\s*Decrypt\s+1\s+0\s+1\s*$/m);
+    // Disabled key: cached reads go on, then purgeCache() makes the next read fail.
+    expect(output).toContain('still works from the cached data key -> alice@example.com');
+    expect(output).toMatch(/read after purgeCache\(\) -> KeyAccessDeniedError: .*disabled/);
+  }, 240_000);
+});

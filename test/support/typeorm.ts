@@ -42,12 +42,17 @@ export interface EncryptedTestDatabase {
  */
 export async function encryptedDatabase(
   entities: DataSourceOptions['entities'],
-  options: { prefix?: string; encryption?: Partial<EnvelopeEncryptionOptions> } = {},
+  options: {
+    prefix?: string;
+    encryption?: Partial<EnvelopeEncryptionOptions>;
+    /** More key versions beside version 1 (the counting provider); version 1 stays active. */
+    extraKeys?: EnvelopeEncryptionOptions['keys'];
+  } = {},
 ): Promise<EncryptedTestDatabase> {
   const schema = await createTestSchema(options.prefix ?? 'typeorm');
   const provider = new CountingKeyProvider();
   const encryption = new EnvelopeEncryption({
-    keys: [{ version: 1, provider }],
+    keys: [{ version: 1, provider }, ...(options.extraKeys ?? [])],
     activeVersion: 1,
     ...options.encryption,
   });

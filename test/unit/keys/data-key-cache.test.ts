@@ -131,6 +131,13 @@ describe('DataKeyCache encryption keys', () => {
     expect(() => setup({ dataKeyMaxAge: 1_000, refreshAhead: -1 })).toThrow(ConfigError);
   });
 
+  it('serves 500 concurrent callers when each key lasts only 10 uses: every call succeeds, 50 keys', async () => {
+    const { provider, cache } = setup({ dataKeyMaxUses: 10 });
+    const results = await Promise.all(Array.from({ length: 500 }, () => encryptionKey(cache)));
+    expect(results).toHaveLength(500);
+    expect(provider.generated).toBe(50);
+  });
+
   it('serves 200 concurrent callers on a cold cache with one generation', async () => {
     const { provider, cache } = setup();
     const results = await Promise.all(Array.from({ length: 200 }, () => encryptionKey(cache)));
