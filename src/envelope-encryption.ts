@@ -5,6 +5,7 @@ import { ConfigError, withErrorContext } from './errors';
 import { FieldEncryptor, type SealedValue } from './field-encryptor';
 import { DataKeyCache, type DataKeyCacheOptions } from './keys/data-key-cache';
 import { Keyring, type KeyringEntry } from './keys/keyring';
+import { type RegistryWatchOptions, watchRegistry } from './rotation/registry-watcher';
 import { type EncryptedColumns, installEncryptedColumns } from './typeorm/encrypted-columns';
 import { PropertyStateStore } from './typeorm/property-state';
 import { SidecarLoader } from './typeorm/sidecar-loader';
@@ -23,6 +24,12 @@ export interface EnvelopeEncryptionOptions {
   keyringId?: string;
   /** Bounds of the in-memory data-key cache. */
   cache?: DataKeyCacheOptions;
+  /**
+   * Follow the key registry (the `TypeormEnvelopeKeyRegistry` migration's tables), when they exist:
+   * the registry's active version wins over `activeVersion`, re-read every `refreshInterval`.
+   * Without the tables, `activeVersion` decides.
+   */
+  registry?: RegistryWatchOptions | boolean;
 }
 
 /** Options of {@link EnvelopeEncryption.attach}. */
@@ -71,12 +78,14 @@ export class EnvelopeEncryption {
   readonly cache: DataKeyCache;
   readonly #encryptor: FieldEncryptor;
   readonly #installed = new WeakMap<DataSource, Map<EntityMetadata, EncryptedColumns[]>>();
+  readonly #registry: RegistryWatchOptions | undefined;
 
   constructor(options: EnvelopeEncryptionOptions) {
     if (!options || typeof options !== 'object') throw new ConfigError('EnvelopeEncryption needs options');
     this.keyring = new Keyring(options.keys, options.activeVersion, options.keyringId);
     this.cache = new DataKeyCache(this.keyring, options.cache);
     this.#encryptor = new FieldEncryptor(this.cache);
+    this.#registry = options.registry === true ? {} : options.registry || undefined;
   }
 
   /**
@@ -117,9 +126,20 @@ export class EnvelopeEncryption {
         await buildMetadatas.call(this);
         install();
         if (validate) await encryption.validate();
+        if (encryption.#registry) await encryption.#watch(dataSource, encryption.#registry);
       };
     }
     return this;
+  }
+
+  /** Follows the registry's active version until the DataSource is destroyed. */
+  async #watch(dataSource: DataSource, options: RegistryWatchOptions): Promise<void> {
+    const stop = await watchRegistry(dataSource, this, options);
+    const destroy = dataSource.destroy;
+    dataSource.destroy = function (this: DataSource) {
+      stop();
+      return destroy.call(this);
+    };
   }
 
   /**

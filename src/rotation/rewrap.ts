@@ -1,6 +1,7 @@
 import type { QueryRunner } from 'typeorm';
 import type { EnvelopeEncryption } from '../envelope-encryption';
 import { ConfigError, IntegrityError } from '../errors';
+import { KeyRegistry } from './key-registry';
 import {
   type EncryptedColumnSql,
   encryptedColumnsSql,
@@ -95,12 +96,14 @@ export async function rewrapDataKeys(
     verificationCalls: 0,
     durationMs: 0,
   };
+  const audit = new KeyRegistry(target, encryption);
   try {
     encryption.keyring.provider(toVersion); // an unknown target version fails before any work
     const batchSize = options.batchSize ?? 1_000;
     if (!Number.isSafeInteger(batchSize) || batchSize < 1)
       throw new ConfigError('batchSize must be a positive integer');
     const rewrapper = new Rewrapper(encryption, toVersion, result);
+    if (!result.dryRun) await audit.record('rotation-started', toVersion, { entities: entityNames(options) });
     await withQueryRunner(target, async (runner) => {
       for (const column of encryptedColumnsSql(target, encryption, options.entities)) {
         result.properties.push(await rewrapProperty(runner, column, rewrapper, batchSize, options));
@@ -110,7 +113,27 @@ export async function rewrapDataKeys(
     result.error = error;
   }
   result.durationMs = performance.now() - started;
+  if (!result.dryRun) await recordOutcome(audit, result);
   return result;
+}
+
+/** Records the job's outcome in the audit log; a failure to record does not hide the result. */
+async function recordOutcome(audit: KeyRegistry, result: RewrapResult): Promise<void> {
+  const failures = result.properties.reduce((n, p) => n + p.failures.length, 0);
+  const details = {
+    rowsRewrapped: result.properties.reduce((n, p) => n + p.rowsRewrapped, 0),
+    rowsTotal: result.properties.reduce((n, p) => n + p.rowsTotal, 0),
+    rewrapCalls: result.rewrapCalls,
+    failures,
+    durationMs: Math.round(result.durationMs),
+    ...(result.error ? { error: String(result.error) } : {}),
+  };
+  const event = result.error || failures ? 'rotation-failed' : 'rotation-finished';
+  await audit.record(event, result.toVersion, details).catch(() => undefined);
+}
+
+function entityNames(options: RewrapOptions): string[] | 'all' {
+  return options.entities?.map((e) => (typeof e === 'string' ? e : e.name)) ?? 'all';
 }
 
 async function rewrapProperty(

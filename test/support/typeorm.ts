@@ -47,9 +47,13 @@ export async function encryptedDatabase(
     encryption?: Partial<EnvelopeEncryptionOptions>;
     /** More key versions beside version 1 (the counting provider); version 1 stays active. */
     extraKeys?: EnvelopeEncryptionOptions['keys'];
+    /** Migrations to run at initialize (e.g. the key registry's). */
+    migrations?: Function[];
+    /** Use this schema instead of creating one (a second DataSource on the same tables). */
+    schema?: TestSchema;
   } = {},
 ): Promise<EncryptedTestDatabase> {
-  const schema = await createTestSchema(options.prefix ?? 'typeorm');
+  const schema = options.schema ?? (await createTestSchema(options.prefix ?? 'typeorm'));
   const provider = new CountingKeyProvider();
   const encryption = new EnvelopeEncryption({
     keys: [{ version: 1, provider }, ...(options.extraKeys ?? [])],
@@ -65,6 +69,8 @@ export async function encryptedDatabase(
     synchronize: true,
     logging: true,
     logger,
+    migrations: options.migrations ?? [],
+    migrationsRun: (options.migrations ?? []).length > 0,
   });
   encryption.attach(dataSource);
   await dataSource.initialize();
@@ -75,8 +81,8 @@ export async function encryptedDatabase(
     schema,
     logger,
     async close() {
-      await dataSource.destroy();
-      await schema.drop();
+      if (dataSource.isInitialized) await dataSource.destroy();
+      if (!options.schema) await schema.drop();
     },
   };
 }

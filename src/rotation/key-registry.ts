@@ -1,0 +1,300 @@
+import { userInfo } from 'node:os';
+import type { QueryRunner } from 'typeorm';
+import {
+  AUDIT_LOG_TABLE,
+  KEY_VERSIONS_TABLE,
+} from '../../migrations/1764300000000-TypeormEnvelopeKeyRegistry';
+import type { EnvelopeEncryption, KeyValidation } from '../envelope-encryption';
+import { ConfigError, UnsupportedOperationError } from '../errors';
+import { dataSourceOf, encryptedColumnsSql, type RotationTarget, withQueryRunner } from './rotation-target';
+
+/** The lifecycle state of a master-key version. */
+export type KeyState = 'active' | 'decrypt-only' | 'retired';
+
+/** One master-key version as recorded in the registry. */
+export interface KeyVersionRecord {
+  version: number;
+  providerKind: string;
+  /** The KMS key ARN, or a fingerprint of a customer-provided key; never the key. */
+  keyReference: string;
+  state: KeyState;
+  createdAt: Date;
+  activatedAt: Date | null;
+  retiredAt: Date | null;
+  lastValidatedAt: Date | null;
+  rotationIntervalDays: number;
+  /** Whether the configured rotation interval has passed since activation (active versions only). */
+  dueForRotation: boolean;
+}
+
+/** Audit events the library records. */
+export type AuditEvent =
+  | 'key-created'
+  | 'key-validated'
+  | 'key-activated'
+  | 'key-retired'
+  | 'rotation-started'
+  | 'rotation-finished'
+  | 'rotation-failed'
+  | 'reencryption-started'
+  | 'reencryption-finished'
+  | 'reencryption-failed'
+  | 'backfill-started'
+  | 'backfill-finished'
+  | 'backfill-failed';
+
+/** One audit log entry. */
+export interface AuditEntry {
+  id: number;
+  at: Date;
+  event: AuditEvent;
+  keyVersion: number | null;
+  actor: string;
+  details: Record<string, unknown>;
+}
+
+/**
+ * Who runs a job, for the audit log: `TYPEORM_ENVELOPE_ACTOR` when set (e.g. a CI job or an
+ * operator's name), otherwise the operating-system user.
+ */
+export function currentActor(): string {
+  const fromEnv = process.env.TYPEORM_ENVELOPE_ACTOR;
+  if (fromEnv) return fromEnv;
+  try {
+    return userInfo().username;
+  } catch {
+    return 'unknown';
+  }
+}
+
+/**
+ * The key registry and audit log (tables made by the `TypeormEnvelopeKeyRegistry` migration).
+ * With them, the registry decides which configured version is active; `activate` validates the
+ * key first and every change is recorded. Without them, the configuration's `activeVersion`
+ * decides and nothing is recorded.
+ */
+export class KeyRegistry {
+  readonly #target: RotationTarget;
+  readonly #encryption: EnvelopeEncryption;
+
+  constructor(target: RotationTarget, encryption: EnvelopeEncryption) {
+    this.#target = target;
+    this.#encryption = encryption;
+  }
+
+  /** Whether the registry tables exist. */
+  async exists(): Promise<boolean> {
+    return this.#run(
+      async (runner) => (await runner.hasTable(this.#path(KEY_VERSIONS_TABLE, false))) as boolean,
+    );
+  }
+
+  /** Records configured versions the registry does not know yet (`key-created`); returns the registry. */
+  async sync(): Promise<KeyVersionRecord[]> {
+    await this.#run(async (runner) => {
+      const known = new Set((await this.#rows(runner)).map((r) => r.version));
+      const { keyring } = this.#encryption;
+      const hasActive = (await this.#rows(runner)).some((r) => r.state === 'active');
+      for (const version of keyring.versions) {
+        if (known.has(version)) continue;
+        const { kind, keyReference } = keyring.provider(version).describe();
+        const state: KeyState = !hasActive && version === keyring.activeVersion ? 'active' : 'decrypt-only';
+        await runner.query(
+          `INSERT INTO ${this.#path(KEY_VERSIONS_TABLE)} (keyring_id, version, provider_kind, key_reference, state, activated_at)
+           VALUES ($1, $2, $3, $4, $5::varchar, CASE WHEN $5::varchar = 'active' THEN now() END)`,
+          [keyring.keyringId, version, kind, keyReference, state],
+        );
+        await this.#audit(runner, 'key-created', version, { kind, keyReference, state });
+      }
+    });
+    return this.list();
+  }
+
+  /** Every recorded version of this keyring, retired ones included. */
+  async list(): Promise<KeyVersionRecord[]> {
+    return this.#run((runner) => this.#rows(runner));
+  }
+
+  /** The version the registry names active, if any. */
+  async activeVersion(): Promise<number | undefined> {
+    return (await this.list()).find((r) => r.state === 'active')?.version;
+  }
+
+  /** Validates every configured version and records it (`key-validated`). */
+  async validate(): Promise<KeyValidation[]> {
+    const results = await this.#encryption.validate();
+    await this.#run(async (runner) => {
+      for (const result of results) {
+        await runner.query(
+          `UPDATE ${this.#path(KEY_VERSIONS_TABLE)} SET last_validated_at = now() WHERE keyring_id = $1 AND version = $2`,
+          [this.#encryption.keyring.keyringId, result.version],
+        );
+        await this.#audit(runner, 'key-validated', result.version, { roundTrip: result.active });
+      }
+    });
+    return results;
+  }
+
+  /**
+   * Validates `version` with a full round trip, then makes it the active one: new writes use it
+   * at once here, and other instances pick it up within their refresh interval.
+   */
+  async activate(version: number): Promise<void> {
+    await this.sync();
+    const validation = await this.#encryption.activate(version);
+    await this.#run(async (runner) => {
+      const table = this.#path(KEY_VERSIONS_TABLE);
+      const keyringId = this.#encryption.keyring.keyringId;
+      const [record] = (await runner.query(
+        `SELECT state FROM ${table} WHERE keyring_id = $1 AND version = $2`,
+        [keyringId, version],
+      )) as Array<{ state: KeyState }>;
+      if (record?.state === 'retired')
+        throw new ConfigError('a retired key version cannot be activated again', { keyVersion: version });
+      await runner.query(
+        `UPDATE ${table} SET state = 'decrypt-only' WHERE keyring_id = $1 AND state = 'active'`,
+        [keyringId],
+      );
+      await runner.query(
+        `UPDATE ${table} SET state = 'active', activated_at = now(), last_validated_at = now() WHERE keyring_id = $1 AND version = $2`,
+        [keyringId, version],
+      );
+      await this.#audit(runner, 'key-validated', version, { roundTrip: true });
+      await this.#audit(runner, 'key-activated', version, { keyReference: validation.keyReference });
+    });
+  }
+
+  /**
+   * Retires `version`: kept on record for audit, no longer expected to decrypt anything. Refused
+   * while it is active or while any row still uses it (run the re-wrap first).
+   */
+  async retire(version: number): Promise<void> {
+    const rows = await this.rowsUsingVersion(version);
+    await this.#run(async (runner) => {
+      const table = this.#path(KEY_VERSIONS_TABLE);
+      const keyringId = this.#encryption.keyring.keyringId;
+      const [record] = (await runner.query(
+        `SELECT state FROM ${table} WHERE keyring_id = $1 AND version = $2`,
+        [keyringId, version],
+      )) as Array<{ state: KeyState }>;
+      if (!record) throw new ConfigError('key version is not in the registry', { keyVersion: version });
+      if (record.state === 'active') {
+        throw new UnsupportedOperationError(
+          'the active key version cannot be retired; activate another first',
+          {
+            keyVersion: version,
+          },
+        );
+      }
+      if (rows > 0) {
+        throw new UnsupportedOperationError(
+          `${rows} stored values still use this key version; re-wrap them first (typeorm-envelope rotate)`,
+          { keyVersion: version },
+        );
+      }
+      await runner.query(
+        `UPDATE ${table} SET state = 'retired', retired_at = now() WHERE keyring_id = $1 AND version = $2`,
+        [keyringId, version],
+      );
+      await this.#audit(runner, 'key-retired', version, {});
+    });
+  }
+
+  /** How many stored values (across all encrypted properties) use `version`. */
+  async rowsUsingVersion(version: number): Promise<number> {
+    return this.#run(async (runner) => {
+      let total = 0;
+      for (const column of encryptedColumnsSql(this.#target, this.#encryption)) {
+        const [row] = (await runner.query(
+          `SELECT count(*)::int AS n FROM ${column.table} WHERE ${column.keyVersion} = $1`,
+          [version],
+        )) as Array<{ n: number }>;
+        total += row?.n ?? 0;
+      }
+      return total;
+    });
+  }
+
+  /** Appends an entry to the audit log (a no-op when the tables do not exist). */
+  async record(
+    event: AuditEvent,
+    keyVersion: number | null,
+    details: Record<string, unknown> = {},
+  ): Promise<void> {
+    await this.#run(async (runner) => {
+      if (await runner.hasTable(this.#path(AUDIT_LOG_TABLE, false)))
+        await this.#audit(runner, event, keyVersion, details);
+    });
+  }
+
+  /** The audit log of this keyring, oldest first. */
+  async auditLog(options: { limit?: number } = {}): Promise<AuditEntry[]> {
+    return this.#run(async (runner) => {
+      const rows = (await runner.query(
+        `SELECT id, at, event, key_version, actor, details FROM ${this.#path(AUDIT_LOG_TABLE)}
+         WHERE keyring_id = $1 ORDER BY id DESC LIMIT $2`,
+        [this.#encryption.keyring.keyringId, options.limit ?? 1_000],
+      )) as Array<{
+        id: string;
+        at: Date;
+        event: AuditEvent;
+        key_version: number | null;
+        actor: string;
+        details: Record<string, unknown>;
+      }>;
+      return rows.reverse().map((r) => ({
+        id: Number(r.id),
+        at: r.at,
+        event: r.event,
+        keyVersion: r.key_version,
+        actor: r.actor,
+        details: r.details,
+      }));
+    });
+  }
+
+  async #rows(runner: QueryRunner): Promise<KeyVersionRecord[]> {
+    const rows = (await runner.query(
+      `SELECT version, provider_kind, key_reference, state, created_at, activated_at, retired_at, last_validated_at,
+              rotation_interval_days, (state = 'active' AND activated_at + make_interval(days => rotation_interval_days) < now()) AS due
+       FROM ${this.#path(KEY_VERSIONS_TABLE)} WHERE keyring_id = $1 ORDER BY version`,
+      [this.#encryption.keyring.keyringId],
+    )) as Array<Record<string, unknown>>;
+    return rows.map((r) => ({
+      version: r.version as number,
+      providerKind: r.provider_kind as string,
+      keyReference: r.key_reference as string,
+      state: r.state as KeyState,
+      createdAt: r.created_at as Date,
+      activatedAt: r.activated_at as Date | null,
+      retiredAt: r.retired_at as Date | null,
+      lastValidatedAt: r.last_validated_at as Date | null,
+      rotationIntervalDays: r.rotation_interval_days as number,
+      dueForRotation: r.due === true,
+    }));
+  }
+
+  async #audit(
+    runner: QueryRunner,
+    event: AuditEvent,
+    keyVersion: number | null,
+    details: Record<string, unknown>,
+  ) {
+    await runner.query(
+      `INSERT INTO ${this.#path(AUDIT_LOG_TABLE)} (keyring_id, event, key_version, actor, details) VALUES ($1, $2, $3, $4, $5)`,
+      [this.#encryption.keyring.keyringId, event, keyVersion, currentActor(), JSON.stringify(details)],
+    );
+  }
+
+  /** The table's path in the DataSource's schema, quoted for SQL (or plain, for `hasTable`). */
+  #path(table: string, quoted = true): string {
+    const dataSource = dataSourceOf(this.#target);
+    const schema = (dataSource.options as { schema?: string }).schema;
+    const parts = schema ? [schema, table] : [table];
+    return quoted ? parts.map((p) => dataSource.driver.escape(p)).join('.') : parts.join('.');
+  }
+
+  #run<T>(fn: (runner: QueryRunner) => Promise<T>): Promise<T> {
+    return withQueryRunner(this.#target, fn);
+  }
+}
