@@ -219,6 +219,11 @@ export class DataKeyCache {
     return result;
   }
 
+  /** Drops the active version's encrypting data key, so the next value is sealed under a fresh one. */
+  renewEncryptionKey(): void {
+    this.#encrypting.delete(this.#keyring.activeVersion);
+  }
+
   /** Drops and zeroes every cached key: the next use asks the key provider again. */
   purge(): void {
     this.#encrypting.clear();

@@ -1,0 +1,64 @@
+import 'reflect-metadata';
+import { randomBytes } from 'node:crypto';
+import { Column, Entity, PrimaryGeneratedColumn } from 'typeorm';
+import { EncryptionTransformer } from 'typeorm-encrypted';
+import { Encrypted } from '../src';
+
+/**
+ * The same person in three tables: three ~20–30 character strings and one plain column, stored
+ * as plaintext, with typeorm-envelope and with typeorm-encrypted.
+ */
+export interface PersonData {
+  email: string;
+  fullName: string;
+  phone: string;
+  country: string;
+}
+
+/** 1. Plaintext: the baseline. */
+@Entity({ name: 'bench_plaintext' })
+export class PlainPerson implements PersonData {
+  @PrimaryGeneratedColumn() id!: number;
+  @Column({ type: 'varchar' }) email!: string;
+  @Column({ type: 'varchar' }) fullName!: string;
+  @Column({ type: 'varchar' }) phone!: string;
+  @Column({ type: 'varchar' }) country!: string;
+}
+
+/** 2. typeorm-envelope: four sidecar columns per property (ciphertext, iv, wrapped key, key version). */
+@Entity({ name: 'bench_envelope' })
+export class EnvelopePerson implements PersonData {
+  @PrimaryGeneratedColumn() id!: number;
+  @Encrypted() email!: string;
+  @Encrypted() fullName!: string;
+  @Encrypted() phone!: string;
+  @Column({ type: 'varchar' }) country!: string;
+}
+
+/**
+ * typeorm-encrypted's key: generated when this module loads, i.e. at run time (its transformer
+ * takes the key when the decorators run). Hex of 32 random bytes, as its README shows.
+ */
+const TYPEORM_ENCRYPTED_KEY = randomBytes(32).toString('hex');
+
+const encryptedColumn = () =>
+  Column({
+    type: 'varchar',
+    nullable: false,
+    transformer: new EncryptionTransformer({
+      key: TYPEORM_ENCRYPTED_KEY,
+      algorithm: 'aes-256-gcm',
+      ivLength: 12,
+      authTagLength: 16,
+    }),
+  });
+
+/** 3. typeorm-encrypted 0.8.0: `EncryptionTransformer` (AES-256-GCM, base64 of iv + tag + ciphertext). */
+@Entity({ name: 'bench_typeorm_encrypted' })
+export class TypeormEncryptedPerson implements PersonData {
+  @PrimaryGeneratedColumn() id!: number;
+  @encryptedColumn() email!: string;
+  @encryptedColumn() fullName!: string;
+  @encryptedColumn() phone!: string;
+  @Column({ type: 'varchar' }) country!: string;
+}

@@ -1,0 +1,455 @@
+/**
+ * `npm run bench`: plaintext vs typeorm-envelope vs typeorm-encrypted, in one process against one
+ * PostgreSQL (see ./database.ts). Prints a markdown table and writes bench/results.json.
+ *
+ * Environment: BENCH_ROWS (10000), BENCH_ROUNDS (5 measured, after 1 discarded warm-up round),
+ * BENCH_LOOKUPS (1000), BENCH_DB (force a database kind), DATABASE_URL.
+ */
+import 'reflect-metadata';
+import { randomBytes } from 'node:crypto';
+import { writeFileSync } from 'node:fs';
+import os from 'node:os';
+import { join } from 'node:path';
+import { setFlagsFromString } from 'node:v8';
+import { runInNewContext } from 'node:vm';
+import { DataSource, type Repository } from 'typeorm';
+import { EnvelopeEncryption, LocalKeyProvider } from '../src';
+import { type BenchDatabase, openDatabase } from './database';
+import { EnvelopePerson, type PersonData, PlainPerson, TypeormEncryptedPerson } from './entities';
+
+const ROWS = intEnv('BENCH_ROWS', 10_000);
+const ROUNDS = intEnv('BENCH_ROUNDS', 5);
+const LOOKUPS = intEnv('BENCH_LOOKUPS', 1_000);
+const CHUNK = 500;
+const WARMUP_ROUNDS = 1;
+const SAMPLE_CHECKS = 5;
+
+const VARIANTS = ['plaintext', 'envelope', 'encrypted'] as const;
+type VariantName = (typeof VARIANTS)[number];
+const OPERATIONS = ['save', 'find', 'findOneBy'] as const;
+type Operation = (typeof OPERATIONS)[number];
+type Person = PersonData & { id: number };
+
+const LABELS: Record<VariantName, string> = {
+  plaintext: 'plaintext',
+  envelope: 'typeorm-envelope',
+  encrypted: 'typeorm-encrypted 0.8.0',
+};
+const OPERATION_LABELS: Record<Operation, string> = {
+  save: `save ${fmtInt(ROWS)} (chunks of ${CHUNK})`,
+  find: `find() ${fmtInt(ROWS)}`,
+  findOneBy: `${fmtInt(LOOKUPS)} × findOneBy({ id })`,
+};
+
+interface OperationResult extends Record<VariantName, number> {
+  ratios: Record<'envelope' | 'encrypted', number>;
+  rowsPerSecond: Record<VariantName, number>;
+  samples: Record<VariantName, number[]>;
+}
+
+interface Variant {
+  name: VariantName;
+  table: string;
+  entity: new () => Person;
+  dataSource: DataSource;
+  repository: Repository<Person>;
+  /** Ids of the rows of the latest save, in the order of `people`. */
+  ids: number[];
+}
+
+/** Forces a full collection before each timed operation, so no variant pays for another's garbage. */
+setFlagsFromString('--expose-gc');
+const gc = runInNewContext('gc') as () => void;
+
+function intEnv(name: string, fallback: number): number {
+  const value = Number(process.env[name] ?? fallback);
+  if (!Number.isInteger(value) || value <= 0) throw new Error(`${name} must be a positive integer`);
+  return value;
+}
+
+function fmtInt(n: number): string {
+  return Math.round(n).toLocaleString('en-US');
+}
+
+/** Deterministic PRNG (mulberry32), so every variant saves and looks up the same data. */
+function prng(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+const FIRST = [
+  'alexandra',
+  'benjamin',
+  'charlotte',
+  'dominic',
+  'eleanor',
+  'frederick',
+  'gabriella',
+  'harrison',
+  'isabella',
+  'jonathan',
+  'katherine',
+  'leonardo',
+  'madeleine',
+  'nathaniel',
+  'olivia',
+  'patrick',
+];
+const LAST = [
+  'montgomery',
+  'fitzgerald',
+  'harrington',
+  'blackwood',
+  'whitfield',
+  'castellano',
+  'rosenberg',
+  'vandermeer',
+  'okonkwo',
+  'lindqvist',
+  'nakamura',
+  'delacroix',
+];
+const COUNTRIES = ['Germany', 'United States', 'France', 'Japan', 'Brazil', 'Kenya', 'Sweden', 'Canada'];
+
+/** email 22–29 chars, fullName 21–30, phone 23; country is the plain column. */
+function makePeople(count: number): PersonData[] {
+  const rand = prng(0x5eed);
+  const pick = <T>(list: readonly T[]): T => list[Math.floor(rand() * list.length)] as T;
+  const cap = (s: string) => s[0]?.toUpperCase() + s.slice(1);
+  const digits = (n: number) => String(Math.floor(rand() * 10 ** n)).padStart(n, '0');
+  return Array.from({ length: count }, (_, i) => {
+    const [first, middle, last] = [pick(FIRST), pick(FIRST), pick(LAST)];
+    return {
+      email: `${first[0]}.${last}${i}@example.com`,
+      fullName: `${cap(first)} ${cap(middle)} ${cap(last)}`,
+      phone: `+1 (${digits(3)}) ${digits(3)}-${digits(4)} x${digits(4)}`,
+      country: pick(COUNTRIES),
+    };
+  });
+}
+
+const charsOf = (p: PersonData) => p.email.length + p.fullName.length + p.phone.length + p.country.length;
+
+function samePerson(a: PersonData | null | undefined, b: PersonData | undefined): boolean {
+  return (
+    !!a &&
+    !!b &&
+    a.email === b.email &&
+    a.fullName === b.fullName &&
+    a.phone === b.phone &&
+    a.country === b.country
+  );
+}
+
+function check(condition: unknown, message: string): asserts condition {
+  if (!condition) throw new Error(`verification failed: ${message}`);
+}
+
+function median(values: number[]): number {
+  const sorted = [...values].sort((a, b) => a - b);
+  const mid = sorted.length >> 1;
+  return sorted.length % 2
+    ? (sorted[mid] as number)
+    : ((sorted[mid - 1] as number) + (sorted[mid] as number)) / 2;
+}
+
+const round1 = (n: number) => Math.round(n * 10) / 10;
+const round2 = (n: number) => Math.round(n * 100) / 100;
+
+async function main(): Promise<void> {
+  const people = makePeople(ROWS);
+  const totalChars = people.reduce((sum, p) => sum + charsOf(p), 0);
+  const db = await openDatabase();
+  const schema = `bench_${randomBytes(4).toString('hex')}`;
+  const dataSources: DataSource[] = [];
+  try {
+    const provider = new LocalKeyProvider({ key: randomBytes(32).toString('base64') });
+    const encryption = new EnvelopeEncryption({ keys: [{ version: 1, provider }], activeVersion: 1 });
+    const common = { type: 'postgres' as const, url: db.url, schema, synchronize: true, logging: false };
+    const shared = new DataSource({ ...common, entities: [PlainPerson, TypeormEncryptedPerson] });
+    const envelope = new DataSource({ ...common, entities: [EnvelopePerson] });
+    encryption.attach(envelope);
+    /* The schema must exist before synchronize; create it through a plain connection. */
+    const admin = new DataSource({ type: 'postgres', url: db.url, logging: false });
+    await admin.initialize();
+    await admin.query(`CREATE SCHEMA "${schema}"`);
+    await admin.destroy();
+    for (const ds of [shared, envelope]) {
+      dataSources.push(ds);
+      await ds.initialize();
+    }
+    const variant = (
+      name: VariantName,
+      table: string,
+      entity: new () => Person,
+      ds: DataSource,
+    ): Variant => ({
+      name,
+      table,
+      entity,
+      dataSource: ds,
+      repository: ds.getRepository(entity),
+      ids: [],
+    });
+    const variants: Variant[] = [
+      variant('plaintext', 'bench_plaintext', PlainPerson, shared),
+      variant('envelope', 'bench_envelope', EnvelopePerson, envelope),
+      variant('encrypted', 'bench_typeorm_encrypted', TypeormEncryptedPerson, shared),
+    ];
+    const qualified = (v: Variant) => `"${schema}"."${v.table}"`;
+
+    const machine = {
+      cpu: os.cpus()[0]?.model ?? 'unknown',
+      cores: os.cpus().length,
+      memoryGiB: round1(os.totalmem() / 2 ** 30),
+      platform: `${os.platform()} ${os.release()} ${os.arch()}`,
+      node: process.version,
+      postgres: db.version,
+    };
+    const database = { kind: db.kind, detail: db.detail, version: db.version };
+    console.error(
+      `bench: ${ROWS} rows, ${LOOKUPS} lookups, ${WARMUP_ROUNDS} warm-up + ${ROUNDS} rounds on ${db.kind}`,
+    );
+
+    const samples = Object.fromEntries(
+      OPERATIONS.map((op) => [op, Object.fromEntries(VARIANTS.map((v) => [v, [] as number[]]))]),
+    ) as Record<Operation, Record<VariantName, number[]>>;
+    const callsPerOperation = Object.fromEntries(
+      OPERATIONS.map((op) => [op, { generated: 0, unwrapped: 0 }]),
+    ) as Record<Operation, { generated: number; unwrapped: number }>;
+
+    /** Runs one operation on one variant, verifies what it returned, and returns its time in ms. */
+    const runners: Record<Operation, (v: Variant, round: number) => Promise<number>> = {
+      async save(v) {
+        await v.dataSource.query(`TRUNCATE TABLE ${qualified(v)} RESTART IDENTITY`);
+        const entities = people.map((p) => Object.assign(new v.entity(), p));
+        gc();
+        const started = performance.now();
+        await v.repository.save(entities, { chunk: CHUNK });
+        const ms = performance.now() - started;
+        v.ids = entities.map((e) => e.id);
+        check(v.ids.every((id) => Number.isInteger(id)) && new Set(v.ids).size === ROWS, `${v.name}: ids`);
+        check(
+          entities.every((e, i) => samePerson(e, people[i])),
+          `${v.name}: save changed the caller's values`,
+        );
+        /* A few rows read back (decrypted) equal what was saved, and are not stored as plaintext. */
+        const rand = prng(v.ids.length);
+        for (let k = 0; k < SAMPLE_CHECKS; k++) {
+          const i = Math.floor(rand() * ROWS);
+          const id = v.ids[i] as number;
+          const loaded = await v.repository.findOneBy({ id });
+          check(samePerson(loaded, people[i]), `${v.name}: row ${id} reads back as saved`);
+          const [raw] = (await v.dataSource.query(`SELECT * FROM ${qualified(v)} WHERE id = $1`, [
+            id,
+          ])) as Array<Record<string, unknown>>;
+          const stored = Buffer.concat(
+            Object.values(raw ?? {}).map((x) => (Buffer.isBuffer(x) ? x : Buffer.from(String(x)))),
+          );
+          const secret = people[i] as PersonData;
+          const exposed = [secret.email, secret.fullName, secret.phone].some((s) => stored.includes(s));
+          check(exposed === (v.name === 'plaintext'), `${v.name}: plaintext at rest is ${exposed}`);
+        }
+        return ms;
+      },
+
+      async find(v) {
+        gc();
+        const started = performance.now();
+        const rows = await v.repository.find();
+        /* Read every value, so that no lazy path escapes the measurement. */
+        let chars = 0;
+        for (const r of rows) chars += charsOf(r);
+        const ms = performance.now() - started;
+        check(rows.length === ROWS && chars === totalChars, `${v.name}: find() returned ${chars} chars`);
+        const byId = new Map(v.ids.map((id, i) => [id, people[i]]));
+        check(
+          rows.every((r) => samePerson(r, byId.get(r.id))),
+          `${v.name}: every value of find() equals what was saved`,
+        );
+        return ms;
+      },
+
+      async findOneBy(v, round) {
+        const rand = prng(1000 + round);
+        const picks = Array.from({ length: LOOKUPS }, () => Math.floor(rand() * ROWS));
+        const ids = picks.map((i) => v.ids[i] as number);
+        let chars = 0;
+        let mismatches = 0;
+        gc();
+        const started = performance.now();
+        for (let k = 0; k < ids.length; k++) {
+          const row = await v.repository.findOneBy({ id: ids[k] as number });
+          if (!row || !samePerson(row, people[picks[k] as number])) mismatches++;
+          else chars += charsOf(row);
+        }
+        const ms = performance.now() - started;
+        check(mismatches === 0 && chars > 0, `${v.name}: ${mismatches} lookups differ from what was saved`);
+        return ms;
+      },
+    };
+
+    const runStarted = performance.now();
+    for (let round = 0; round < WARMUP_ROUNDS + ROUNDS; round++) {
+      const measured = round >= WARMUP_ROUNDS;
+      const order = variants.map((_, i) => variants[(i + round) % variants.length] as Variant);
+      const line: string[] = [];
+      for (const op of OPERATIONS) {
+        for (const v of order) {
+          const before = encryption.providerCalls;
+          const ms = await runners[op](v, round);
+          const after = encryption.providerCalls;
+          if (!measured) continue;
+          samples[op][v.name].push(ms);
+          callsPerOperation[op].generated += after.generated - before.generated;
+          callsPerOperation[op].unwrapped += after.unwrapped - before.unwrapped;
+        }
+        line.push(
+          `${op} ${order.map((v) => `${v.name} ${Math.round(samples[op][v.name].at(-1) ?? 0)}`).join(' ')}`,
+        );
+      }
+      console.error(
+        `  ${measured ? `round ${round}/${ROUNDS}` : 'warm-up'} [${order.map((v) => v.name).join(', ')}]` +
+          (measured ? `: ${line.join(' | ')} ms` : ''),
+      );
+    }
+    const benchSeconds = (performance.now() - runStarted) / 1000;
+
+    /* Storage after a full insert: every table holds the rows of its latest save. VACUUM first, so
+       that every table has the same forks whether or not autovacuum already visited it. */
+    const storage = {} as Record<VariantName, { bytesPerRow: number; totalBytes: number; rows: number }>;
+    for (const v of variants) {
+      await v.dataSource.query(`VACUUM (ANALYZE) ${qualified(v)}`);
+      const [row] = (await v.dataSource.query(
+        `SELECT pg_total_relation_size('${qualified(v)}'::regclass)::bigint AS total, (SELECT count(*) FROM ${qualified(v)})::bigint AS rows`,
+      )) as Array<{ total: string; rows: string }>;
+      const total = Number(row?.total);
+      const rows = Number(row?.rows);
+      check(rows === ROWS, `${v.name}: ${rows} rows stored`);
+      storage[v.name] = { bytesPerRow: round1(total / rows), totalBytes: total, rows };
+    }
+
+    const providerCalls = {
+      total: encryption.providerCalls,
+      measuredRounds: callsPerOperation,
+      note: 'typeorm-envelope key-provider calls: data keys generated and unwrapped (cached data keys cost none)',
+    };
+
+    const summarize = (op: Operation): OperationResult => {
+      const med = (v: VariantName) => median(samples[op][v]);
+      const count = op === 'findOneBy' ? LOOKUPS : ROWS;
+      const perVariant = <T>(fn: (v: VariantName) => T) =>
+        Object.fromEntries(VARIANTS.map((v) => [v, fn(v)])) as Record<VariantName, T>;
+      return {
+        plaintext: round1(med('plaintext')),
+        envelope: round1(med('envelope')),
+        encrypted: round1(med('encrypted')),
+        ratios: {
+          envelope: round2(med('envelope') / med('plaintext')),
+          encrypted: round2(med('encrypted') / med('plaintext')),
+        },
+        rowsPerSecond: perVariant((v) => Math.round((count * 1000) / med(v))),
+        samples: perVariant((v) => samples[op][v].map(round1)),
+      };
+    };
+    const operations = {
+      save: summarize('save'),
+      find: summarize('find'),
+      findOneBy: summarize('findOneBy'),
+    };
+
+    /* Report. */
+    const out: string[] = [];
+    out.push(
+      `Machine: ${machine.cpu}, ${machine.cores} cores, ${machine.memoryGiB} GiB, Node ${machine.node}`,
+    );
+    out.push(`PostgreSQL: ${db.version}; database: ${db.kind} (${db.detail})`);
+    out.push(
+      `Rows: ${fmtInt(ROWS)}; rounds: ${ROUNDS} measured (variant order rotated) after ${WARMUP_ROUNDS} warm-up; ` +
+        `median per operation; wall time ${benchSeconds.toFixed(0)} s`,
+    );
+    out.push('');
+    out.push('| operation | variant | median ms | × plaintext | rows/s | key-provider calls |');
+    out.push('| --- | --- | ---: | ---: | ---: | --- |');
+    for (const op of OPERATIONS) {
+      for (const v of VARIANTS) {
+        const o = operations[op];
+        const calls = callsPerOperation[op];
+        out.push(
+          `| ${OPERATION_LABELS[op]} | ${LABELS[v]} | ${o[v].toFixed(1)} | ${(o[v] / o.plaintext).toFixed(2)} | ` +
+            `${fmtInt(o.rowsPerSecond[v])} | ` +
+            `${v === 'envelope' ? `${calls.generated} generated, ${calls.unwrapped} unwrapped (${ROUNDS} rounds)` : ''} |`,
+        );
+      }
+    }
+    out.push('');
+    out.push('| storage after a full insert | bytes/row (pg_total_relation_size / count) | × plaintext |');
+    out.push('| --- | ---: | ---: |');
+    for (const v of VARIANTS) {
+      out.push(
+        `| ${LABELS[v]} | ${storage[v].bytesPerRow.toFixed(1)} | ${(storage[v].bytesPerRow / storage.plaintext.bytesPerRow).toFixed(2)} |`,
+      );
+    }
+    out.push('');
+    out.push(
+      `typeorm-envelope key-provider calls, whole run (incl. warm-up): ${providerCalls.total.generated} generated, ` +
+        `${providerCalls.total.unwrapped} unwrapped`,
+    );
+    console.log(out.join('\n'));
+
+    const results = {
+      machine,
+      database,
+      rounds: ROUNDS,
+      warmupRounds: WARMUP_ROUNDS,
+      rows: ROWS,
+      lookups: LOOKUPS,
+      chunk: CHUNK,
+      unit: 'ms (median of measured rounds)',
+      operations,
+      storage: {
+        ...storage,
+        ratios: {
+          envelope: round2(storage.envelope.bytesPerRow / storage.plaintext.bytesPerRow),
+          encrypted: round2(storage.encrypted.bytesPerRow / storage.plaintext.bytesPerRow),
+        },
+      },
+      providerCalls,
+      generatedAt: new Date().toISOString(),
+    };
+    const file = join(__dirname, '..', '..', 'bench', 'results.json');
+    writeFileSync(file, `${JSON.stringify(results, null, 2)}\n`);
+    console.error(`bench: wrote ${file}`);
+  } finally {
+    for (const ds of dataSources) {
+      if (ds.isInitialized) await ds.destroy().catch(() => undefined);
+    }
+    await dropSchema(db, schema).catch(() => undefined);
+    await db.stop();
+  }
+}
+
+async function dropSchema(db: BenchDatabase, schema: string): Promise<void> {
+  if (db.kind !== 'DATABASE_URL') return; // the throwaway servers go away with everything in them
+  const admin = new DataSource({ type: 'postgres', url: db.url, logging: false });
+  await admin.initialize();
+  try {
+    await admin.query(`DROP SCHEMA IF EXISTS "${schema}" CASCADE`);
+  } finally {
+    await admin.destroy();
+  }
+}
+
+/* Ctrl-C: exit through process.exit so that the throwaway cluster's exit handler stops it. */
+process.once('SIGINT', () => process.exit(130));
+
+main().catch((error: unknown) => {
+  console.error(error);
+  process.exitCode = 1;
+});

@@ -1,0 +1,297 @@
+import { writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { Command, InvalidArgumentError } from 'commander';
+import { EnvelopeError } from '../errors';
+import { KeyRegistry } from '../rotation/key-registry';
+import { reencryptColumns } from '../rotation/reencrypt';
+import { rewrapDataKeys } from '../rotation/rewrap';
+import { rotationMigrationSource } from '../rotation/rotation-migration-template';
+import { encryptionStatus } from '../rotation/status';
+import { verifyEncryptedColumns } from '../rotation/verify';
+import { loadProject, type Project } from './load-project';
+import { csv, table } from './output';
+import { Progress } from './progress';
+
+interface GlobalOptions {
+  dataSource: string;
+  json?: boolean;
+}
+
+/** The `typeorm-envelope` command line: wiring only, the work is in `rotation/`. */
+export function buildProgram(): Command {
+  const program = new Command('typeorm-envelope')
+    .description('Key status, validation, rotation and verification for typeorm-envelope')
+    .requiredOption('-d, --data-source <file>', 'module exporting your DataSource and EnvelopeEncryption')
+    .option('--json', 'print JSON for scripts')
+    .showHelpAfterError();
+
+  const run = (fn: (project: Project, global: GlobalOptions) => Promise<unknown>) => async () => {
+    const global = program.opts<GlobalOptions>();
+    const project = await loadProject(global.dataSource);
+    try {
+      const output = await fn(project, global);
+      if (output !== undefined) print(output, global.json);
+    } finally {
+      if (project.dataSource.isInitialized) await project.dataSource.destroy();
+    }
+  };
+
+  program
+    .command('status')
+    .description('rows per key version for every encrypted property; versions due for rotation')
+    .action(
+      run(async ({ dataSource, encryption }, global) => {
+        const registry = new KeyRegistry(dataSource, encryption);
+        const properties = await encryptionStatus(dataSource, encryption);
+        const keys = (await registry.exists()) ? await registry.list() : [];
+        if (global.json) return { activeVersion: encryption.keyring.activeVersion, keys, properties };
+        const lines = [
+          `active key version: ${encryption.keyring.activeVersion} (configured: ${encryption.keyring.versions.join(', ')})`,
+          '',
+          table(
+            properties.map((p) => ({
+              entity: p.entity,
+              property: p.property,
+              ...byVersion(p.rowsByVersion),
+              null: p.nullRows,
+            })),
+          ),
+        ];
+        if (keys.length) {
+          lines.push(
+            '',
+            table(
+              keys.map((k) => ({
+                version: k.version,
+                state: k.state,
+                kind: k.providerKind,
+                key: k.keyReference,
+                activated: k.activatedAt,
+                'due for rotation': k.dueForRotation ? 'yes' : '',
+              })),
+            ),
+          );
+        } else {
+          lines.push(
+            '',
+            '(no key registry: run the TypeormEnvelopeKeyRegistry migration to record versions and audit events)',
+          );
+        }
+        return lines.join('\n');
+      }),
+    );
+
+  program
+    .command('validate')
+    .description('check every configured master key (the active one with a round trip)')
+    .action(
+      run(async ({ dataSource, encryption }) => {
+        const registry = new KeyRegistry(dataSource, encryption);
+        const results = (await registry.exists())
+          ? (await registry.sync(), await registry.validate())
+          : await encryption.validate();
+        return results.map((r) => ({
+          version: r.version,
+          kind: r.kind,
+          key: r.keyReference,
+          check: r.active ? 'round trip' : 'describe',
+          result: 'ok',
+        }));
+      }),
+    );
+
+  program
+    .command('activate <version>')
+    .description('validate a configured version and make it the active one (needs the key registry)')
+    .action((version: string) =>
+      run(async ({ dataSource, encryption }) => {
+        const registry = await requireRegistry(new KeyRegistry(dataSource, encryption));
+        await registry.activate(parseVersion(version));
+        return `key version ${version} is active`;
+      })(),
+    );
+
+  program
+    .command('retire <version>')
+    .description('retire a version no row uses any more (kept on record for audit)')
+    .action((version: string) =>
+      run(async ({ dataSource, encryption }) => {
+        const registry = await requireRegistry(new KeyRegistry(dataSource, encryption));
+        await registry.retire(parseVersion(version));
+        return `key version ${version} is retired`;
+      })(),
+    );
+
+  program
+    .command('rotate')
+    .description('re-wrap every stored data key under a version (data is not re-encrypted)')
+    .option('--to <version>', 'target version (default: the active one)', parseVersion)
+    .option('--batch-size <rows>', 'rows per UPDATE', parseVersion, 1_000)
+    .option('--entity <name...>', 'only these entities')
+    .option('--dry-run', 'count what would be re-wrapped, change nothing')
+    .action((options: { to?: number; batchSize: number; entity?: string[]; dryRun?: boolean }) =>
+      run(async ({ dataSource, encryption }, global) => {
+        const progress = new Progress(!global.json);
+        const result = await rewrapDataKeys(dataSource, encryption, {
+          toVersion: options.to,
+          batchSize: options.batchSize,
+          entities: options.entity,
+          dryRun: options.dryRun,
+          onProgress: (p) => progress.update(`${p.entity}.${p.property}`, p.rowsDone, p.rowsTotal),
+        });
+        progress.stop();
+        failOn(
+          result.error,
+          result.properties.some((p) => p.failures.length > 0),
+        );
+        if (global.json) return result;
+        return [
+          `${result.dryRun ? 'would re-wrap' : 're-wrapped'} to key version ${result.toVersion}: ${result.rewrapCalls} data keys re-wrapped, ${result.verificationCalls} checked`,
+          table(
+            result.properties.map((p) => ({
+              entity: p.entity,
+              property: p.property,
+              rows: p.rowsTotal,
+              rewrapped: p.rowsRewrapped,
+              'data keys': p.distinctDataKeys,
+              failures: p.failures.length,
+              ms: Math.round(p.durationMs),
+            })),
+          ),
+        ].join('\n');
+      })(),
+    );
+
+  program
+    .command('reencrypt')
+    .description('re-encrypt every value under fresh data keys (after a suspected data-key compromise)')
+    .option('--entity <name...>', 'only these entities')
+    .option('--batch-size <rows>', 'rows per transaction', parseVersion, 500)
+    .action((options: { entity?: string[]; batchSize: number }) =>
+      run(async ({ dataSource, encryption }, global) => {
+        const progress = new Progress(!global.json);
+        const result = await reencryptColumns(dataSource, encryption, {
+          entities: options.entity,
+          batchSize: options.batchSize,
+          onProgress: (p) => progress.update(`${p.entity}.${p.property}`, p.rowsDone, p.rowsDone),
+        });
+        progress.stop();
+        failOn(
+          result.error,
+          result.properties.some((p) => p.failures.length > 0),
+        );
+        return global.json
+          ? result
+          : table(
+              result.properties.map((p) => ({
+                entity: p.entity,
+                property: p.property,
+                reencrypted: p.rowsReencrypted,
+                skipped: p.rowsSkipped,
+                failures: p.failures.length,
+              })),
+            );
+      })(),
+    );
+
+  program
+    .command('verify')
+    .description('decrypt every stored value; report failures by primary key (never the values)')
+    .option('--entity <name...>', 'only these entities')
+    .action((options: { entity?: string[] }) =>
+      run(async ({ dataSource, encryption }, global) => {
+        const result = await verifyEncryptedColumns(dataSource, encryption, { entities: options.entity });
+        failOn(result.error, result.failed > 0);
+        if (global.json) return result;
+        const failures = result.properties.flatMap((p) =>
+          p.failures.map((f) => ({ entity: p.entity, property: p.property, ...f })),
+        );
+        return [
+          `${result.rowsChecked} values checked, ${result.failed} failed`,
+          ...(failures.length ? [table(failures)] : []),
+        ].join('\n');
+      })(),
+    );
+
+  program
+    .command('audit')
+    .description('the audit log')
+    .option('--format <format>', 'table, json or csv', 'table')
+    .option('--limit <n>', 'most recent entries', parseVersion, 1_000)
+    .action((options: { format: string; limit: number }) =>
+      run(async ({ dataSource, encryption }, global) => {
+        const registry = await requireRegistry(new KeyRegistry(dataSource, encryption));
+        const entries = await registry.auditLog({ limit: options.limit });
+        if (global.json || options.format === 'json') return entries;
+        const rows = entries.map((e) => ({
+          at: e.at,
+          event: e.event,
+          version: e.keyVersion,
+          actor: e.actor,
+          details: e.details,
+        }));
+        return options.format === 'csv' ? csv(rows) : table(rows);
+      })(),
+    );
+
+  program
+    .command('migration:generate-rotation')
+    .description('write a TypeORM migration that re-wraps every data key under a version')
+    .requiredOption('--to <version>', 'target version', parseVersion)
+    .option('--dir <dir>', 'migrations directory', 'migrations')
+    .option(
+      '--encryption-import <module>',
+      'module exporting `encryption`, relative to the migration file',
+      '../data-source',
+    )
+    .action((options: { to: number; dir: string; encryptionImport: string }) => {
+      const timestamp = Date.now();
+      const file = join(options.dir, `${timestamp}-RewrapDataKeysToVersion${options.to}.ts`);
+      writeFileSync(file, rotationMigrationSource(options.to, timestamp, options.encryptionImport));
+      print(`wrote ${file}`, program.opts<GlobalOptions>().json);
+    });
+
+  return program;
+}
+
+function print(output: unknown, json?: boolean): void {
+  if (json || typeof output !== 'string') {
+    process.stdout.write(`${JSON.stringify(output, jsonSafe, 2)}\n`);
+  } else {
+    process.stdout.write(`${output}\n`);
+  }
+}
+
+/** Errors become their name and message (our messages carry no plaintext); bigints become text. */
+function jsonSafe(_key: string, value: unknown): unknown {
+  if (value instanceof EnvelopeError) return { name: value.name, message: value.message };
+  if (value instanceof Error) return { name: value.name, message: value.message };
+  if (typeof value === 'bigint') return value.toString();
+  return value;
+}
+
+function byVersion(rows: Record<string, number>): Record<string, number> {
+  return Object.fromEntries(Object.entries(rows).map(([v, n]) => [`v${v}`, n]));
+}
+
+function parseVersion(text: string): number {
+  const n = Number(text);
+  if (!Number.isSafeInteger(n) || n < 1) throw new InvalidArgumentError('expected a positive integer');
+  return n;
+}
+
+async function requireRegistry(registry: KeyRegistry): Promise<KeyRegistry> {
+  if (!(await registry.exists())) {
+    throw new EnvelopeError(
+      'this needs the key registry: run the TypeormEnvelopeKeyRegistry migration first',
+    );
+  }
+  await registry.sync();
+  return registry;
+}
+
+/** A job that finished with failures still prints its result, then exits non-zero. */
+function failOn(error: unknown, failed: boolean): void {
+  if (error) throw error;
+  if (failed) process.exitCode = 1;
+}
