@@ -55,27 +55,25 @@ export class FieldEncryptor {
   async open(sealed: SealedValue, binding: ValueBinding, context: ErrorContext = {}): Promise<unknown> {
     const opened = this.tryOpen(sealed, binding, context);
     if (opened !== NOT_CACHED) return opened;
-    const where = { ...context, keyVersion: sealed.keyVersion };
-    const { header, body, aad } = this.#parse(sealed, binding, where);
+    const { body, aad } = this.#parse(sealed, binding, context);
     let plaintext: Buffer | undefined;
     try {
       plaintext = await this.cache.withDecryptionKey(sealed.keyVersion, sealed.wrappedKey, (key) =>
         gcmOpen(key, sealed.iv, body, aad),
       );
     } catch (error) {
-      throw withErrorContext(error, where);
+      throw withErrorContext(error, { ...context, keyVersion: sealed.keyVersion });
     }
-    return this.#decode(plaintext, where, header);
+    return this.#decode(plaintext, sealed, context);
   }
 
   /** Like {@link open}, synchronously, when the data key is cached; else `NOT_CACHED`. */
   tryOpen(sealed: SealedValue, binding: ValueBinding, context: ErrorContext = {}): unknown {
-    const where = { ...context, keyVersion: sealed.keyVersion };
-    const { header, body, aad } = this.#parse(sealed, binding, where);
+    const { body, aad } = this.#parse(sealed, binding, context);
     const plaintext = this.cache.tryWithDecryptionKey(sealed.keyVersion, sealed.wrappedKey, (key) =>
       gcmOpen(key, sealed.iv, body, aad),
     );
-    return plaintext === NOT_CACHED ? NOT_CACHED : this.#decode(plaintext, where, header);
+    return plaintext === NOT_CACHED ? NOT_CACHED : this.#decode(plaintext, sealed, context);
   }
 
   #withPlaintext<T>(value: unknown, declared: ValueType | undefined, fn: (plaintext: Buffer) => T): T {
@@ -105,20 +103,28 @@ export class FieldEncryptor {
     };
   }
 
-  #parse(sealed: SealedValue, binding: ValueBinding, where: ErrorContext) {
+  #parse(sealed: SealedValue, binding: ValueBinding, context: ErrorContext) {
     const header = sealed.ciphertext.subarray(0, HEADER_BYTES);
     if (sealed.ciphertext.length < HEADER_BYTES || header[0] !== FORMAT_V1) {
-      throw new IntegrityError('ciphertext has an unknown format', where);
+      throw new IntegrityError('ciphertext has an unknown format', {
+        ...context,
+        keyVersion: sealed.keyVersion,
+      });
     }
-    return { header, body: sealed.ciphertext.subarray(HEADER_BYTES), aad: associatedData(header, binding) };
+    return { body: sealed.ciphertext.subarray(HEADER_BYTES), aad: associatedData(header, binding) };
   }
 
-  #decode(plaintext: Buffer | undefined, where: ErrorContext, _header: Buffer): unknown {
-    if (plaintext === undefined) throw new IntegrityError('encrypted value failed authentication', where);
+  #decode(plaintext: Buffer | undefined, sealed: SealedValue, context: ErrorContext): unknown {
+    if (plaintext === undefined) {
+      throw new IntegrityError('encrypted value failed authentication', {
+        ...context,
+        keyVersion: sealed.keyVersion,
+      });
+    }
     try {
       return decodeValue(plaintext);
     } catch (error) {
-      throw withErrorContext(error, where);
+      throw withErrorContext(error, { ...context, keyVersion: sealed.keyVersion });
     } finally {
       plaintext.fill(0);
     }

@@ -23,16 +23,30 @@ export const FORMAT_V1 = 1;
 export const FLAG_PRIMARY_KEY_BOUND = 0x01;
 export const HEADER_BYTES = 2;
 
-/** Builds the associated data; the header is included so that flipping a flag is detected. */
+/** Associated data up to (not including) the primary key, per header, table and column. */
+const prefixes = new Map<string, Buffer>();
+const MAX_PREFIXES = 10_000;
+const UNBOUND_KEY = lengthPrefixed('');
+
+/**
+ * Builds the associated data; the header is included so that flipping a flag is detected. The
+ * part that depends only on header, table and column is built once and reused.
+ */
 export function associatedData(header: Uint8Array, binding: ValueBinding): Buffer {
-  const boundKey = (header[1] ?? 0) & FLAG_PRIMARY_KEY_BOUND ? (binding.primaryKey ?? '') : '';
-  return Buffer.concat([
-    Buffer.from('typeorm-envelope', 'latin1'),
-    header.subarray(0, HEADER_BYTES),
-    lengthPrefixed(binding.table),
-    lengthPrefixed(binding.column),
-    lengthPrefixed(boundKey),
-  ]);
+  const bound = ((header[1] ?? 0) & FLAG_PRIMARY_KEY_BOUND) !== 0;
+  const id = `${header[0]},${header[1]}\u0000${binding.table}\u0000${binding.column}`;
+  let prefix = prefixes.get(id);
+  if (!prefix) {
+    if (prefixes.size >= MAX_PREFIXES) prefixes.clear();
+    prefix = Buffer.concat([
+      Buffer.from('typeorm-envelope', 'latin1'),
+      header.subarray(0, HEADER_BYTES),
+      lengthPrefixed(binding.table),
+      lengthPrefixed(binding.column),
+    ]);
+    prefixes.set(id, prefix);
+  }
+  return Buffer.concat([prefix, bound ? lengthPrefixed(binding.primaryKey ?? '') : UNBOUND_KEY]);
 }
 
 /** Length-prefixing keeps ("ab","c") and ("a","bc") distinct. */

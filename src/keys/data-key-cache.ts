@@ -267,7 +267,7 @@ function copyOf(key: Buffer): Buffer {
 }
 
 function cacheId(version: number, wrappedKey: Buffer): string {
-  return `${version}:${wrappedKey.toString('base64')}`;
+  return `${version}:${wrappedKey.toString('latin1')}`;
 }
 
 function requirePositive(name: string, value: number): void {

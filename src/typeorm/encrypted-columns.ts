@@ -104,7 +104,8 @@ function overrideColumnAccess(columns: EncryptedColumns, store: PropertyStateSto
       store.seal(holder, property, origin.value, origin.sealed);
     } else {
       const state = store.upsert(holder, property);
-      state.loaded = { ...state.loaded, ciphertext: value as Buffer | null };
+      state.loaded ??= {};
+      state.loaded.ciphertext = value as Buffer | null;
     }
   };
   main.transformer = whereGuard(columns);
@@ -116,7 +117,8 @@ function overrideColumnAccess(columns: EncryptedColumns, store: PropertyStateSto
       if (value === PENDING_SIDECAR || !isRawColumnValue(value)) return;
       const holder = holderOf(entity, true) as Record<string, unknown>;
       const state = store.upsert(holder, property);
-      state.loaded = { ...state.loaded, [role]: value };
+      state.loaded ??= {};
+      (state.loaded as Record<SidecarRole, unknown>)[role] = value;
     };
   }
 }

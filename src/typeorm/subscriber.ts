@@ -1,6 +1,7 @@
 import type { EntityMetadata, EntitySubscriberInterface, InsertEvent, LoadEvent, UpdateEvent } from 'typeorm';
 import type { ValueBinding } from '../crypto/associated-data';
-import { IntegrityError } from '../errors';
+import { FLAG_PRIMARY_KEY_BOUND } from '../crypto/associated-data';
+import { IntegrityError, withErrorContext } from '../errors';
 import type { FieldEncryptor, SealedValue } from '../field-encryptor';
 import { NOT_CACHED } from '../keys/data-key-cache';
 import type { EncryptedColumns } from './encrypted-columns';
@@ -136,15 +137,16 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
     const holder = column.holderOf(entity, false);
     const loaded = holder && this.store.get(holder, property)?.loaded;
     if (!holder || !loaded || loaded.ciphertext === undefined) return undefined;
-    const context = {
+    /* Context for errors only: the primary key is computed when a value is bound to it, or fails. */
+    const context = () => ({
       entity: metadata.name,
       column: column.main.propertyPath,
       primaryKey: loaded.primaryKey ?? primaryKeyOf(metadata, entity),
-    };
+    });
     const { ciphertext, iv, wrappedKey, keyVersion } = loaded;
     if (ciphertext === null) {
       if ((iv ?? null) !== null || (wrappedKey ?? null) !== null || (keyVersion ?? null) !== null) {
-        throw new IntegrityError('encrypted value is null but its sidecar columns are not', context);
+        throw new IntegrityError('encrypted value is null but its sidecar columns are not', context());
       }
       holder[property] = null;
       this.store.upsert(holder, property).loaded = undefined;
@@ -157,20 +159,29 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
         .then(() => this.#openLoaded(metadata, column, entity, undefined));
     }
     if (iv === null || wrappedKey === null || keyVersion === null) {
-      throw new IntegrityError('encrypted value is missing a sidecar column', context);
+      throw new IntegrityError('encrypted value is missing a sidecar column', context());
     }
     const sealed = { ciphertext, iv, wrappedKey, keyVersion };
-    const binding = bindingOf(metadata, column, context.primaryKey);
+    const bound = ((ciphertext[1] ?? 0) & FLAG_PRIMARY_KEY_BOUND) !== 0;
+    const binding = bindingOf(metadata, column, bound ? context().primaryKey : undefined);
     const record = (value: unknown) => {
       holder[property] = value;
       this.store.seal(holder, property, value, sealed);
     };
-    const opened = this.encryptor.tryOpen(sealed, binding, context);
+    const withContext = (error: unknown) => withErrorContext(error, context());
+    let opened: unknown;
+    try {
+      opened = this.encryptor.tryOpen(sealed, binding);
+    } catch (error) {
+      throw withContext(error);
+    }
     if (opened !== NOT_CACHED) {
       record(opened);
       return undefined;
     }
-    return this.encryptor.open(sealed, binding, context).then(record);
+    return this.encryptor
+      .open(sealed, binding)
+      .then(record, (error: unknown) => Promise.reject(withContext(error)));
   }
 }
 
