@@ -1,4 +1,5 @@
 import { LRUCache } from 'lru-cache';
+import { gcmForgetKey } from '../crypto/aes-gcm';
 import { ConfigError, KeyProviderError, withErrorContext } from '../errors';
 import type { Keyring } from './keyring';
 
@@ -70,6 +71,7 @@ export class CachedDataKey {
 
   destroy(): void {
     this.#destroyed = true;
+    gcmForgetKey(this.#plaintext);
     this.#plaintext.fill(0);
   }
 
@@ -92,6 +94,9 @@ export class DataKeyCache {
   readonly #maxUses: number;
   readonly #renewAfter: number;
   readonly #clock: { now(): number };
+  readonly #unwrappedTtl: number;
+  /** The unwrapped key used last (it is also in the cache; never kept past its TTL or eviction). */
+  #lastUnwrapped: CachedDataKey | undefined;
   /** The background renewal of the active data key, while one runs. */
   #renewing: Promise<void> | undefined;
   readonly #encrypting: LRUCache<number, CachedDataKey>;
@@ -114,6 +119,7 @@ export class DataKeyCache {
     }
     this.#renewAfter = o.dataKeyMaxAge - refreshAhead;
     this.#clock = options.clock ?? performance;
+    this.#unwrappedTtl = o.unwrappedKeyTtl;
     /* lru-cache reuses a clock reading for `ttlResolution` ms of real time (default 1): with a
        given clock, every reading must come from it, or an advance is ignored for that long. */
     const perf = options.clock ? { perf: options.clock, ttlResolution: 0 } : {};
@@ -185,8 +191,21 @@ export class DataKeyCache {
     wrappedKey: Buffer,
     fn: (key: Buffer) => T,
   ): T | typeof NOT_CACHED {
+    /* Rows of one result mostly share a data key: compare bytes before building a lookup string. */
+    const last = this.#lastUnwrapped;
+    if (
+      last &&
+      !last.destroyed &&
+      last.version === version &&
+      last.wrappedKey.equals(wrappedKey) &&
+      this.#clock.now() - last.createdAt < this.#unwrappedTtl
+    ) {
+      return last.use(fn);
+    }
     const dataKey = this.#unwrapped.get(cacheId(version, wrappedKey));
-    return dataKey && !dataKey.destroyed ? dataKey.use(fn) : NOT_CACHED;
+    if (!dataKey || dataKey.destroyed) return NOT_CACHED;
+    this.#lastUnwrapped = dataKey;
+    return dataKey.use(fn);
   }
 
   /**
@@ -226,6 +245,7 @@ export class DataKeyCache {
 
   /** Drops and zeroes every cached key: the next use asks the key provider again. */
   purge(): void {
+    this.#lastUnwrapped = undefined;
     this.#encrypting.clear();
     this.#unwrapped.clear();
   }
