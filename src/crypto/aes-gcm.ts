@@ -50,7 +50,8 @@ export function gcmForgetKey(key: Uint8Array): void {
 export function gcmSeal(key: Uint8Array, iv: Uint8Array, plaintext: Uint8Array, aad: Uint8Array): Buffer {
   /* Other lengths take node:crypto's path, so that they fail exactly as they always did. */
   if (nativeGcm && key.length === KEY_BYTES && iv.length === IV_BYTES) {
-    return nativeGcm.seal(handleFor(key), iv, plaintext, aad, key);
+    const out = Buffer.allocUnsafe(plaintext.length + TAG_BYTES);
+    return nativeGcm.seal(handleFor(key), iv, plaintext, aad, key, out);
   }
   const cipher = createCipheriv('aes-256-gcm', key, iv, { authTagLength: TAG_BYTES });
   cipher.setAAD(aad);
@@ -72,7 +73,9 @@ export function gcmOpen(
   /* Precondition: a sealed value is at least a tag, and the IV has the only length we write. */
   if (sealed.length < TAG_BYTES || iv.length !== IV_BYTES) return undefined;
   if (nativeGcm && key.length === KEY_BYTES) {
-    return nativeGcm.open(handleFor(key), iv, sealed, aad, key);
+    /* Like Buffer.concat on node:crypto's path, the result is a slice of Node's Buffer pool. */
+    const out = Buffer.allocUnsafe(sealed.length - TAG_BYTES);
+    return nativeGcm.open(handleFor(key), iv, sealed, aad, key, out);
   }
   const decipher = createDecipheriv('aes-256-gcm', key, iv, { authTagLength: TAG_BYTES });
   decipher.setAAD(aad);

@@ -12,23 +12,30 @@ export interface NativeGcm {
   destroyKey(handle: NativeGcmHandle): void;
   /**
    * Returns `ciphertext || tag`. With `key`, a handle whose key bytes differ from it is re-keyed first.
+   * With `out` (exactly `plaintext.length + 16` bytes, overlapping no input), writes there and returns
+   * it: a slice of Node's Buffer pool costs far less than a Buffer of the addon's own.
    * Throws a TypeError on arguments of the wrong type or length.
    */
-  seal(
+  seal<T extends Uint8Array = Buffer>(
     handle: NativeGcmHandle,
     iv: Uint8Array,
     plaintext: Uint8Array,
     aad: Uint8Array,
     key?: Uint8Array,
-  ): Buffer;
-  /** Returns the plaintext, or `undefined` when authentication fails. */
-  open(
+    out?: T,
+  ): T;
+  /**
+   * Returns the plaintext (in `out` when given, `sealed.length - 16` bytes), or `undefined` when
+   * authentication fails; `out` is then zeroed.
+   */
+  open<T extends Uint8Array = Buffer>(
     handle: NativeGcmHandle,
     iv: Uint8Array,
     sealed: Uint8Array,
     aad: Uint8Array,
     key?: Uint8Array,
-  ): Buffer | undefined;
+    out?: T,
+  ): T | undefined;
   /** The OpenSSL version the addon runs with (Node's). */
   readonly openssl: string;
 }

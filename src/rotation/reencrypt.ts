@@ -76,10 +76,10 @@ export async function reencryptColumns(
                 outcome.failures.push({ primaryKey: row.primaryKey, error: describe(error) });
                 continue;
               }
-              const where = keyCondition(column, row, 5);
+              const where = keyCondition(column, row, 4);
               const updated = (await runner.query(
                 `UPDATE ${column.table} SET ${column.ciphertext} = $1, ${column.iv} = $2, ${column.wrappedKey} = $3, ${column.keyVersion} = $4
-                 WHERE ${where.sql} AND ${column.ciphertext} = $${5 + where.params.length + 1}`,
+                 WHERE ${where.sql} AND ${column.ciphertext} = $${4 + where.params.length + 1}`,
                 [
                   fresh.ciphertext,
                   fresh.iv,
