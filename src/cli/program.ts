@@ -87,9 +87,9 @@ export function buildProgram(): Command {
     .action(
       run(async ({ dataSource, encryption }) => {
         const registry = new KeyRegistry(dataSource, encryption);
-        const results = (await registry.exists())
-          ? (await registry.sync(), await registry.validate())
-          : await encryption.validate();
+        const recorded = await registry.exists();
+        if (recorded) await registry.sync();
+        const results = recorded ? await registry.validate() : await encryption.validate();
         return results.map((r) => ({
           version: r.version,
           kind: r.kind,

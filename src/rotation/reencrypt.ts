@@ -1,12 +1,17 @@
 import type { EnvelopeEncryption } from '../envelope-encryption';
 import { EnvelopeError } from '../errors';
 import { KeyRegistry } from './key-registry';
-import { encryptedColumnsSql, type RotationTarget, withQueryRunner } from './rotation-target';
+import {
+  type EntitySelector,
+  encryptedColumnsSql,
+  type RotationTarget,
+  withQueryRunner,
+} from './rotation-target';
 import { keyCondition, sealedRowBatches } from './sealed-rows';
 
 /** Options of {@link reencryptColumns}. */
 export interface ReencryptOptions {
-  entities?: ReadonlyArray<string | Function>;
+  entities?: ReadonlyArray<EntitySelector>;
   /** Rows per batch (one transaction each). Default 500. */
   batchSize?: number;
   onProgress?: (progress: { entity: string; property: string; rowsDone: number }) => void;

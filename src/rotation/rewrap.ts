@@ -4,6 +4,7 @@ import { ConfigError, IntegrityError } from '../errors';
 import { KeyRegistry } from './key-registry';
 import {
   type EncryptedColumnSql,
+  type EntitySelector,
   encryptedColumnsSql,
   primaryKeyBatches,
   type RotationTarget,
@@ -13,7 +14,7 @@ import {
 /** Options of {@link rewrapDataKeys}. */
 export interface RewrapOptions {
   /** Entities to re-wrap (classes or names). Default: every entity with encrypted properties. */
-  entities?: ReadonlyArray<string | Function>;
+  entities?: ReadonlyArray<EntitySelector>;
   /** The master-key version to re-wrap under. Default: the active version. */
   toVersion?: number;
   /** Rows per UPDATE. Default 1,000. */

@@ -3,6 +3,9 @@ import type { EncryptedEntity, EnvelopeEncryption } from '../envelope-encryption
 import { ConfigError } from '../errors';
 import type { EncryptedColumns } from '../typeorm/encrypted-columns';
 
+/** An entity, by class or by entity or table name. */
+export type EntitySelector = string | (abstract new (...args: never[]) => unknown);
+
 /** Where a rotation job runs: a DataSource, or a QueryRunner (inside a migration's `up`). */
 export type RotationTarget = DataSource | QueryRunner;
 
@@ -49,10 +52,10 @@ function isQueryRunner(target: RotationTarget): target is QueryRunner {
 export function encryptedColumnsSql(
   target: RotationTarget,
   encryption: EnvelopeEncryption,
-  entities?: ReadonlyArray<string | Function>,
+  entities?: ReadonlyArray<EntitySelector>,
 ): EncryptedColumnSql[] {
   const dataSource = dataSourceOf(target);
-  const escape = (name: string) => dataSource.driver.escape(name);
+  const quote = (name: string) => dataSource.driver.escape(name);
   const selected = encryption
     .encryptedEntities(dataSource)
     .filter((e) => !entities || entities.some((wanted) => matches(e, wanted)));
@@ -68,23 +71,23 @@ export function encryptedColumnsSql(
       property: c.main.propertyPath,
       metadata,
       columns: c,
-      table: metadata.tablePath.split('.').map(escape).join('.'),
-      primaryKey: metadata.primaryColumns.map((p) => escape(p.databaseName)),
-      ciphertext: escape(c.main.databaseName),
-      iv: escape(c.sidecars.iv.databaseName),
-      wrappedKey: escape(c.sidecars.wrappedKey.databaseName),
-      keyVersion: escape(c.sidecars.keyVersion.databaseName),
+      table: metadata.tablePath.split('.').map(quote).join('.'),
+      primaryKey: metadata.primaryColumns.map((p) => quote(p.databaseName)),
+      ciphertext: quote(c.main.databaseName),
+      iv: quote(c.sidecars.iv.databaseName),
+      wrappedKey: quote(c.sidecars.wrappedKey.databaseName),
+      keyVersion: quote(c.sidecars.keyVersion.databaseName),
     }));
   });
 }
 
-function matches(entity: EncryptedEntity, wanted: string | Function): boolean {
+function matches(entity: EncryptedEntity, wanted: EntitySelector): boolean {
   return typeof wanted === 'string'
     ? entity.metadata.name === wanted || entity.metadata.tableName === wanted
     : entity.metadata.target === wanted;
 }
 
-function nameOf(wanted: string | Function): string {
+function nameOf(wanted: EntitySelector): string {
   return typeof wanted === 'string' ? wanted : wanted.name;
 }
 

@@ -1,5 +1,10 @@
 import type { EnvelopeEncryption } from '../envelope-encryption';
-import { encryptedColumnsSql, type RotationTarget, withQueryRunner } from './rotation-target';
+import {
+  type EntitySelector,
+  encryptedColumnsSql,
+  type RotationTarget,
+  withQueryRunner,
+} from './rotation-target';
 
 /** Stored values of one encrypted property, by master-key version. */
 export interface PropertyStatus {
@@ -15,7 +20,7 @@ export interface PropertyStatus {
 export async function encryptionStatus(
   target: RotationTarget,
   encryption: EnvelopeEncryption,
-  options: { entities?: ReadonlyArray<string | Function> } = {},
+  options: { entities?: ReadonlyArray<EntitySelector> } = {},
 ): Promise<PropertyStatus[]> {
   return withQueryRunner(target, async (runner) => {
     const out: PropertyStatus[] = [];

@@ -1,11 +1,16 @@
 import type { EnvelopeEncryption } from '../envelope-encryption';
 import { EnvelopeError } from '../errors';
-import { encryptedColumnsSql, type RotationTarget, withQueryRunner } from './rotation-target';
+import {
+  type EntitySelector,
+  encryptedColumnsSql,
+  type RotationTarget,
+  withQueryRunner,
+} from './rotation-target';
 import { sealedRowBatches } from './sealed-rows';
 
 /** Options of {@link verifyEncryptedColumns}. */
 export interface VerifyOptions {
-  entities?: ReadonlyArray<string | Function>;
+  entities?: ReadonlyArray<EntitySelector>;
   /** Rows per read. Default 1,000. */
   batchSize?: number;
   /** Stop listing failures after this many per property (they are still counted). Default 1,000. */

@@ -48,7 +48,7 @@ export async function encryptedDatabase(
     /** More key versions beside version 1 (the counting provider); version 1 stays active. */
     extraKeys?: EnvelopeEncryptionOptions['keys'];
     /** Migrations to run at initialize (e.g. the key registry's). */
-    migrations?: Function[];
+    migrations?: DataSourceOptions['migrations'];
     /** Use this schema instead of creating one (a second DataSource on the same tables). */
     schema?: TestSchema;
   } = {},
@@ -70,7 +70,7 @@ export async function encryptedDatabase(
     logging: true,
     logger,
     migrations: options.migrations ?? [],
-    migrationsRun: (options.migrations ?? []).length > 0,
+    migrationsRun: Array.isArray(options.migrations) && options.migrations.length > 0,
   });
   encryption.attach(dataSource);
   await dataSource.initialize();

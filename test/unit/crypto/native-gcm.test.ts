@@ -244,6 +244,37 @@ describe(suite, () => {
     expect(() => native.destroyKey('handle' as never)).toThrow(TypeError);
   });
 
+  nativeIt(
+    'writes into a given output buffer, checks its length and overlap, and zeroes it on failure',
+    () => {
+      const key = randomBytes(32);
+      const iv = randomBytes(12);
+      const plaintext = randomBytes(30);
+      const aad = randomBytes(8);
+      const handle = native.createKey(key);
+      const out = Buffer.alloc(46);
+      expect(native.seal(handle, iv, plaintext, aad, key, out)).toBe(out);
+      expect(out.equals(refSeal(key, iv, plaintext, aad))).toBe(true);
+      const opened = Buffer.alloc(30);
+      expect(native.open(handle, iv, out, aad, key, opened)).toBe(opened);
+      expect(opened.equals(plaintext)).toBe(true);
+      out[0] = (out[0] as number) ^ 1;
+      expect(native.open(handle, iv, out, aad, key, opened)).toBeUndefined();
+      expect(opened.equals(Buffer.alloc(30))).toBe(true);
+      expect(() => native.seal(handle, iv, plaintext, aad, key, Buffer.alloc(45))).toThrow(TypeError);
+      expect(() => native.open(handle, iv, out, aad, key, Buffer.alloc(31))).toThrow(TypeError);
+      const shared = Buffer.alloc(100);
+      plaintext.copy(shared);
+      expect(() =>
+        native.seal(handle, iv, shared.subarray(0, 30), aad, key, shared.subarray(20, 66)),
+      ).toThrow(/overlap/);
+      expect(() =>
+        native.seal(handle, iv, shared.subarray(0, 30), aad, key, shared.subarray(30, 76)),
+      ).not.toThrow();
+      native.destroyKey(handle);
+    },
+  );
+
   it('gcmSeal/gcmOpen keep node:crypto errors for keys of another length', () => {
     const iv = Buffer.alloc(12);
     expect(() => gcmSeal(Buffer.alloc(16), iv, Buffer.alloc(1), Buffer.alloc(0))).toThrow(RangeError);
