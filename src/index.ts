@@ -39,6 +39,7 @@ export {
 export type { KeyringEntry } from './keys/keyring';
 export { LocalKeyProvider, type LocalKeyProviderOptions } from './keys/local-key-provider';
 export { type Mask, maskValue } from './masking';
+export { type BackfillOptions, type BackfillResult, backfillEncryptedColumns } from './rotation/backfill';
 export {
   type AuditEntry,
   type AuditEvent,

@@ -2,6 +2,7 @@ import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { Command, InvalidArgumentError } from 'commander';
 import { EnvelopeError } from '../errors';
+import { backfillEncryptedColumns } from '../rotation/backfill';
 import { KeyRegistry } from '../rotation/key-registry';
 import { reencryptColumns } from '../rotation/reencrypt';
 import { rewrapDataKeys } from '../rotation/rewrap';
@@ -191,6 +192,40 @@ export function buildProgram(): Command {
                 failures: p.failures.length,
               })),
             );
+      })(),
+    );
+
+  program
+    .command('backfill')
+    .description(
+      'encrypt existing plaintext columns (properties declared with plaintextColumn) into their sidecars',
+    )
+    .option('--entity <name...>', 'only these entities')
+    .option('--batch-size <rows>', 'rows per transaction', parseVersion, 500)
+    .option('--clear-plaintext', 'set the plaintext column to NULL as each row is encrypted')
+    .action((options: { entity?: string[]; batchSize: number; clearPlaintext?: boolean }) =>
+      run(async ({ dataSource, encryption }, global) => {
+        const progress = new Progress(!global.json);
+        const result = await backfillEncryptedColumns(dataSource, encryption, {
+          entities: options.entity,
+          batchSize: options.batchSize,
+          clearPlaintext: options.clearPlaintext,
+          onProgress: (p) => progress.update(`${p.entity}.${p.property}`, p.rowsDone, p.rowsDone),
+        });
+        progress.stop();
+        failOn(
+          result.error,
+          result.properties.some((p) => p.failures.length > 0),
+        );
+        if (global.json) return result;
+        return table(
+          result.properties.map((p) => ({
+            entity: p.entity,
+            property: p.property,
+            encrypted: p.rowsEncrypted,
+            failures: p.failures.length,
+          })),
+        );
       })(),
     );
 

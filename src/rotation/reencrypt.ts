@@ -1,5 +1,5 @@
 import type { EnvelopeEncryption } from '../envelope-encryption';
-import { EnvelopeError } from '../errors';
+import { describeError } from './describe-error';
 import { KeyRegistry } from './key-registry';
 import {
   type EntitySelector,
@@ -78,7 +78,7 @@ export async function reencryptColumns(
                 const binding = bindKey ? row.binding : { ...row.binding, primaryKey: undefined };
                 fresh = await encryption.encryptor.seal(value, binding, column.columns.definition.type);
               } catch (error) {
-                outcome.failures.push({ primaryKey: row.primaryKey, error: describe(error) });
+                outcome.failures.push({ primaryKey: row.primaryKey, error: describeError(error) });
                 continue;
               }
               const where = keyCondition(column, row, 4);
@@ -120,13 +120,8 @@ export async function reencryptColumns(
     .record(result.error || failures ? 'reencryption-failed' : 'reencryption-finished', result.toVersion, {
       rowsReencrypted: result.properties.reduce((n, p) => n + p.rowsReencrypted, 0),
       failures,
-      ...(result.error ? { error: describe(result.error) } : {}),
+      ...(result.error ? { error: describeError(result.error) } : {}),
     })
     .catch(() => undefined);
   return result;
-}
-
-function describe(error: unknown): string {
-  if (error instanceof EnvelopeError) return `${error.name}: ${error.detail}`;
-  return error instanceof Error ? `${error.name}: ${error.message}` : 'unknown error';
 }

@@ -1,5 +1,5 @@
 import type { EnvelopeEncryption } from '../envelope-encryption';
-import { EnvelopeError } from '../errors';
+import { describeError } from './describe-error';
 import {
   type EntitySelector,
   encryptedColumnsSql,
@@ -72,7 +72,7 @@ export async function verifyEncryptedColumns(
                 outcome.failures.push({
                   primaryKey: row.primaryKey,
                   keyVersion: row.sealed.keyVersion,
-                  error: describe(error),
+                  error: describeError(error),
                 });
               }
             }
@@ -91,10 +91,4 @@ export async function verifyEncryptedColumns(
     result.error = error;
   }
   return result;
-}
-
-/** Our errors carry no plaintext; anything else is reduced to its name. */
-function describe(error: unknown): string {
-  if (error instanceof EnvelopeError) return `${error.name}: ${error.detail}`;
-  return error instanceof Error ? error.name : 'unknown error';
 }

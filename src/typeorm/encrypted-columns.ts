@@ -22,6 +22,8 @@ export interface EncryptedColumns {
   /** The ciphertext column; TypeORM knows it by the plaintext property's name and path. */
   main: ColumnMetadata;
   sidecars: Record<SidecarRole, ColumnMetadata>;
+  /** The plaintext column being migrated from (`plaintextColumn` option), if any. */
+  plaintext?: ColumnMetadata;
   /** The object holding the property: the entity, or an embedded object inside it. */
   holderOf(entity: object, create: boolean): Record<string, unknown> | undefined;
 }
@@ -59,7 +61,20 @@ export function installEncryptedColumns(
         column: main.propertyPath,
       });
     }
-    const columns: EncryptedColumns = { definition, entity, main, sidecars, holderOf: holderFor(main) };
+    const plaintext = definition.plaintext
+      ? entity.columns.find(
+          (c) =>
+            c.propertyName === definition.plaintext?.property && c.embeddedMetadata === main.embeddedMetadata,
+        )
+      : undefined;
+    const columns: EncryptedColumns = {
+      definition,
+      entity,
+      main,
+      sidecars,
+      plaintext,
+      holderOf: holderFor(main),
+    };
     overrideColumnAccess(columns, store);
     found.push(columns);
   }
@@ -110,6 +125,20 @@ function overrideColumnAccess(columns: EncryptedColumns, store: PropertyStateSto
   };
   main.transformer = whereGuard(columns);
 
+  if (columns.plaintext) {
+    /* Reads give back what the database holds; once the property is written, the column is NULL. */
+    columns.plaintext.getEntityValue = (entity: object) => {
+      const holder = entity && holderOf(entity, false);
+      if (!holder || holder[property] === undefined) return undefined;
+      const legacy = store.get(holder, property)?.legacy;
+      return legacy === undefined || holder[property] instanceof SealedForUpdate ? null : legacy;
+    };
+    columns.plaintext.setEntityValue = (entity: object, value: unknown) => {
+      if (value === null || value === undefined || value instanceof PendingPlaintext) return;
+      store.upsert(holderOf(entity, true) as object, property).legacy = value;
+    };
+  }
+
   for (const role of SIDECAR_ROLES) {
     const column = sidecars[role];
     column.getEntityValue = (entity: object) => partOf(entity, role);
@@ -159,7 +188,10 @@ function whereGuard(columns: EncryptedColumns) {
  */
 function overridePropertyPathLookup(entity: EntityMetadata, found: EncryptedColumns[]): void {
   const byPath = new Map(
-    found.map((c) => [c.main.propertyPath, [c.main, ...SIDECAR_ROLES.map((r) => c.sidecars[r])]]),
+    found.map((c) => [
+      c.main.propertyPath,
+      [c.main, ...SIDECAR_ROLES.map((r) => c.sidecars[r]), ...(c.plaintext ? [c.plaintext] : [])],
+    ]),
   );
   const original = entity.findColumnsWithPropertyPath.bind(entity);
   entity.findColumnsWithPropertyPath = (propertyPath: string) =>

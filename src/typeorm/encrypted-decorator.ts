@@ -1,4 +1,4 @@
-import { getMetadataArgsStorage } from 'typeorm';
+import { type ColumnType, getMetadataArgsStorage } from 'typeorm';
 import type { ValueType } from '../crypto/codec';
 import { ConfigError } from '../errors';
 import type { Mask } from '../masking';
@@ -36,6 +36,17 @@ export interface EncryptedOptions {
   bindPrimaryKey?: boolean;
   /** How {@link maskEntity} shows this property: a built-in mask or a function. */
   mask?: Mask;
+  /**
+   * The existing plaintext column this property is being migrated from (its name and TypeORM
+   * type). It is read so that `backfillEncryptedColumns` can encrypt its values and so that a row
+   * not yet backfilled is noticed; every write of the property sets it to NULL.
+   */
+  plaintextColumn?: { name: string; type: ColumnType };
+  /**
+   * While backfilling: read the plaintext column when a row has no ciphertext yet. Default `false`:
+   * such a row is then an error, never silently read as plaintext.
+   */
+  readPlaintextFallback?: boolean;
 }
 
 /** The sidecar roles, in the order their columns are declared. */
@@ -57,6 +68,9 @@ export interface EncryptedPropertyDefinition {
   columns: SidecarColumnNames;
   /** Hidden property names TypeORM knows the sidecar columns by; never set on entities. */
   sidecarProperties: Record<SidecarRole, string>;
+  /** The plaintext column being migrated from, and the hidden property TypeORM knows it by. */
+  plaintext?: { column: string; property: string; fallback: boolean };
+  plaintextType?: ColumnType;
 }
 
 // biome-ignore lint/complexity/noBannedTypes: keyed by any class constructor
@@ -102,6 +116,12 @@ export function Encrypted(options: EncryptedOptions = {}): PropertyDecorator {
         wrappedKey: `${property}$wrappedKey`,
         keyVersion: `${property}$keyVersion`,
       },
+      plaintextType: options.plaintextColumn?.type,
+      plaintext: options.plaintextColumn && {
+        column: options.plaintextColumn.name,
+        property: `${property}$plaintext`,
+        fallback: options.readPlaintextFallback ?? false,
+      },
     };
     register(definition);
   };
@@ -130,6 +150,15 @@ function register(definition: EncryptedPropertyDefinition): void {
   column(definition.sidecarProperties.iv, columns.iv, 'bytea');
   column(definition.sidecarProperties.wrappedKey, columns.wrappedKey, 'bytea');
   column(definition.sidecarProperties.keyVersion, columns.keyVersion, 'int');
+  const plaintext = definition.plaintext;
+  if (plaintext) {
+    storage.columns.push({
+      target,
+      propertyName: plaintext.property,
+      mode: 'regular',
+      options: { name: plaintext.column, type: definition.plaintextType, nullable: true },
+    });
+  }
 }
 
 /** The definition of `propertyName` declared on `target`, if it is encrypted. */

@@ -15,6 +15,11 @@ export interface PropertyState {
   sealed?: SealedValue;
   /** The plaintext `sealed` encrypts, kept in a comparable form to detect changes. */
   snapshot?: unknown;
+  /**
+   * The value of the plaintext column being migrated from, as read; `undefined` once the property
+   * is written (the write sets that column to NULL).
+   */
+  legacy?: unknown;
 }
 
 /** Column values as read; `null` where the database holds NULL, absent where not selected. */

@@ -1,7 +1,7 @@
 import type { EntityMetadata, EntitySubscriberInterface, InsertEvent, LoadEvent, UpdateEvent } from 'typeorm';
 import type { ValueBinding } from '../crypto/associated-data';
 import { FLAG_PRIMARY_KEY_BOUND } from '../crypto/associated-data';
-import { IntegrityError, withErrorContext } from '../errors';
+import { type ErrorContext, IntegrityError, UnsupportedOperationError, withErrorContext } from '../errors';
 import type { FieldEncryptor, SealedValue } from '../field-encryptor';
 import { NOT_CACHED } from '../keys/data-key-cache';
 import type { EncryptedColumns } from './encrypted-columns';
@@ -107,6 +107,8 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
   ): void {
     if (mode !== 'set-map') {
       this.store.seal(holder, property, value, sealed);
+      /* A written property leaves no plaintext behind in the column it is migrated from. */
+      this.store.upsert(holder, property).legacy = undefined;
       return;
     }
     /* TypeORM copies the SET map before reading it: carry the sealed value in the map itself. */
@@ -114,6 +116,20 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
     const swaps = this.#swapped.get(entity) ?? [];
     swaps.push({ holder, property, value });
     this.#swapped.set(entity, swaps);
+  }
+
+  /**
+   * A row with no ciphertext may still hold its value in the plaintext column it is being migrated
+   * from: read it only when the property allows it, otherwise refuse rather than guess.
+   */
+  #notYetEncrypted(column: EncryptedColumns, legacy: unknown, context: () => ErrorContext): unknown {
+    if (legacy === undefined || legacy === null) return null;
+    if (column.definition.plaintext?.fallback) return legacy;
+    throw new UnsupportedOperationError(
+      'this row holds a plaintext value that is not encrypted yet; run the backfill ' +
+        '(typeorm-envelope backfill) or set readPlaintextFallback on the property while it runs',
+      context(),
+    );
   }
 
   /**
@@ -148,8 +164,9 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
       if ((iv ?? null) !== null || (wrappedKey ?? null) !== null || (keyVersion ?? null) !== null) {
         throw new IntegrityError('encrypted value is null but its sidecar columns are not', context());
       }
-      holder[property] = null;
-      this.store.upsert(holder, property).loaded = undefined;
+      const state = this.store.upsert(holder, property);
+      state.loaded = undefined;
+      holder[property] = this.#notYetEncrypted(column, state.legacy, context);
       return undefined;
     }
     if (iv === undefined || wrappedKey === undefined || keyVersion === undefined) {
