@@ -1,9 +1,11 @@
 /**
  * `npm run bench`: plaintext vs typeorm-envelope vs typeorm-encrypted, in one process against one
- * PostgreSQL (see ./database.ts). Prints a markdown table and writes bench/results.json.
+ * PostgreSQL (see ./database.ts), then the re-wrap section (./rewrap.ts: rewrapDataKeys vs a plain SQL
+ * UPDATE). Prints markdown tables and writes bench/results.json.
  *
  * Environment: BENCH_ROWS (10000), BENCH_ROUNDS (5 measured, after 1 discarded warm-up round),
- * BENCH_LOOKUPS (1000), BENCH_DB (force a database kind), DATABASE_URL.
+ * BENCH_LOOKUPS (1000), BENCH_REWRAP_ROWS (100000), BENCH_REWRAP_ROUNDS (3), BENCH_DB (force a
+ * database kind), DATABASE_URL.
  */
 import 'reflect-metadata';
 import { randomBytes } from 'node:crypto';
@@ -16,6 +18,7 @@ import { DataSource, type Repository } from 'typeorm';
 import { EnvelopeEncryption, LocalKeyProvider } from '../src';
 import { type BenchDatabase, openDatabase } from './database';
 import { EnvelopePerson, type PersonData, PlainPerson, TypeormEncryptedPerson } from './entities';
+import { runRewrapBench } from './rewrap';
 
 const ROWS = intEnv('BENCH_ROWS', 10_000);
 const ROUNDS = intEnv('BENCH_ROUNDS', 5);
@@ -403,6 +406,10 @@ async function main(): Promise<void> {
     );
     console.log(out.join('\n'));
 
+    /* Re-wrap section (./rewrap.ts): rewrapDataKeys against a plain SQL UPDATE, in a schema of its own. */
+    const rewrap = await runRewrapBench(db);
+    console.log(['', ...rewrap.lines].join('\n'));
+
     const results = {
       machine,
       database,
@@ -421,6 +428,7 @@ async function main(): Promise<void> {
         },
       },
       providerCalls,
+      rewrap: rewrap.result,
       generatedAt: new Date().toISOString(),
     };
     const file = join(__dirname, '..', '..', 'bench', 'results.json');

@@ -1,6 +1,8 @@
 import type { EnvelopeEncryption } from '../envelope-encryption';
+import type { SealedValue } from '../field-encryptor';
 import { primaryKeyOfRow } from '../typeorm/primary-key';
 import { describeError } from './describe-error';
+import { inBatchTransaction, recordJobEnd, writeSealed } from './job';
 import { KeyRegistry } from './key-registry';
 import {
   type EntitySelector,
@@ -71,13 +73,11 @@ export async function backfillEncryptedColumns(
              WHERE ${batch.condition} AND ${column.ciphertext} IS NULL AND ${plaintext} IS NOT NULL`,
             batch.params,
           )) as Array<Record<string, unknown>>;
-          const ownTransaction = !runner.isTransactionActive;
-          if (ownTransaction) await runner.startTransaction();
-          try {
+          await inBatchTransaction(runner, async () => {
             for (const row of rows) {
               const key = Object.fromEntries(keyNames.map((n) => [n, row[n]]));
               const primaryKey = primaryKeyOfRow(column.metadata, key) as string;
-              let sealed: Awaited<ReturnType<typeof encryption.encryptor.seal>>;
+              let sealed: SealedValue;
               try {
                 sealed = await encryption.encryptor.seal(
                   row.plaintext,
@@ -92,27 +92,18 @@ export async function backfillEncryptedColumns(
                 outcome.failures.push({ primaryKey, error: describeError(error) });
                 continue;
               }
-              const where = column.primaryKey.map((q, i) => `${q} = $${5 + i}`).join(' AND ');
-              const clear = options.clearPlaintext ? `, ${plaintext} = NULL` : '';
-              const updated = (await runner.query(
-                `UPDATE ${column.table} SET ${column.ciphertext} = $1, ${column.iv} = $2, ${column.wrappedKey} = $3, ${column.keyVersion} = $4${clear}
-                 WHERE ${where} AND ${column.ciphertext} IS NULL`,
-                [
-                  sealed.ciphertext,
-                  sealed.iv,
-                  sealed.wrappedKey,
-                  sealed.keyVersion,
-                  ...keyNames.map((n) => key[n]),
-                ],
-                true,
-              )) as { affected?: number };
-              if (updated.affected) outcome.rowsEncrypted += 1;
+              /* Only rows still without ciphertext: a value the application wrote meanwhile wins. */
+              const written = await writeSealed(
+                runner,
+                column,
+                key,
+                sealed,
+                () => ({ sql: `${column.ciphertext} IS NULL`, params: [] }),
+                options.clearPlaintext ? `, ${plaintext} = NULL` : '',
+              );
+              if (written) outcome.rowsEncrypted += 1;
             }
-            if (ownTransaction) await runner.commitTransaction();
-          } catch (error) {
-            if (ownTransaction) await runner.rollbackTransaction();
-            throw error;
-          }
+          });
           options.onProgress?.({
             entity: column.entity,
             property: column.property,
@@ -125,17 +116,10 @@ export async function backfillEncryptedColumns(
     result.error = error;
   }
   result.durationMs = performance.now() - started;
-  const failures = result.properties.reduce((n, p) => n + p.failures.length, 0);
-  await audit
-    .record(
-      result.error || failures ? 'backfill-failed' : 'backfill-finished',
-      encryption.keyring.activeVersion,
-      {
-        rowsEncrypted: result.properties.reduce((n, p) => n + p.rowsEncrypted, 0),
-        failures,
-        ...(result.error ? { error: describeError(result.error) } : {}),
-      },
-    )
-    .catch(() => undefined);
+  await recordJobEnd(audit, 'backfill', encryption.keyring.activeVersion, {
+    error: result.error,
+    failures: result.properties.reduce((n, p) => n + p.failures.length, 0),
+    counts: { rowsEncrypted: result.properties.reduce((n, p) => n + p.rowsEncrypted, 0) },
+  });
   return result;
 }

@@ -1,5 +1,7 @@
 import type { EnvelopeEncryption } from '../envelope-encryption';
+import type { SealedValue } from '../field-encryptor';
 import { describeError } from './describe-error';
+import { inBatchTransaction, recordJobEnd, writeSealed } from './job';
 import { KeyRegistry } from './key-registry';
 import {
   type EntitySelector,
@@ -7,7 +9,7 @@ import {
   type RotationTarget,
   withQueryRunner,
 } from './rotation-target';
-import { keyCondition, sealedRowBatches } from './sealed-rows';
+import { sealedRowBatches } from './sealed-rows';
 
 /** Options of {@link reencryptColumns}. */
 export interface ReencryptOptions {
@@ -68,11 +70,9 @@ export async function reencryptColumns(
         result.properties.push(outcome);
         const bindKey = column.columns.definition.bindPrimaryKey;
         for await (const rows of sealedRowBatches(runner, column, options.batchSize ?? 500)) {
-          const ownTransaction = !runner.isTransactionActive;
-          if (ownTransaction) await runner.startTransaction();
-          try {
+          await inBatchTransaction(runner, async () => {
             for (const row of rows) {
-              let fresh: Awaited<ReturnType<typeof encryption.encryptor.seal>>;
+              let fresh: SealedValue;
               try {
                 const value = await encryption.encryptor.open(row.sealed, row.binding);
                 const binding = bindKey ? row.binding : { ...row.binding, primaryKey: undefined };
@@ -81,28 +81,15 @@ export async function reencryptColumns(
                 outcome.failures.push({ primaryKey: row.primaryKey, error: describeError(error) });
                 continue;
               }
-              const where = keyCondition(column, row, 4);
-              const updated = (await runner.query(
-                `UPDATE ${column.table} SET ${column.ciphertext} = $1, ${column.iv} = $2, ${column.wrappedKey} = $3, ${column.keyVersion} = $4
-                 WHERE ${where.sql} AND ${column.ciphertext} = $${4 + where.params.length + 1}`,
-                [
-                  fresh.ciphertext,
-                  fresh.iv,
-                  fresh.wrappedKey,
-                  fresh.keyVersion,
-                  ...where.params,
-                  row.sealed.ciphertext,
-                ],
-                true,
-              )) as { affected?: number };
-              if (updated.affected) outcome.rowsReencrypted += 1;
+              /* Only where the row still holds what was read: the application's writes win. */
+              const written = await writeSealed(runner, column, row.key, fresh, (n) => ({
+                sql: `${column.ciphertext} = $${n}`,
+                params: [row.sealed.ciphertext],
+              }));
+              if (written) outcome.rowsReencrypted += 1;
               else outcome.rowsSkipped += 1;
             }
-            if (ownTransaction) await runner.commitTransaction();
-          } catch (error) {
-            if (ownTransaction) await runner.rollbackTransaction();
-            throw error;
-          }
+          });
           options.onProgress?.({
             entity: column.entity,
             property: column.property,
@@ -115,13 +102,10 @@ export async function reencryptColumns(
     result.error = error;
   }
   result.durationMs = performance.now() - started;
-  const failures = result.properties.reduce((n, p) => n + p.failures.length, 0);
-  await audit
-    .record(result.error || failures ? 'reencryption-failed' : 'reencryption-finished', result.toVersion, {
-      rowsReencrypted: result.properties.reduce((n, p) => n + p.rowsReencrypted, 0),
-      failures,
-      ...(result.error ? { error: describeError(result.error) } : {}),
-    })
-    .catch(() => undefined);
+  await recordJobEnd(audit, 'reencryption', result.toVersion, {
+    error: result.error,
+    failures: result.properties.reduce((n, p) => n + p.failures.length, 0),
+    counts: { rowsReencrypted: result.properties.reduce((n, p) => n + p.rowsReencrypted, 0) },
+  });
   return result;
 }

@@ -1,6 +1,7 @@
 import type { QueryRunner } from 'typeorm';
 import type { EnvelopeEncryption } from '../envelope-encryption';
 import { ConfigError, IntegrityError } from '../errors';
+import { recordJobEnd } from './job';
 import { KeyRegistry } from './key-registry';
 import {
   type EncryptedColumnSql,
@@ -114,23 +115,19 @@ export async function rewrapDataKeys(
     result.error = error;
   }
   result.durationMs = performance.now() - started;
-  if (!result.dryRun) await recordOutcome(audit, result);
+  if (!result.dryRun) {
+    await recordJobEnd(audit, 'rotation', result.toVersion, {
+      error: result.error,
+      failures: result.properties.reduce((n, p) => n + p.failures.length, 0),
+      counts: {
+        rowsRewrapped: result.properties.reduce((n, p) => n + p.rowsRewrapped, 0),
+        rowsTotal: result.properties.reduce((n, p) => n + p.rowsTotal, 0),
+        rewrapCalls: result.rewrapCalls,
+        durationMs: Math.round(result.durationMs),
+      },
+    });
+  }
   return result;
-}
-
-/** Records the job's outcome in the audit log; a failure to record does not hide the result. */
-async function recordOutcome(audit: KeyRegistry, result: RewrapResult): Promise<void> {
-  const failures = result.properties.reduce((n, p) => n + p.failures.length, 0);
-  const details = {
-    rowsRewrapped: result.properties.reduce((n, p) => n + p.rowsRewrapped, 0),
-    rowsTotal: result.properties.reduce((n, p) => n + p.rowsTotal, 0),
-    rewrapCalls: result.rewrapCalls,
-    failures,
-    durationMs: Math.round(result.durationMs),
-    ...(result.error ? { error: String(result.error) } : {}),
-  };
-  const event = result.error || failures ? 'rotation-failed' : 'rotation-finished';
-  await audit.record(event, result.toVersion, details).catch(() => undefined);
 }
 
 function entityNames(options: RewrapOptions): string[] | 'all' {

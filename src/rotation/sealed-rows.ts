@@ -49,16 +49,3 @@ export async function* sealedRowBatches(
     });
   }
 }
-
-/** `a = $1 AND b = $2` for the row's primary key, with parameters numbered from `offset + 1`. */
-export function keyCondition(
-  column: EncryptedColumnSql,
-  row: SealedRow,
-  offset: number,
-): { sql: string; params: unknown[] } {
-  const names = Object.keys(row.key);
-  return {
-    sql: column.primaryKey.map((quoted, i) => `${quoted} = $${offset + i + 1}`).join(' AND '),
-    params: names.map((n) => row.key[n]),
-  };
-}

@@ -1,53 +1,24 @@
-import { randomBytes } from 'node:crypto';
 import { mkdtempSync, readdirSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import 'reflect-metadata';
-import { DataSource } from 'typeorm';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { TypeormEnvelopeKeyRegistry1764300000000 } from '../../../migrations/1764300000000-TypeormEnvelopeKeyRegistry';
-import { EnvelopeEncryption, LocalKeyProvider } from '../../../src';
 import { runCli } from '../../support/cli';
-import { createTestSchema, rawQuery, type TestSchema } from '../../support/database';
-import { Customer, Order } from '../../support/entities';
+import { createCliProject } from '../../support/cli-project';
+import { rawQuery, type TestSchema } from '../../support/database';
 
 let schema: TestSchema;
 let env: Record<string, string>;
-const keys = { 1: randomBytes(32).toString('base64'), 2: randomBytes(32).toString('base64') };
 
 beforeAll(async () => {
-  schema = await createTestSchema('cli');
-  env = {
-    TEST_DATABASE_URL: schema.url,
-    TEST_SCHEMA: schema.schema,
-    TEST_MASTER_KEY_1: keys[1],
-    TEST_MASTER_KEY_2: keys[2],
-    TEST_ACTIVE_VERSION: '1',
-    TYPEORM_ENVELOPE_ACTOR: 'cli-test',
-  };
-  const encryption = new EnvelopeEncryption({
-    keys: [{ version: 1, provider: new LocalKeyProvider({ key: keys[1] }) }],
-    activeVersion: 1,
-    cache: { dataKeyMaxUses: 25 },
+  const project = await createCliProject({
+    prefix: 'cli',
+    rows: 60,
+    maxUses: 25,
+    registry: true,
+    customer: (i) => ({ email: `cli${i}@example.com`, plan: 'cli', address: null }),
   });
-  const dataSource = new DataSource({
-    type: 'postgres',
-    url: schema.url,
-    schema: schema.schema,
-    entities: [Customer, Order],
-    synchronize: true,
-    migrations: [TypeormEnvelopeKeyRegistry1764300000000],
-    migrationsRun: true,
-  });
-  encryption.attach(dataSource);
-  await dataSource.initialize();
-  const repo = dataSource.getRepository(Customer);
-  await repo.save(
-    Array.from({ length: 60 }, (_, i) =>
-      repo.create({ email: `cli${i}@example.com`, plan: 'cli', address: null }),
-    ),
-  );
-  await dataSource.destroy();
+  schema = project.schema;
+  env = { ...project.env, TEST_ACTIVE_VERSION: '1', TYPEORM_ENVELOPE_ACTOR: 'cli-test' };
 });
 afterAll(() => schema?.drop());
 

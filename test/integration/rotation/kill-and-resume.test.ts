@@ -1,11 +1,7 @@
-import { randomBytes } from 'node:crypto';
-import 'reflect-metadata';
-import { DataSource } from 'typeorm';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { EnvelopeEncryption, LocalKeyProvider } from '../../../src';
 import { runCli, startCli } from '../../support/cli';
-import { createTestSchema, rawQuery, type TestSchema } from '../../support/database';
-import { Customer, Order } from '../../support/entities';
+import { createCliProject } from '../../support/cli-project';
+import { rawQuery, type TestSchema } from '../../support/database';
 
 /**
  * Kills the rotation process (SIGKILL) part-way through, at a point chosen at random from the
@@ -16,40 +12,21 @@ const ROWS = 3_000;
 const RUNS = 5;
 let schema: TestSchema;
 let env: Record<string, string>;
-const keys = { 1: randomBytes(32).toString('base64'), 2: randomBytes(32).toString('base64') };
 const table = () => `"${schema.schema}".customer`;
 
 beforeAll(async () => {
-  schema = await createTestSchema('kill');
-  env = {
-    TEST_DATABASE_URL: schema.url,
-    TEST_SCHEMA: schema.schema,
-    TEST_MASTER_KEY_1: keys[1],
-    TEST_MASTER_KEY_2: keys[2],
-    TEST_ACTIVE_VERSION: '2',
-  };
-  const encryption = new EnvelopeEncryption({
-    keys: [{ version: 1, provider: new LocalKeyProvider({ key: keys[1] }) }],
-    activeVersion: 1,
-    cache: { dataKeyMaxUses: 400 },
+  const project = await createCliProject({
+    prefix: 'kill',
+    rows: ROWS,
+    maxUses: 400,
+    customer: (i) => ({
+      email: `kill${i}@example.com`,
+      plan: 'kill',
+      address: { street: `${i}`, city: 'K' },
+    }),
   });
-  const dataSource = new DataSource({
-    type: 'postgres',
-    url: schema.url,
-    schema: schema.schema,
-    entities: [Customer, Order],
-    synchronize: true,
-  });
-  encryption.attach(dataSource);
-  await dataSource.initialize();
-  const repo = dataSource.getRepository(Customer);
-  await repo.save(
-    Array.from({ length: ROWS }, (_, i) =>
-      repo.create({ email: `kill${i}@example.com`, plan: 'kill', address: { street: `${i}`, city: 'K' } }),
-    ),
-    { chunk: 500 },
-  );
-  await dataSource.destroy();
+  schema = project.schema;
+  env = { ...project.env, TEST_ACTIVE_VERSION: '2' };
   await rawQuery(schema.url, `CREATE TABLE "${schema.schema}".original AS SELECT * FROM ${table()}`);
 });
 afterAll(() => schema?.drop());
@@ -114,5 +91,5 @@ describe('rotation killed with SIGKILL and resumed', () => {
     }
     // Kill points spread over the job, not all at its start or end.
     expect(new Set(killedAt).size).toBe(RUNS);
-  });
+  }, 300_000);
 });
