@@ -7,6 +7,7 @@
  * BENCH_LOOKUPS (1000), BENCH_REWRAP_ROWS (100000), BENCH_REWRAP_ROUNDS (3), BENCH_DB (force a
  * database kind), DATABASE_URL.
  */
+import { gcmBackend } from '../src/crypto/aes-gcm';
 import 'reflect-metadata';
 import { randomBytes } from 'node:crypto';
 import { writeFileSync } from 'node:fs';
@@ -214,6 +215,7 @@ async function main(): Promise<void> {
       platform: `${os.platform()} ${os.release()} ${os.arch()}`,
       node: process.version,
       postgres: db.version,
+      aesGcm: gcmBackend(),
     };
     const database = { kind: db.kind, detail: db.detail, version: db.version };
     console.error(
@@ -370,7 +372,8 @@ async function main(): Promise<void> {
     /* Report. */
     const out: string[] = [];
     out.push(
-      `Machine: ${machine.cpu}, ${machine.cores} cores, ${machine.memoryGiB} GiB, Node ${machine.node}`,
+      `Machine: ${machine.cpu}, ${machine.cores} cores, ${machine.memoryGiB} GiB, Node ${machine.node}; ` +
+        `AES-256-GCM backend: ${machine.aesGcm}`,
     );
     out.push(`PostgreSQL: ${db.version}; database: ${db.kind} (${db.detail})`);
     out.push(
