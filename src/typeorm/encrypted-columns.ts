@@ -1,7 +1,6 @@
 import type { EntityMetadata } from 'typeorm';
 import type { ColumnMetadata } from 'typeorm/metadata/ColumnMetadata';
 import { ConfigError, UnsupportedOperationError } from '../errors';
-import type { SealedValue } from '../field-encryptor';
 import {
   type EncryptedPropertyDefinition,
   encryptedDefinition,
@@ -109,15 +108,16 @@ function overrideColumnAccess(columns: EncryptedColumns, store: PropertyStateSto
   main.getEntityValue = (entity: object) => partOf(entity, 'ciphertext');
   main.setEntityValue = (entity: object, value: unknown) => {
     const holder = holderOf(entity, true) as Record<string, unknown>;
+    const origin = store.originOf(value);
     if (value instanceof PendingPlaintext) {
       holder[property] = value.value; // create()/merge() copying from a plain object
     } else if (value instanceof SealedForUpdate) {
       holder[property] = value.plaintext;
-    } else if (store.originOf(value)) {
-      const origin = store.originOf(value) as { value: unknown; sealed: SealedValue };
+    } else if (origin) {
       holder[property] = origin.value; // a copy of an entity this library sealed or decrypted
       store.seal(holder, property, origin.value, origin.sealed);
     } else {
+      /* Hydration: the raw column value, decrypted in `afterLoad`. */
       const state = store.upsert(holder, property);
       state.loaded ??= {};
       state.loaded.ciphertext = value as Buffer | null;

@@ -44,7 +44,7 @@ const sources: DataSource[] = [];
 const provider = new CountingKeyProvider();
 const table = () => `"${schema.schema}".member`;
 
-async function open(entity: Function) {
+async function open(entity: typeof PlainMember | typeof Member | typeof StrictMember) {
   const encryption = new EnvelopeEncryption({ keys: [{ version: 1, provider }], activeVersion: 1 });
   const dataSource = new DataSource({
     type: 'postgres',
