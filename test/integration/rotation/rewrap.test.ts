@@ -1,3 +1,4 @@
+import type { MigrationInterface, QueryRunner } from 'typeorm';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { rewrapDataKeys } from '../../../src/rotation/rewrap';
 import { CountingKeyProvider } from '../../support/counting-key-provider';
@@ -94,5 +95,34 @@ describe('rewrapDataKeys', () => {
     const again = await rewrapDataKeys(db.dataSource, db.encryption, { entities: [Customer] });
     expect(again.properties.every((p) => p.rowsTotal === 0)).toBe(true);
     expect(again.rewrapCalls).toBe(0);
+  });
+});
+
+describe('rewrapDataKeys inside a TypeORM migration', () => {
+  it('runs on the migration query runner, in its transaction, when the migration runs', async () => {
+    const repo = db.dataSource.getRepository(Customer);
+    await repo.save(repo.create({ email: 'migration@example.com', plan: 'mig', address: null }));
+    db.encryption.keyring.activate(1);
+    await repo.save(repo.create({ email: 'migration-v1@example.com', plan: 'mig', address: null }));
+    const encryption = db.encryption;
+    class RewrapToVersion2Migration1764400000000 implements MigrationInterface {
+      name = 'RewrapToVersion2Migration1764400000000';
+      async up(queryRunner: QueryRunner): Promise<void> {
+        expect(queryRunner.isTransactionActive).toBe(true);
+        const result = await rewrapDataKeys(queryRunner, encryption, { toVersion: 2 });
+        if (result.error) throw result.error;
+      }
+      async down(): Promise<void> {}
+    }
+    const migrations = db.dataSource.migrations as MigrationInterface[];
+    migrations.push(new RewrapToVersion2Migration1764400000000());
+    const ran = await db.dataSource.runMigrations({ transaction: 'each' });
+    expect(ran.map((m) => m.name)).toEqual(['RewrapToVersion2Migration1764400000000']);
+    const rows = await rawQuery<{ v: number }>(
+      db.schema.url,
+      `SELECT DISTINCT email_key_version AS v FROM ${table()} WHERE plan = 'mig'`,
+    );
+    expect(rows).toEqual([{ v: 2 }]);
+    db.encryption.keyring.activate(2);
   });
 });

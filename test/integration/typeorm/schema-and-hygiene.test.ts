@@ -1,9 +1,9 @@
 import { inspect } from 'node:util';
 import 'reflect-metadata';
-import { DataSource } from 'typeorm';
+import { DataSource, Entity, PrimaryGeneratedColumn } from 'typeorm';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { EnvelopeEncryption, LocalKeyProvider } from '../../../src';
-import { createTestSchema, type TestSchema } from '../../support/database';
+import { Encrypted, EnvelopeEncryption, LocalKeyProvider } from '../../../src';
+import { createTestSchema, rawQuery, type TestSchema } from '../../support/database';
 import { Customer, Order } from '../../support/entities';
 
 let schema: TestSchema;
@@ -73,5 +73,46 @@ describe('no key material in inspect output or JSON', () => {
       expect(printed).not.toContain(form);
     }
     expect(printed).not.toContain('inspect@example.com');
+  });
+});
+
+describe('column names', () => {
+  it('can be overridden per property, and values still round-trip', async () => {
+    @Entity('renamed_contact')
+    class RenamedContact {
+      @PrimaryGeneratedColumn() id!: number;
+      @Encrypted({ name: 'mail', columnNames: { keyVersion: 'mail_kv' } }) email!: string;
+    }
+    const other = await createTestSchema('renamed');
+    const ds = new DataSource({
+      type: 'postgres',
+      url: other.url,
+      schema: other.schema,
+      entities: [RenamedContact],
+      synchronize: true,
+    });
+    encryption.attach(ds);
+    await ds.initialize();
+    try {
+      const saved = await ds.getRepository(RenamedContact).save({ email: 'renamed@example.com' });
+      const columns = await rawQuery<{ column_name: string }>(
+        other.url,
+        `SELECT column_name FROM information_schema.columns WHERE table_schema = $1 AND table_name = 'renamed_contact' ORDER BY 1`,
+        [other.schema],
+      );
+      expect(columns.map((c) => c.column_name)).toEqual([
+        'id',
+        'mail_ciphertext',
+        'mail_iv',
+        'mail_kv',
+        'mail_wrapped_key',
+      ]);
+      expect((await ds.getRepository(RenamedContact).findOneByOrFail({ id: saved.id })).email).toBe(
+        'renamed@example.com',
+      );
+    } finally {
+      await ds.destroy();
+      await other.drop();
+    }
   });
 });
