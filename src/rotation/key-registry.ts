@@ -141,16 +141,14 @@ export class KeyRegistry {
    */
   async activate(version: number): Promise<void> {
     await this.sync();
+    const state = await this.#run((runner) => this.#stateOf(runner, version));
+    if (state === 'retired') {
+      throw new ConfigError('a retired key version cannot be activated again', { keyVersion: version });
+    }
     const validation = await this.#encryption.activate(version);
     await this.#run(async (runner) => {
       const table = this.#path(KEY_VERSIONS_TABLE);
       const keyringId = this.#encryption.keyring.keyringId;
-      const [record] = (await runner.query(
-        `SELECT state FROM ${table} WHERE keyring_id = $1 AND version = $2`,
-        [keyringId, version],
-      )) as Array<{ state: KeyState }>;
-      if (record?.state === 'retired')
-        throw new ConfigError('a retired key version cannot be activated again', { keyVersion: version });
       await runner.query(
         `UPDATE ${table} SET state = 'decrypt-only' WHERE keyring_id = $1 AND state = 'active'`,
         [keyringId],
@@ -171,14 +169,9 @@ export class KeyRegistry {
   async retire(version: number): Promise<void> {
     const rows = await this.rowsUsingVersion(version);
     await this.#run(async (runner) => {
-      const table = this.#path(KEY_VERSIONS_TABLE);
-      const keyringId = this.#encryption.keyring.keyringId;
-      const [record] = (await runner.query(
-        `SELECT state FROM ${table} WHERE keyring_id = $1 AND version = $2`,
-        [keyringId, version],
-      )) as Array<{ state: KeyState }>;
-      if (!record) throw new ConfigError('key version is not in the registry', { keyVersion: version });
-      if (record.state === 'active') {
+      const state = await this.#stateOf(runner, version);
+      if (!state) throw new ConfigError('key version is not in the registry', { keyVersion: version });
+      if (state === 'active') {
         throw new UnsupportedOperationError(
           'the active key version cannot be retired; activate another first',
           {
@@ -193,8 +186,8 @@ export class KeyRegistry {
         );
       }
       await runner.query(
-        `UPDATE ${table} SET state = 'retired', retired_at = now() WHERE keyring_id = $1 AND version = $2`,
-        [keyringId, version],
+        `UPDATE ${this.#path(KEY_VERSIONS_TABLE)} SET state = 'retired', retired_at = now() WHERE keyring_id = $1 AND version = $2`,
+        [this.#encryption.keyring.keyringId, version],
       );
       await this.#audit(runner, 'key-retired', version, {});
     });
@@ -251,6 +244,14 @@ export class KeyRegistry {
         details: r.details,
       }));
     });
+  }
+
+  async #stateOf(runner: QueryRunner, version: number): Promise<KeyState | undefined> {
+    const [record] = (await runner.query(
+      `SELECT state FROM ${this.#path(KEY_VERSIONS_TABLE)} WHERE keyring_id = $1 AND version = $2`,
+      [this.#encryption.keyring.keyringId, version],
+    )) as Array<{ state: KeyState }>;
+    return record?.state;
   }
 
   async #rows(runner: QueryRunner): Promise<KeyVersionRecord[]> {

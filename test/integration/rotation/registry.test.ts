@@ -115,3 +115,11 @@ describe('key registry and audit log', () => {
     }
   });
 });
+
+describe('retired versions', () => {
+  it('cannot be activated again, and the refusal leaves the active version as it was', async () => {
+    const active = db.encryption.keyring.activeVersion;
+    await expect(registry.activate(1)).rejects.toThrow(/retired key version cannot be activated/);
+    expect(db.encryption.keyring.activeVersion).toBe(active);
+  });
+});
