@@ -23,30 +23,47 @@ export const FORMAT_V1 = 1;
 export const FLAG_PRIMARY_KEY_BOUND = 0x01;
 export const HEADER_BYTES = 2;
 
-/** Associated data up to (not including) the primary key, per header, table and column. */
-const prefixes = new Map<string, Buffer>();
-const MAX_PREFIXES = 10_000;
+/** Per table and column: for each header flag byte, the associated data without the key part. */
+const prefixes = new Map<string, Map<string, Map<number, { prefix: Buffer; unbound: Buffer }>>>();
+const MAX_TABLES = 10_000;
 const UNBOUND_KEY = lengthPrefixed('');
 
 /**
  * Builds the associated data; the header is included so that flipping a flag is detected. The
- * part that depends only on header, table and column is built once and reused.
+ * part that depends only on header, table and column is built once and reused (read-only).
  */
 export function associatedData(header: Uint8Array, binding: ValueBinding): Buffer {
-  const bound = ((header[1] ?? 0) & FLAG_PRIMARY_KEY_BOUND) !== 0;
-  const id = `${header[0]},${header[1]}\u0000${binding.table}\u0000${binding.column}`;
-  let prefix = prefixes.get(id);
-  if (!prefix) {
-    if (prefixes.size >= MAX_PREFIXES) prefixes.clear();
-    prefix = Buffer.concat([
+  const flags = header[1] ?? 0;
+  const cached = cachedPrefix(header, binding, ((header[0] ?? 0) << 8) | flags);
+  return (flags & FLAG_PRIMARY_KEY_BOUND) === 0
+    ? cached.unbound
+    : Buffer.concat([cached.prefix, lengthPrefixed(binding.primaryKey ?? '')]);
+}
+
+function cachedPrefix(header: Uint8Array, binding: ValueBinding, headerKey: number) {
+  let byColumn = prefixes.get(binding.table);
+  if (!byColumn) {
+    if (prefixes.size >= MAX_TABLES) prefixes.clear();
+    byColumn = new Map();
+    prefixes.set(binding.table, byColumn);
+  }
+  let byHeader = byColumn.get(binding.column);
+  if (!byHeader) {
+    byHeader = new Map();
+    byColumn.set(binding.column, byHeader);
+  }
+  let cached = byHeader.get(headerKey);
+  if (!cached) {
+    const prefix = Buffer.concat([
       Buffer.from('typeorm-envelope', 'latin1'),
       header.subarray(0, HEADER_BYTES),
       lengthPrefixed(binding.table),
       lengthPrefixed(binding.column),
     ]);
-    prefixes.set(id, prefix);
+    cached = { prefix, unbound: Buffer.concat([prefix, UNBOUND_KEY]) };
+    byHeader.set(headerKey, cached);
   }
-  return Buffer.concat([prefix, bound ? lengthPrefixed(binding.primaryKey ?? '') : UNBOUND_KEY]);
+  return cached;
 }
 
 /** Length-prefixing keeps ("ab","c") and ("a","bc") distinct. */

@@ -6,7 +6,7 @@ import type { FieldEncryptor, SealedValue } from '../field-encryptor';
 import { NOT_CACHED } from '../keys/data-key-cache';
 import type { EncryptedColumns } from './encrypted-columns';
 import { primaryKeyOf } from './primary-key';
-import { type PropertyStateStore, SealedForUpdate } from './property-state';
+import { type LoadedColumns, type PropertyStateStore, SealedForUpdate } from './property-state';
 import type { SidecarLoader } from './sidecar-loader';
 
 /** Finds the encrypted columns of an entity's metadata. */
@@ -122,13 +122,18 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
    * A row with no ciphertext may still hold its value in the plaintext column it is being migrated
    * from: read it only when the property allows it, otherwise refuse rather than guess.
    */
-  #notYetEncrypted(column: EncryptedColumns, legacy: unknown, context: () => ErrorContext): unknown {
+  #notYetEncrypted(
+    column: EncryptedColumns,
+    legacy: unknown,
+    metadata: EntityMetadata,
+    entity: object,
+  ): unknown {
     if (legacy === undefined || legacy === null) return null;
     if (column.definition.plaintext?.fallback) return legacy;
     throw new UnsupportedOperationError(
       'this row holds a plaintext value that is not encrypted yet; run the backfill ' +
         '(typeorm-envelope backfill) or set readPlaintextFallback on the property while it runs',
-      context(),
+      loadContext(metadata, column, entity, {}),
     );
   }
 
@@ -151,22 +156,19 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
   ): Promise<void> | undefined {
     const property = column.definition.propertyName;
     const holder = column.holderOf(entity, false);
-    const loaded = holder && this.store.get(holder, property)?.loaded;
-    if (!holder || !loaded || loaded.ciphertext === undefined) return undefined;
-    /* Context for errors only: the primary key is computed when a value is bound to it, or fails. */
-    const context = () => ({
-      entity: metadata.name,
-      column: column.main.propertyPath,
-      primaryKey: loaded.primaryKey ?? primaryKeyOf(metadata, entity),
-    });
+    const state = holder && this.store.get(holder, property);
+    const loaded = state?.loaded;
+    if (!holder || !state || !loaded || loaded.ciphertext === undefined) return undefined;
     const { ciphertext, iv, wrappedKey, keyVersion } = loaded;
     if (ciphertext === null) {
       if ((iv ?? null) !== null || (wrappedKey ?? null) !== null || (keyVersion ?? null) !== null) {
-        throw new IntegrityError('encrypted value is null but its sidecar columns are not', context());
+        throw new IntegrityError(
+          'encrypted value is null but its sidecar columns are not',
+          loadContext(metadata, column, entity, loaded),
+        );
       }
-      const state = this.store.upsert(holder, property);
       state.loaded = undefined;
-      holder[property] = this.#notYetEncrypted(column, state.legacy, context);
+      holder[property] = this.#notYetEncrypted(column, state.legacy, metadata, entity);
       return undefined;
     }
     if (iv === undefined || wrappedKey === undefined || keyVersion === undefined) {
@@ -176,30 +178,56 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
         .then(() => this.#openLoaded(metadata, column, entity, undefined));
     }
     if (iv === null || wrappedKey === null || keyVersion === null) {
-      throw new IntegrityError('encrypted value is missing a sidecar column', context());
+      throw new IntegrityError(
+        'encrypted value is missing a sidecar column',
+        loadContext(metadata, column, entity, loaded),
+      );
     }
-    const sealed = { ciphertext, iv, wrappedKey, keyVersion };
+    /* The loaded columns are the sealed value: no copy per row. */
+    const sealed = loaded as SealedValue;
     const bound = ((ciphertext[1] ?? 0) & FLAG_PRIMARY_KEY_BOUND) !== 0;
-    const binding = bindingOf(metadata, column, bound ? context().primaryKey : undefined);
-    const record = (value: unknown) => {
-      holder[property] = value;
-      this.store.seal(holder, property, value, sealed);
-    };
-    const withContext = (error: unknown) => withErrorContext(error, context());
+    const primaryKey = bound ? (loaded.primaryKey ?? primaryKeyOf(metadata, entity)) : undefined;
+    const binding = bindingOf(metadata, column, primaryKey);
     let opened: unknown;
     try {
       opened = this.encryptor.tryOpen(sealed, binding);
     } catch (error) {
-      throw withContext(error);
+      throw withErrorContext(error, loadContext(metadata, column, entity, loaded));
     }
-    if (opened !== NOT_CACHED) {
-      record(opened);
-      return undefined;
+    if (opened === NOT_CACHED) {
+      return this.encryptor.open(sealed, binding).then(
+        (value) => this.#recordOpened(holder, property, value, sealed),
+        (error: unknown) =>
+          Promise.reject(withErrorContext(error, loadContext(metadata, column, entity, loaded))),
+      );
     }
-    return this.encryptor
-      .open(sealed, binding)
-      .then(record, (error: unknown) => Promise.reject(withContext(error)));
+    this.#recordOpened(holder, property, opened, sealed);
+    return undefined;
   }
+
+  #recordOpened(
+    holder: Record<string, unknown>,
+    property: string,
+    value: unknown,
+    sealed: SealedValue,
+  ): void {
+    holder[property] = value;
+    this.store.seal(holder, property, value, sealed);
+  }
+}
+
+/** Where a loaded value came from, for errors (computed only when one is raised). */
+function loadContext(
+  metadata: EntityMetadata,
+  column: EncryptedColumns,
+  entity: object,
+  loaded: LoadedColumns,
+): ErrorContext {
+  return {
+    entity: metadata.name,
+    column: column.main.propertyPath,
+    primaryKey: loaded.primaryKey ?? primaryKeyOf(metadata, entity),
+  };
 }
 
 /** The place a value is bound to: table, base column name, and the primary key when given. */
