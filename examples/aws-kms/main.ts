@@ -16,6 +16,7 @@ import { AwsKmsKeyProvider, type AwsKmsKeyProviderOptions, EnvelopeEncryption } 
 import { type KmsEmulator, startKmsEmulator } from '../../test/support/kms-emulator';
 import { Customer } from '../quickstart/customer';
 import { startPgliteServer } from '../quickstart/pglite-server';
+import { printApplicationView, printPlaintextCheck, printStoredRows, table } from '../shared/print';
 
 /** What the example observed; checked by test/integration/examples.test.ts. */
 export interface AwsKmsDemoResult {
@@ -41,20 +42,6 @@ type Phase = 'startup' | 'writes' | 'reads';
 const ALIAS = 'alias/typeorm-envelope-demo';
 const BULK_ROWS = 1_000;
 const OPERATIONS = ['DescribeKey', 'GenerateDataKey', 'Decrypt'] as const;
-const SHOWN_BYTES = 8;
-
-/** Short hex of a bytea value: the first bytes, an ellipsis and the length. */
-function shortHex(value: unknown): string {
-  if (!Buffer.isBuffer(value)) return String(value);
-  const head = value.subarray(0, SHOWN_BYTES).toString('hex');
-  return `${head}${value.length > SHOWN_BYTES ? '…' : ''} (${value.length} B)`;
-}
-
-function table(rows: string[][]): string[] {
-  const widths = rows[0]?.map((_, i) => Math.max(...rows.map((r) => (r[i] ?? '').length))) ?? [];
-  return rows.map((r) => `  ${r.map((cell, i) => cell.padEnd(widths[i] ?? 0)).join('  ')}`.trimEnd());
-}
-
 /** Per-operation counts of KMS requests, read at any time. */
 type CallCounter = () => Record<string, number>;
 
@@ -159,37 +146,15 @@ export async function main(log: (line: string) => void = console.log): Promise<A
     log(`saved ${total} customers (${people.length} shown below, ${BULK_ROWS} generated)\n`);
 
     const customers = await repository.find({ order: { id: 'ASC' }, take: people.length });
-    log('What the application sees (repository.find()):');
-    for (const line of table([
-      ['id', 'email', 'address', 'plan'],
-      ...customers.map((c) => [String(c.id), c.email, JSON.stringify(c.address), c.plan]),
-    ]))
-      log(line);
+    printApplicationView(log, customers);
 
     const rows: Array<Record<string, unknown>> = await dataSource.query(
       'SELECT * FROM customer ORDER BY id LIMIT $1',
       [people.length],
     );
-    log('\nWhat the database stores (bytea shown as first bytes + length):');
-    for (const line of table([
-      ['id', 'email_ciphertext', 'email_iv', 'email_wrapped_key', 'key_version', 'plan'],
-      ...rows.map((r) => [
-        String(r.id),
-        shortHex(r.email_ciphertext),
-        shortHex(r.email_iv),
-        shortHex(r.email_wrapped_key),
-        String(r.email_key_version),
-        String(r.plan),
-      ]),
-    ]))
-      log(line);
+    printStoredRows(log, '\nWhat the database stores (bytea shown as first bytes + length):', rows);
     log('  (email_wrapped_key is a KMS ciphertext blob: only KMS, with this key, can open it)');
-    const stored = Buffer.concat(
-      rows.flatMap((r) => Object.values(r).map((v) => (Buffer.isBuffer(v) ? v : Buffer.from(String(v))))),
-    );
-    const secrets = people.flatMap((p) => [p.email, ...(p.address ? [p.address.city] : [])]);
-    const plaintextInDatabase = secrets.some((s) => stored.includes(Buffer.from(s)));
-    log(`  plaintext email or city anywhere in the stored rows: ${plaintextInDatabase ? 'YES' : 'no'}`);
+    const plaintextInDatabase = printPlaintextCheck(log, rows, people);
 
     // A process that did not write the rows (another instance, or after a restart) starts with an
     // empty cache: purging it here shows what reading costs then.

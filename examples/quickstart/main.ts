@@ -10,6 +10,7 @@ import 'reflect-metadata';
 import { randomBytes } from 'node:crypto';
 import { DataSource } from 'typeorm';
 import { EnvelopeEncryption, LocalKeyProvider, maskEntity } from '../../src';
+import { printApplicationView, printPlaintextCheck, printStoredRows, shortHex } from '../shared/print';
 import { Customer } from './customer';
 import { startPgliteServer } from './pglite-server';
 
@@ -29,20 +30,6 @@ export interface DemoResult {
   tamperError: { name: string; message: string; primaryKey: string };
   /** Key-provider calls made during the run. */
   providerCalls: { generated: number; unwrapped: number };
-}
-
-const SHOWN_BYTES = 8;
-
-/** Short hex of a bytea value: the first bytes, an ellipsis and the length. */
-function shortHex(value: unknown): string {
-  if (!Buffer.isBuffer(value)) return String(value);
-  const head = value.subarray(0, SHOWN_BYTES).toString('hex');
-  return `${head}${value.length > SHOWN_BYTES ? '…' : ''} (${value.length} B)`;
-}
-
-function table(rows: string[][]): string[] {
-  const widths = rows[0]?.map((_, i) => Math.max(...rows.map((r) => (r[i] ?? '').length))) ?? [];
-  return rows.map((r) => `  ${r.map((cell, i) => cell.padEnd(widths[i] ?? 0)).join('  ')}`.trimEnd());
 }
 
 function describeError(error: unknown): string {
@@ -84,38 +71,20 @@ export async function main(log: (line: string) => void = console.log): Promise<D
     log(`saved ${people.length} customers\n`);
 
     const customers = await repository.find({ order: { id: 'ASC' } });
-    log('What the application sees (repository.find()):');
-    for (const line of table([
-      ['id', 'email', 'address', 'plan'],
-      ...customers.map((c) => [String(c.id), c.email, JSON.stringify(c.address), c.plan]),
-    ]))
-      log(line);
+    printApplicationView(log, customers);
 
     const rows: Array<Record<string, unknown>> = await dataSource.query('SELECT * FROM customer ORDER BY id');
-    log('\nWhat the database stores (SELECT * FROM customer; bytea shown as first bytes + length):');
-    for (const line of table([
-      ['id', 'email_ciphertext', 'email_iv', 'email_wrapped_key', 'key_version', 'plan'],
-      ...rows.map((r) => [
-        String(r.id),
-        shortHex(r.email_ciphertext),
-        shortHex(r.email_iv),
-        shortHex(r.email_wrapped_key),
-        String(r.email_key_version),
-        String(r.plan),
-      ]),
-    ]))
-      log(line);
+    printStoredRows(
+      log,
+      '\nWhat the database stores (SELECT * FROM customer; bytea shown as first bytes + length):',
+      rows,
+    );
     log(`  columns: ${Object.keys(rows[0] ?? {}).join(', ')}`);
     const wrappedKeys = new Set(rows.map((r) => shortHex(r.email_wrapped_key)));
     if (rows.length > 1 && wrappedKeys.size === 1) {
       log('  (one data key, wrapped once by the master key, seals all three: it is cached in memory)');
     }
-    const stored = Buffer.concat(
-      rows.flatMap((r) => Object.values(r).map((v) => (Buffer.isBuffer(v) ? v : Buffer.from(String(v))))),
-    );
-    const secrets = people.flatMap((p) => [p.email, ...(p.address ? [p.address.city] : [])]);
-    const plaintextInDatabase = secrets.some((s) => stored.includes(Buffer.from(s)));
-    log(`  plaintext email or city anywhere in the stored rows: ${plaintextInDatabase ? 'YES' : 'no'}`);
+    const plaintextInDatabase = printPlaintextCheck(log, rows, people);
 
     const first = customers[0] as Customer;
     const masked = maskEntity(first) as Record<string, unknown>;
