@@ -1,6 +1,7 @@
 import type { EntityMetadata } from 'typeorm';
 import type { ColumnMetadata } from 'typeorm/metadata/ColumnMetadata';
 import { ConfigError, UnsupportedOperationError } from '../errors';
+import type { SealedValue } from '../field-encryptor';
 import {
   type EncryptedPropertyDefinition,
   encryptedDefinition,
@@ -100,7 +101,12 @@ function overrideColumnAccess(columns: EncryptedColumns, store: PropertyStateSto
     if (value instanceof SealedForUpdate) return value.part(role);
     if (value instanceof PendingPlaintext) return role === 'ciphertext' ? value : PENDING_SIDECAR;
     /* TypeORM's insert and update value sets copy the ciphertext column's value: follow it back. */
-    const sealed = store.originOf(value)?.sealed ?? store.currentSealed(holder, property, value);
+    const origin = store.originOf(value);
+    if (origin)
+      return role === 'ciphertext' || role === 'iv'
+        ? origin.sealed[role]
+        : sharedPartSql(origin.sealed, role);
+    const sealed = store.currentSealed(holder, property, value);
     if (sealed) return sealed[role];
     return role === 'ciphertext' ? new PendingPlaintext(value) : PENDING_SIDECAR;
   };
@@ -150,6 +156,29 @@ function overrideColumnAccess(columns: EncryptedColumns, store: PropertyStateSto
       (state.loaded as Record<SidecarRole, unknown>)[role] = value;
     };
   }
+}
+
+const wrappedKeyLiterals = new WeakMap<Buffer, () => string>();
+
+/**
+ * The wrapped key and key version are the same for every value sealed under one data key. In the
+ * value sets TypeORM builds for INSERT and UPDATE they are given as SQL literals (TypeORM inlines a
+ * function's result) instead of one bound parameter per row: TypeORM's cost grows with the number
+ * of parameters. Both are built only from bytes and an integer this library produced.
+ */
+function sharedPartSql(sealed: SealedValue, role: 'wrappedKey' | 'keyVersion'): () => string {
+  if (role === 'keyVersion') {
+    const version = sealed.keyVersion;
+    if (!Number.isSafeInteger(version)) throw new ConfigError('key version must be an integer');
+    return () => String(version);
+  }
+  let literal = wrappedKeyLiterals.get(sealed.wrappedKey);
+  if (!literal) {
+    const sql = `decode('${sealed.wrappedKey.toString('hex')}', 'hex')`;
+    literal = () => sql;
+    wrappedKeyLiterals.set(sealed.wrappedKey, literal);
+  }
+  return literal;
 }
 
 /** Raw values as the driver returns them: bytes, a key version, or null. */

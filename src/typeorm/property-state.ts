@@ -32,11 +32,31 @@ export interface LoadedColumns {
   primaryKey?: string;
 }
 
+/** The plaintext a sealed ciphertext stands for; prints nothing of it. */
+export class SealedOrigin {
+  constructor(
+    readonly value: unknown,
+    readonly sealed: SealedValue,
+  ) {}
+
+  toJSON(): undefined {
+    return undefined;
+  }
+
+  [inspect.custom](): string {
+    return 'SealedOrigin { [hidden] }';
+  }
+}
+
 /** Per-object, per-property state, held weakly. */
 export class PropertyStateStore {
   readonly #states = new WeakMap<object, Map<string, PropertyState>>();
   /** Which plaintext each sealed ciphertext buffer stands for, to follow copies made by `create()`. */
-  readonly #origins = new WeakMap<Buffer, { value: unknown; sealed: SealedValue }>();
+  /**
+   * Where each sealed ciphertext buffer came from, kept on the buffer under a key of this store's
+   * own (cheaper than a WeakMap of many buffers; hidden from JSON and from `inspect`).
+   */
+  readonly #origin = Symbol('typeorm-envelope origin');
 
   get(holder: object, property: string): PropertyState | undefined {
     return this.#states.get(holder)?.get(property);
@@ -63,12 +83,18 @@ export class PropertyStateStore {
     state.sealed = sealed;
     state.snapshot = snapshotOf(value);
     state.loaded = undefined;
-    this.#origins.set(sealed.ciphertext, { value, sealed });
+    Object.defineProperty(sealed.ciphertext, this.#origin, {
+      value: new SealedOrigin(value, sealed),
+      configurable: true,
+      writable: true,
+    });
   }
 
   /** The plaintext and sealed value a ciphertext buffer came from, if this store sealed or opened it. */
-  originOf(ciphertext: unknown): { value: unknown; sealed: SealedValue } | undefined {
-    return Buffer.isBuffer(ciphertext) ? this.#origins.get(ciphertext) : undefined;
+  originOf(ciphertext: unknown): SealedOrigin | undefined {
+    return Buffer.isBuffer(ciphertext)
+      ? (ciphertext as unknown as Record<symbol, SealedOrigin | undefined>)[this.#origin]
+      : undefined;
   }
 
   /** The sealed form, when it still encrypts the current value of `holder[property]`. */
