@@ -1,5 +1,8 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { IntegrityError } from '../../../src';
+import 'reflect-metadata';
+import { DataSource } from 'typeorm';
+import { EnvelopeEncryption, IntegrityError } from '../../../src';
+import { CountingKeyProvider } from '../../support/counting-key-provider';
 import { rawQuery } from '../../support/database';
 import { Customer, Order } from '../../support/entities';
 import { type EncryptedTestDatabase, encryptedDatabase } from '../../support/typeorm';
@@ -92,5 +95,36 @@ describe('two DataSources with different keyrings in one process', () => {
     expect((await two.dataSource.getRepository(Customer).findOneByOrFail({ id: copy.id })).email).toBe(
       'moving@example.com',
     );
+  });
+});
+
+describe('attach() after initialize()', () => {
+  it('installs encryption on an initialized DataSource (schema made beforehand)', async () => {
+    const late = new EnvelopeEncryption({
+      keys: [{ version: 1, provider: new CountingKeyProvider() }],
+      activeVersion: 1,
+    });
+    const dataSource = new DataSource({
+      type: 'postgres',
+      url: one.schema.url,
+      schema: one.schema.schema,
+      entities: [Customer, Order],
+    });
+    await dataSource.initialize();
+    try {
+      late.attach(dataSource);
+      const repo = dataSource.getRepository(Customer);
+      const saved = await repo.save(repo.create({ email: 'late@example.com', plan: 'late', address: null }));
+      const [row] = await rawQuery<{ ct: Buffer }>(
+        one.schema.url,
+        `SELECT email_ciphertext AS ct FROM "${one.schema.schema}".customer WHERE id = $1`,
+        [saved.id],
+      );
+      expect(row?.ct.includes(Buffer.from('late@example.com'))).toBe(false);
+      expect((await repo.findOneByOrFail({ id: saved.id })).email).toBe('late@example.com');
+      expect(() => late.attach(dataSource)).toThrow(/already attached/);
+    } finally {
+      await dataSource.destroy();
+    }
   });
 });
