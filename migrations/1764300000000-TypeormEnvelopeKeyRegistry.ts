@@ -6,7 +6,7 @@ export const AUDIT_LOG_TABLE = 'typeorm_envelope_audit_log';
 
 /**
  * Creates the library's own tables: the key registry (one row per master-key version of each
- * keyring; never the key itself) and the append-only audit log of key and rotation events.
+ * keyring; never the key itself) and the audit log of key and rotation events, to which the library only appends.
  * Add it to the DataSource's `migrations` beside your own.
  */
 export class TypeormEnvelopeKeyRegistry1764300000000 implements MigrationInterface {

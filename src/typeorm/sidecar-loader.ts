@@ -22,11 +22,8 @@ interface Request {
  * result are gathered in a microtask and served by one query per entity and property.
  */
 export class SidecarLoader {
-  readonly #batches = new Map<
-    string,
-    { metadata: EntityMetadata; column: EncryptedColumns; queryRunner?: QueryRunner; requests: Request[] }
-  >();
-  #runnerIds = new WeakMap<object, number>();
+  readonly #batches = new Map<string, Batch>();
+  readonly #runnerIds = new WeakMap<object, number>();
   #nextRunnerId = 1;
 
   constructor(private readonly store: PropertyStateStore) {}
