@@ -39,8 +39,8 @@ async function rowsAtVersion2(): Promise<number> {
   return row?.n ?? 0;
 }
 
-/** Starts a rotation and kills it once `threshold` rows are re-wrapped; returns the count seen. */
-async function killPartWay(threshold: number): Promise<number> {
+/** Starts a rotation and kills it once `threshold` rows are re-wrapped, before it ends. */
+async function killPartWay(threshold: number): Promise<void> {
   const child = startCli(['rotate', '--to', '2', '--batch-size', '10'], env);
   const exited = new Promise<NodeJS.Signals | null>((resolve) =>
     child.on('exit', (_code, signal) => resolve(signal)),
@@ -60,17 +60,16 @@ async function killPartWay(threshold: number): Promise<number> {
   }
   const signal = await exited;
   expect(signal).toBe('SIGKILL'); // killed part-way, not finished on its own
-  return seen;
+  expect(seen).toBeGreaterThanOrEqual(threshold); // at the random point chosen for this run
 }
 
 describe('rotation killed with SIGKILL and resumed', () => {
   it(`finishes correctly after ${RUNS} kills at random points`, async () => {
-    const killedAt: number[] = [];
     for (let run = 0; run < RUNS; run++) {
       await rawQuery(schema.url, `DELETE FROM ${table()}`);
       await rawQuery(schema.url, `INSERT INTO ${table()} SELECT * FROM "${schema.schema}".original`);
       const threshold = 1 + Math.floor(Math.random() * (ROWS - 2 * 10));
-      killedAt.push(await killPartWay(threshold));
+      await killPartWay(threshold);
       const partial = await rowsAtVersion2();
       expect(partial).toBeGreaterThan(0);
 
@@ -89,7 +88,5 @@ describe('rotation killed with SIGKILL and resumed', () => {
       expect(verified.status).toBe(0);
       expect(JSON.parse(verified.stdout)).toMatchObject({ rowsChecked: 2 * ROWS, failed: 0 });
     }
-    // Kill points spread over the job, not all at its start or end.
-    expect(new Set(killedAt).size).toBe(RUNS);
   }, 300_000);
 });
