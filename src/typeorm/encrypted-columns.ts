@@ -8,12 +8,7 @@ import {
   SIDECAR_ROLES,
   type SidecarRole,
 } from './encrypted-decorator';
-import {
-  PENDING_SIDECAR,
-  PendingPlaintext,
-  type PropertyStateStore,
-  SealedForUpdate,
-} from './property-state';
+import { PENDING_SIDECAR, PendingPlaintext, type PropertyStateStore } from './property-state';
 
 /** The four columns of one encrypted property in one entity's built metadata. */
 export interface EncryptedColumns {
@@ -98,7 +93,6 @@ function overrideColumnAccess(columns: EncryptedColumns, store: PropertyStateSto
     if (!holder) return undefined;
     const value = holder[property];
     if (value === undefined || value === null) return value;
-    if (value instanceof SealedForUpdate) return value.part(role);
     if (value instanceof PendingPlaintext) return role === 'ciphertext' ? value : PENDING_SIDECAR;
     /* TypeORM's insert and update value sets copy the ciphertext column's value: follow it back. */
     const origin = store.originOf(value);
@@ -106,7 +100,7 @@ function overrideColumnAccess(columns: EncryptedColumns, store: PropertyStateSto
       return role === 'ciphertext' || role === 'iv'
         ? origin.sealed[role]
         : sharedPartSql(origin.sealed, role);
-    const sealed = store.currentSealed(holder, property, value);
+    const sealed = store.currentSealed(holder, property, value) ?? store.sealedForUpdate(columns, value);
     if (sealed) return sealed[role];
     return role === 'ciphertext' ? new PendingPlaintext(value) : PENDING_SIDECAR;
   };
@@ -117,8 +111,6 @@ function overrideColumnAccess(columns: EncryptedColumns, store: PropertyStateSto
     const origin = store.originOf(value);
     if (value instanceof PendingPlaintext) {
       holder[property] = value.value; // create()/merge() copying from a plain object
-    } else if (value instanceof SealedForUpdate) {
-      holder[property] = value.plaintext;
     } else if (origin) {
       holder[property] = origin.value; // a copy of an entity this library sealed or decrypted
       store.seal(holder, property, origin.value, origin.sealed);
@@ -137,7 +129,7 @@ function overrideColumnAccess(columns: EncryptedColumns, store: PropertyStateSto
       const holder = entity && holderOf(entity, false);
       if (!holder || holder[property] === undefined) return undefined;
       const legacy = store.get(holder, property)?.legacy;
-      return legacy === undefined || holder[property] instanceof SealedForUpdate ? null : legacy;
+      return legacy === undefined ? null : legacy;
     };
     columns.plaintext.setEntityValue = (entity: object, value: unknown) => {
       if (value === null || value === undefined || value instanceof PendingPlaintext) return;

@@ -1,7 +1,6 @@
 import { inspect } from 'node:util';
 import { UnsupportedOperationError } from '../errors';
 import type { SealedValue } from '../field-encryptor';
-import type { SidecarRole } from './encrypted-decorator';
 
 /**
  * What the library knows of one encrypted property of one object (an entity, an embedded object
@@ -32,6 +31,9 @@ export interface LoadedColumns {
   primaryKey?: string;
 }
 
+/** Updates whose sealed values are kept at most, should their queries fail before release. */
+const MAX_PENDING_UPDATES = 1_000;
+
 /** The plaintext a sealed ciphertext stands for; prints nothing of it. */
 export class SealedOrigin {
   constructor(
@@ -57,6 +59,14 @@ export class PropertyStateStore {
    * own (cheaper than a WeakMap of many buffers; hidden from JSON and from `inspect`).
    */
   readonly #origin = Symbol('typeorm-envelope origin');
+  /**
+   * Values sealed for query-builder updates, by property and plaintext. TypeORM copies the top
+   * level of an update's SET map before reading it, so the sealed value is found by the value the
+   * copy holds, and the caller's map is never changed. Released after the update; if updates
+   * fail, at most `MAX_PENDING_UPDATES` are kept.
+   */
+  readonly #forUpdate = new Map<object, Map<unknown, { sealed: SealedValue; updates: number }>>();
+  #pendingUpdates = 0;
 
   get(holder: object, property: string): PropertyState | undefined {
     return this.#states.get(holder)?.get(property);
@@ -88,6 +98,52 @@ export class PropertyStateStore {
       configurable: true,
       writable: true,
     });
+  }
+
+  /** Records `sealed` as the value an update of `property` (any object naming it) writes for `value`. */
+  sealForUpdate(property: object, value: unknown, sealed: SealedValue): void {
+    let byValue = this.#forUpdate.get(property);
+    if (!byValue) {
+      byValue = new Map();
+      this.#forUpdate.set(property, byValue);
+    }
+    /* Concurrent updates to the same value share one entry: any of their sealed values is right. */
+    const entry = byValue.get(value);
+    if (entry) {
+      entry.sealed = sealed;
+      entry.updates += 1;
+      return;
+    }
+    byValue.set(value, { sealed, updates: 1 });
+    this.#pendingUpdates += 1;
+    if (this.#pendingUpdates > MAX_PENDING_UPDATES) this.#dropOldestUpdate();
+  }
+
+  /** The sealed value recorded for an update of `property` to `value`, if any. */
+  sealedForUpdate(property: object, value: unknown): SealedValue | undefined {
+    return this.#forUpdate.get(property)?.get(value)?.sealed;
+  }
+
+  /** Forgets what {@link sealForUpdate} recorded, once the update has run. */
+  releaseUpdate(property: object, value: unknown, all = false): void {
+    const byValue = this.#forUpdate.get(property);
+    const entry = byValue?.get(value);
+    if (!byValue || !entry) return;
+    entry.updates -= 1;
+    if (entry.updates > 0 && !all) return;
+    byValue.delete(value);
+    this.#pendingUpdates -= 1;
+    if (byValue.size === 0) this.#forUpdate.delete(property);
+  }
+
+  #dropOldestUpdate(): void {
+    for (const [property, byValue] of this.#forUpdate) {
+      const oldest = byValue.keys().next();
+      if (!oldest.done) {
+        this.releaseUpdate(property, oldest.value, true);
+        return;
+      }
+    }
   }
 
   /** The plaintext and sealed value a ciphertext buffer came from, if this store sealed or opened it. */
@@ -173,26 +229,3 @@ export const PENDING_SIDECAR = Object.freeze({
   },
   toJSON: () => '[pending sidecar, refused]',
 });
-
-/**
- * Carries a sealed value in place of the plaintext, for update SET maps that TypeORM copies before
- * reading them (so state kept beside the original map would not be found).
- */
-export class SealedForUpdate {
-  constructor(
-    readonly plaintext: unknown,
-    readonly sealed: SealedValue,
-  ) {}
-
-  part(role: 'ciphertext' | SidecarRole): unknown {
-    return this.sealed[role];
-  }
-
-  toJSON(): string {
-    return '[encrypted value]';
-  }
-
-  [inspect.custom](): string {
-    return `SealedForUpdate { keyVersion: ${this.sealed.keyVersion} }`;
-  }
-}

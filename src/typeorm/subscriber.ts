@@ -6,7 +6,7 @@ import type { FieldEncryptor, SealedValue } from '../field-encryptor';
 import { NOT_CACHED } from '../keys/data-key-cache';
 import type { EncryptedColumns } from './encrypted-columns';
 import { primaryKeyOf } from './primary-key';
-import { type LoadedColumns, type PropertyStateStore, SealedForUpdate } from './property-state';
+import type { LoadedColumns, PropertyStateStore } from './property-state';
 import type { SidecarLoader } from './sidecar-loader';
 
 /** Finds the encrypted columns of an entity's metadata. */
@@ -17,11 +17,8 @@ export type EncryptedColumnsLookup = (metadata: EntityMetadata) => readonly Encr
  * It holds no crypto: sealing and opening are the field encryptor's.
  */
 export class EncryptionSubscriber implements EntitySubscriberInterface {
-  /** SET maps of query-builder updates whose properties were swapped for sealed values. */
-  readonly #swapped = new WeakMap<
-    object,
-    Array<{ holder: Record<string, unknown>; property: string; value: unknown }>
-  >();
+  /** The values each query-builder update's SET map had sealed, to release after the update. */
+  readonly #updates = new WeakMap<object, Array<{ column: EncryptedColumns; value: unknown }>>();
 
   constructor(
     private readonly lookup: EncryptedColumnsLookup,
@@ -45,10 +42,10 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
   }
 
   afterUpdate(event: UpdateEvent<object>): void {
-    const swaps = event.entity ? this.#swapped.get(event.entity as object) : undefined;
-    if (!swaps) return;
-    for (const { holder, property, value } of swaps) holder[property] = value;
-    this.#swapped.delete(event.entity as object);
+    const sealed = event.entity ? this.#updates.get(event.entity as object) : undefined;
+    if (!sealed) return;
+    for (const { column, value } of sealed) this.store.releaseUpdate(column, value);
+    this.#updates.delete(event.entity as object);
   }
 
   afterLoad(entity: object, event?: LoadEvent<object>): Promise<void> | undefined {
@@ -80,9 +77,9 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
       const { propertyName: property, type, bindPrimaryKey } = column.definition;
       const holder = column.holderOf(entity, false);
       const value = holder?.[property];
-      if (!holder || value === undefined || value === null || value instanceof SealedForUpdate) continue;
+      if (!holder || value === undefined || value === null) continue;
       if (this.store.currentSealed(holder, property, value)) continue;
-      const record = (sealed: SealedValue) => this.#record(entity, holder, property, value, sealed, mode);
+      const record = (sealed: SealedValue) => this.#record(entity, column, holder, value, sealed, mode);
       const databaseHolder = databaseEntity && column.holderOf(databaseEntity, false);
       const unchanged = databaseHolder && this.store.currentSealed(databaseHolder, property, value);
       if (unchanged) {
@@ -99,23 +96,23 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
 
   #record(
     entity: object,
+    column: EncryptedColumns,
     holder: Record<string, unknown>,
-    property: string,
     value: unknown,
     sealed: SealedValue,
     mode: 'insert' | 'update' | 'set-map',
   ): void {
+    const property = column.definition.propertyName;
     if (mode !== 'set-map') {
       this.store.seal(holder, property, value, sealed);
       /* A written property leaves no plaintext behind in the column it is migrated from. */
       this.store.upsert(holder, property).legacy = undefined;
       return;
     }
-    /* TypeORM copies the SET map before reading it: carry the sealed value in the map itself. */
-    holder[property] = new SealedForUpdate(value, sealed);
-    const swaps = this.#swapped.get(entity) ?? [];
-    swaps.push({ holder, property, value });
-    this.#swapped.set(entity, swaps);
+    this.store.sealForUpdate(column, value, sealed);
+    const recorded = this.#updates.get(entity) ?? [];
+    recorded.push({ column, value });
+    this.#updates.set(entity, recorded);
   }
 
   /**

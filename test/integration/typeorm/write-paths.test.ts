@@ -113,6 +113,25 @@ describe('writes', () => {
     expect((await customers().findOneByOrFail({ id: saved.id })).email).toBe('after@example.com');
   });
 
+  it('a failed update() leaves the SET object exactly as the caller gave it, and writes nothing', async () => {
+    const saved = await customers().save(
+      customers().create({ email: 'keep@example.com', plan: 'p', address: null }),
+    );
+    const before = await stored(saved.id);
+    const set = { email: 'never@example.com', plan: 'x'.repeat(10) };
+    const error = await rejectionOf(
+      customers()
+        .createQueryBuilder()
+        .update()
+        .set(set)
+        .where('id = :id AND 1/0 = 1', { id: saved.id })
+        .execute(),
+    );
+    expect(error).toBeDefined();
+    expect(set).toEqual({ email: 'never@example.com', plan: 'xxxxxxxxxx' });
+    expect(await stored(saved.id)).toEqual(before);
+  });
+
   it('query-builder update().set() encrypts, also inside embedded objects', async () => {
     const saved = await customers().save(
       customers().create({ email: 'qbu@example.com', plan: 'p', address: null }),
