@@ -6,13 +6,12 @@
  */
 import 'reflect-metadata';
 import { randomBytes } from 'node:crypto';
-import { setFlagsFromString } from 'node:v8';
-import { runInNewContext } from 'node:vm';
 import { DataSource, In } from 'typeorm';
 import { EnvelopeEncryption, LocalKeyProvider, type RewrapResult, rewrapDataKeys } from '../src';
 import { type EncryptedColumnSql, encryptedColumnsSql } from '../src/rotation/rotation-target';
 import type { BenchDatabase } from './database';
 import { EnvelopePerson } from './entities';
+import { collectGarbage, fmtInt, intEnv, median, round1 } from './stats';
 
 const ROWS = intEnv('BENCH_REWRAP_ROWS', 100_000);
 const ROUNDS = intEnv('BENCH_REWRAP_ROUNDS', 3);
@@ -46,29 +45,9 @@ export interface RewrapBenchResult {
   verified: string;
 }
 
-function intEnv(name: string, fallback: number): number {
-  const value = Number(process.env[name] ?? fallback);
-  if (!Number.isInteger(value) || value <= 0) throw new Error(`${name} must be a positive integer`);
-  return value;
-}
-
-function fmtInt(n: number): string {
-  return Math.round(n).toLocaleString('en-US');
-}
-
-function median(values: number[]): number {
-  const sorted = [...values].sort((a, b) => a - b);
-  const mid = sorted.length >> 1;
-  return sorted.length % 2
-    ? (sorted[mid] as number)
-    : ((sorted[mid - 1] as number) + (sorted[mid] as number)) / 2;
-}
-
 function check(condition: unknown, message: string): asserts condition {
   if (!condition) throw new Error(`verification failed (re-wrap): ${message}`);
 }
-
-const round1 = (n: number) => Math.round(n * 10) / 10;
 
 interface Triple {
   email: string;
@@ -81,8 +60,6 @@ interface Triple {
 export async function runRewrapBench(
   db: BenchDatabase,
 ): Promise<{ lines: string[]; result: RewrapBenchResult }> {
-  setFlagsFromString('--expose-gc');
-  const gc = runInNewContext('gc') as () => void;
   const schema = `bench_rewrap_${randomBytes(4).toString('hex')}`;
   const admin = new DataSource({ type: 'postgres', url: db.url, logging: false });
   await admin.initialize();
@@ -196,7 +173,7 @@ export async function runRewrapBench(
 
     const runners: Record<Method, (round: number) => Promise<number>> = {
       async plain() {
-        gc();
+        collectGarbage();
         const started = performance.now();
         for (const c of columns) {
           await q(`UPDATE ${table} SET ${c.wrappedKey} = $1, ${c.keyVersion} = 2`, [newWrapped]);
@@ -207,7 +184,7 @@ export async function runRewrapBench(
       async rewrap(round) {
         /* Every round starts cold: the old data keys are unwrapped again, as in a fresh process. */
         encryption.purgeCache();
-        gc();
+        collectGarbage();
         const started = performance.now();
         const result = await rewrapDataKeys(dataSource, encryption, { toVersion: 2, batchSize: BATCH_SIZE });
         const ms = performance.now() - started; // the whole job, audit-log checks included

@@ -13,13 +13,12 @@ import { randomBytes } from 'node:crypto';
 import { writeFileSync } from 'node:fs';
 import os from 'node:os';
 import { join } from 'node:path';
-import { setFlagsFromString } from 'node:v8';
-import { runInNewContext } from 'node:vm';
 import { DataSource, type Repository } from 'typeorm';
 import { EnvelopeEncryption, LocalKeyProvider } from '../src';
 import { type BenchDatabase, openDatabase } from './database';
 import { EnvelopePerson, type PersonData, PlainPerson, TypeormEncryptedPerson } from './entities';
 import { runRewrapBench } from './rewrap';
+import { collectGarbage, fmtInt, intEnv, median, round1, round2 } from './stats';
 
 const ROWS = intEnv('BENCH_ROWS', 10_000);
 const ROUNDS = intEnv('BENCH_ROUNDS', 5);
@@ -59,20 +58,6 @@ interface Variant {
   repository: Repository<Person>;
   /** Ids of the rows of the latest save, in the order of `people`. */
   ids: number[];
-}
-
-/** Forces a full collection before each timed operation, so no variant pays for another's garbage. */
-setFlagsFromString('--expose-gc');
-const gc = runInNewContext('gc') as () => void;
-
-function intEnv(name: string, fallback: number): number {
-  const value = Number(process.env[name] ?? fallback);
-  if (!Number.isInteger(value) || value <= 0) throw new Error(`${name} must be a positive integer`);
-  return value;
-}
-
-function fmtInt(n: number): string {
-  return Math.round(n).toLocaleString('en-US');
 }
 
 /** Deterministic PRNG (mulberry32), so every variant saves and looks up the same data. */
@@ -155,17 +140,6 @@ function check(condition: unknown, message: string): asserts condition {
   if (!condition) throw new Error(`verification failed: ${message}`);
 }
 
-function median(values: number[]): number {
-  const sorted = [...values].sort((a, b) => a - b);
-  const mid = sorted.length >> 1;
-  return sorted.length % 2
-    ? (sorted[mid] as number)
-    : ((sorted[mid - 1] as number) + (sorted[mid] as number)) / 2;
-}
-
-const round1 = (n: number) => Math.round(n * 10) / 10;
-const round2 = (n: number) => Math.round(n * 100) / 100;
-
 async function main(): Promise<void> {
   const people = makePeople(ROWS);
   const totalChars = people.reduce((sum, p) => sum + charsOf(p), 0);
@@ -234,7 +208,7 @@ async function main(): Promise<void> {
       async save(v) {
         await v.dataSource.query(`TRUNCATE TABLE ${qualified(v)} RESTART IDENTITY`);
         const entities = people.map((p) => Object.assign(new v.entity(), p));
-        gc();
+        collectGarbage();
         const started = performance.now();
         await v.repository.save(entities, { chunk: CHUNK });
         const ms = performance.now() - started;
@@ -265,7 +239,7 @@ async function main(): Promise<void> {
       },
 
       async find(v) {
-        gc();
+        collectGarbage();
         const started = performance.now();
         const rows = await v.repository.find();
         /* Read every value, so that no lazy path escapes the measurement. */
@@ -287,7 +261,7 @@ async function main(): Promise<void> {
         const ids = picks.map((i) => v.ids[i] as number);
         let chars = 0;
         let mismatches = 0;
-        gc();
+        collectGarbage();
         const started = performance.now();
         for (let k = 0; k < ids.length; k++) {
           const row = await v.repository.findOneBy({ id: ids[k] as number });

@@ -14,7 +14,7 @@ import 'reflect-metadata';
 import { DataSource } from 'typeorm';
 import { AwsKmsKeyProvider, type AwsKmsKeyProviderOptions, EnvelopeEncryption } from '../../src';
 import { type KmsEmulator, startKmsEmulator } from '../../test/support/kms-emulator';
-import { Customer } from '../quickstart/customer';
+import { Customer, SAMPLE_CUSTOMERS } from '../quickstart/customer';
 import { startPgliteServer } from '../quickstart/pglite-server';
 import { printApplicationView, printPlaintextCheck, printStoredRows, table } from '../shared/print';
 
@@ -123,15 +123,7 @@ export async function main(log: (line: string) => void = console.log): Promise<A
     log(`key validated at start-up: ${provider.describe().keyReference}`);
     const repository = dataSource.getRepository(Customer);
 
-    const people: Array<Pick<Customer, 'email' | 'address' | 'plan'>> = [
-      { email: 'alice@example.com', address: { street: '1 Main St', city: 'Springfield' }, plan: 'pro' },
-      {
-        email: 'bob@example.org',
-        address: { street: '742 Evergreen Tce', city: 'Shelbyville' },
-        plan: 'free',
-      },
-      { email: 'carol@example.net', address: null, plan: 'team' },
-    ];
+    const people = SAMPLE_CUSTOMERS;
     await repository.save(people.map((p) => Object.assign(new Customer(), p)));
     const bulk = Array.from({ length: BULK_ROWS }, (_, i) =>
       Object.assign(new Customer(), {

@@ -20,3 +20,10 @@ export class Customer {
   /** An ordinary column, stored and queried as usual. */
   @Column({ type: 'varchar' }) plan!: string;
 }
+
+/** The three customers both examples save. */
+export const SAMPLE_CUSTOMERS: ReadonlyArray<Pick<Customer, 'email' | 'address' | 'plan'>> = [
+  { email: 'alice@example.com', address: { street: '1 Main St', city: 'Springfield' }, plan: 'pro' },
+  { email: 'bob@example.org', address: { street: '742 Evergreen Tce', city: 'Shelbyville' }, plan: 'free' },
+  { email: 'carol@example.net', address: null, plan: 'team' },
+];

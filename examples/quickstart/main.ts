@@ -11,7 +11,7 @@ import { randomBytes } from 'node:crypto';
 import { DataSource } from 'typeorm';
 import { EnvelopeEncryption, LocalKeyProvider, maskEntity } from '../../src';
 import { printApplicationView, printPlaintextCheck, printStoredRows, shortHex } from '../shared/print';
-import { Customer } from './customer';
+import { Customer, SAMPLE_CUSTOMERS } from './customer';
 import { startPgliteServer } from './pglite-server';
 
 /** What the demo observed; checked by test/integration/examples.test.ts. */
@@ -58,15 +58,7 @@ export async function main(log: (line: string) => void = console.log): Promise<D
     await dataSource.initialize();
     const repository = dataSource.getRepository(Customer);
 
-    const people: Array<Pick<Customer, 'email' | 'address' | 'plan'>> = [
-      { email: 'alice@example.com', address: { street: '1 Main St', city: 'Springfield' }, plan: 'pro' },
-      {
-        email: 'bob@example.org',
-        address: { street: '742 Evergreen Tce', city: 'Shelbyville' },
-        plan: 'free',
-      },
-      { email: 'carol@example.net', address: null, plan: 'team' },
-    ];
+    const people = SAMPLE_CUSTOMERS;
     await repository.save(people.map((p) => Object.assign(new Customer(), p)));
     log(`saved ${people.length} customers\n`);
 

@@ -52,7 +52,7 @@ export function printStoredRows(log: Log, heading: string, rows: Array<Record<st
 export function printPlaintextCheck(
   log: Log,
   rows: Array<Record<string, unknown>>,
-  people: Array<Pick<Customer, 'email' | 'address'>>,
+  people: ReadonlyArray<Pick<Customer, 'email' | 'address'>>,
 ): boolean {
   const stored = Buffer.concat(
     rows.flatMap((r) => Object.values(r).map((v) => (Buffer.isBuffer(v) ? v : Buffer.from(String(v))))),
