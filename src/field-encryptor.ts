@@ -34,8 +34,6 @@ export class FieldEncryptor {
 
   /** Encrypts a non-null value for the place `binding` names. */
   async seal(value: unknown, binding: ValueBinding, declared?: ValueType): Promise<SealedValue> {
-    const sealed = this.trySeal(value, binding, declared);
-    if (sealed !== NOT_CACHED) return sealed;
     return this.#withPlaintext(value, declared, (plaintext) =>
       this.cache.withEncryptionKey((key, dataKey) => this.#seal(key, dataKey, plaintext, binding)),
     );
@@ -53,8 +51,6 @@ export class FieldEncryptor {
    * is an `IntegrityError` carrying `context`.
    */
   async open(sealed: SealedValue, binding: ValueBinding, context: ErrorContext = {}): Promise<unknown> {
-    const opened = this.tryOpen(sealed, binding, context);
-    if (opened !== NOT_CACHED) return opened;
     const { body, aad } = this.#parse(sealed, binding, context);
     let plaintext: Buffer | undefined;
     try {

@@ -175,6 +175,8 @@ export class DataKeyCache {
 
   /** Runs `fn` synchronously with the plaintext of `wrappedKey`, unwrapping it once per TTL. */
   async withDecryptionKey<T>(version: number, wrappedKey: Buffer, fn: (key: Buffer) => T): Promise<T> {
+    const cached = this.tryWithDecryptionKey(version, wrappedKey, fn);
+    if (cached !== NOT_CACHED) return cached;
     const id = cacheId(version, wrappedKey);
     for (let attempt = 0; ; attempt++) {
       const dataKey = await this.#unwrapped.fetch(id, { context: { version, wrappedKey } });

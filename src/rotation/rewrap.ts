@@ -1,6 +1,7 @@
 import type { QueryRunner } from 'typeorm';
 import type { EnvelopeEncryption } from '../envelope-encryption';
 import { ConfigError, IntegrityError } from '../errors';
+import { describeError } from './describe-error';
 import { recordJobEnd } from './job';
 import { KeyRegistry } from './key-registry';
 import {
@@ -164,7 +165,7 @@ async function rewrapProperty(
       try {
         mapping.push([key.wrapped, key.version, await rewrapper.rewrap(key.version, key.wrapped)]);
       } catch (error) {
-        outcome.failures.push({ keyVersion: key.version, rows: key.rows, error: String(error) });
+        outcome.failures.push({ keyVersion: key.version, rows: key.rows, error: describeError(error) });
       }
     }
     if (mapping.length > 0) {
