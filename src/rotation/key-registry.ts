@@ -92,9 +92,10 @@ export class KeyRegistry {
   /** Records configured versions the registry does not know yet (`key-created`); returns the registry. */
   async sync(): Promise<KeyVersionRecord[]> {
     await this.#run(async (runner) => {
-      const known = new Set((await this.#rows(runner)).map((r) => r.version));
+      const recorded = await this.#rows(runner);
+      const known = new Set(recorded.map((r) => r.version));
+      const hasActive = recorded.some((r) => r.state === 'active');
       const { keyring } = this.#encryption;
-      const hasActive = (await this.#rows(runner)).some((r) => r.state === 'active');
       for (const version of keyring.versions) {
         if (known.has(version)) continue;
         const { kind, keyReference } = keyring.provider(version).describe();
