@@ -139,12 +139,15 @@ function register(definition: EncryptedPropertyDefinition): void {
   }
   forTarget.set(propertyName, definition);
   const storage = getMetadataArgsStorage();
+  /* While an old plaintext column is migrated from, its rows have no ciphertext until the backfill
+     reaches them: NOT NULL sidecars could not even be added to a populated table. */
+  const columnsNullable = nullable || definition.plaintext !== undefined;
   const column = (property: string, name: string, type: 'bytea' | 'int') =>
     storage.columns.push({
       target,
       propertyName: property,
       mode: 'regular',
-      options: { name, type, nullable },
+      options: { name, type, nullable: columnsNullable },
     });
   column(propertyName, columns.ciphertext, 'bytea');
   column(definition.sidecarProperties.iv, columns.iv, 'bytea');
