@@ -42,10 +42,17 @@ const DEFAULTS = {
   maxUnwrappedKeys: 1_000,
 };
 
-/** A plaintext data key held by the cache; its bytes are zeroed when it leaves the cache. */
+/**
+ * A plaintext data key held by the cache. Its bytes are zeroed when it leaves the cache, or, if
+ * callers that were waiting for it still hold it then, as soon as the last of them is done.
+ */
 export class CachedDataKey {
   #plaintext: Buffer;
-  #destroyed = false;
+  /** Left the cache (evicted, expired, purged) or never entered it: no new user may take it. */
+  #released = false;
+  #zeroed = false;
+  /** Callers handed this key that have not used it yet. */
+  #holders = 0;
   uses = 0;
 
   constructor(
@@ -58,27 +65,52 @@ export class CachedDataKey {
     this.#plaintext = plaintext;
   }
 
+  /** Whether the key is out of the cache (or zeroed): nobody may start using it. */
   get destroyed(): boolean {
-    return this.#destroyed;
+    return this.#released || this.#zeroed;
   }
 
   /** Runs `fn` with the key bytes; `fn` must be synchronous and must not keep them. */
   use<T>(fn: (key: Buffer) => T): T {
     /* Precondition: a zeroed key is never used. */
-    if (this.#destroyed) throw new Error('internal error: data key used after eviction');
+    if (this.#zeroed) throw new Error('internal error: data key used after eviction');
     return fn(this.#plaintext);
   }
 
+  /** Keeps the bytes for `count` more holders, even if the key leaves the cache meanwhile. */
+  hold(count: number): void {
+    this.#holders += count;
+  }
+
+  /** One holder is done; the last one zeroes a key that has left the cache. */
+  unhold(): void {
+    this.#holders -= 1;
+    if (this.#holders <= 0 && this.#released) this.#zero();
+  }
+
+  /** The key leaves the cache: zeroed now, or when its last holder is done. */
   destroy(): void {
-    this.#destroyed = true;
+    this.#released = true;
+    if (this.#holders <= 0) this.#zero();
+  }
+
+  #zero(): void {
+    if (this.#zeroed) return;
+    this.#zeroed = true;
     gcmForgetKey(this.#plaintext);
     this.#plaintext.fill(0);
   }
 
   /** Never prints key bytes. */
   [Symbol.for('nodejs.util.inspect.custom')](): string {
-    return `CachedDataKey { version: ${this.version}, uses: ${this.uses}, destroyed: ${this.#destroyed} }`;
+    return `CachedDataKey { version: ${this.version}, uses: ${this.uses}, destroyed: ${this.destroyed} }`;
   }
+}
+
+/** One unwrap in flight, shared by every caller of that wrapped key that arrives meanwhile. */
+interface PendingUnwrap {
+  promise: Promise<CachedDataKey>;
+  callers: number;
 }
 
 /**
@@ -86,7 +118,9 @@ export class CachedDataKey {
  * - the encrypting data key of the active version is reused for many values, until its maximum
  *   age or uses, then a fresh one is generated;
  * - unwrapped data keys are cached by their wrapped bytes, with a TTL and a maximum count;
- * - concurrent misses for the same key make one provider call (`lru-cache` `fetch`);
+ * - concurrent misses for the same key make one provider call, and every caller gets the key even
+ *   when one result needs more distinct keys than the cache holds (a key evicted before its waiting
+ *   callers used it stays readable for them only, then is zeroed);
  * - key bytes are zeroed when an entry leaves; purge timers never keep the process alive.
  */
 export class DataKeyCache {
@@ -100,7 +134,10 @@ export class DataKeyCache {
   /** The background renewal of the active data key, while one runs. */
   #renewing: Promise<void> | undefined;
   readonly #encrypting: LRUCache<number, CachedDataKey>;
-  readonly #unwrapped: LRUCache<string, CachedDataKey, { version: number; wrappedKey: Buffer }>;
+  readonly #unwrapped: LRUCache<string, CachedDataKey>;
+  readonly #pending = new Map<string, PendingUnwrap>();
+  /** Incremented by `purge()`: a provider call that started before it caches nothing. */
+  #epoch = 0;
   /** Provider calls made through this cache, by kind. */
   readonly stats = { generated: 0, unwrapped: 0 };
 
@@ -109,8 +146,8 @@ export class DataKeyCache {
     /* Precondition: You can not cache something forever. */
     requirePositive('dataKeyMaxAge', o.dataKeyMaxAge);
     requirePositive('unwrappedKeyTtl', o.unwrappedKeyTtl);
-    requirePositive('dataKeyMaxUses', o.dataKeyMaxUses);
-    requirePositive('maxUnwrappedKeys', o.maxUnwrappedKeys);
+    requirePositiveInteger('dataKeyMaxUses', o.dataKeyMaxUses);
+    requirePositiveInteger('maxUnwrappedKeys', o.maxUnwrappedKeys);
     this.#keyring = keyring;
     this.#maxUses = o.dataKeyMaxUses;
     const refreshAhead = options.refreshAhead ?? Math.min(MINUTE, o.dataKeyMaxAge / 10);
@@ -129,15 +166,19 @@ export class DataKeyCache {
       ttl: o.dataKeyMaxAge,
       ttlAutopurge: true,
       dispose,
-      fetchMethod: (version) => this.#generate(version),
+      fetchMethod: async (version, _stale, { signal }) => {
+        const dataKey = await this.#generate(version);
+        /* An aborted fetch's result is dropped by lru-cache: zero it here, nobody else will. */
+        if (signal.aborted) dataKey.destroy();
+        return dataKey;
+      },
       ...perf,
     });
-    this.#unwrapped = new LRUCache<string, CachedDataKey, { version: number; wrappedKey: Buffer }>({
+    this.#unwrapped = new LRUCache<string, CachedDataKey>({
       max: o.maxUnwrappedKeys,
       ttl: o.unwrappedKeyTtl,
       ttlAutopurge: true,
       dispose,
-      fetchMethod: (_id, _stale, { context }) => this.#unwrap(context.version, context.wrappedKey),
       ...perf,
     });
   }
@@ -151,7 +192,12 @@ export class DataKeyCache {
       const result = this.tryWithEncryptionKey(fn);
       if (result !== NOT_CACHED) return result;
       const version = this.#keyring.activeVersion;
-      const dataKey = await this.#encrypting.fetch(version);
+      const status: LRUCache.Status<number, CachedDataKey> = {};
+      const dataKey = await this.#encrypting.fetch(version, { status }).catch((error: unknown) => {
+        /* A purge aborted the fetch (lru-cache rejects with a plain Error): try again. */
+        if (status.fetchAborted) return undefined;
+        throw error;
+      });
       if (!dataKey) {
         if (++aborted > MAX_ATTEMPTS) {
           throw new KeyProviderError('no data key could be obtained', { keyVersion: version });
@@ -173,17 +219,52 @@ export class DataKeyCache {
     return this.#useEncryptionKey(version, dataKey, fn);
   }
 
-  /** Runs `fn` synchronously with the plaintext of `wrappedKey`, unwrapping it once per TTL. */
+  /**
+   * Runs `fn` synchronously with the plaintext of `wrappedKey`, unwrapping it once per TTL.
+   * Concurrent callers of one wrapped key share one provider call; each gets the key, whatever
+   * the number of distinct keys in flight.
+   */
   async withDecryptionKey<T>(version: number, wrappedKey: Buffer, fn: (key: Buffer) => T): Promise<T> {
     const cached = this.tryWithDecryptionKey(version, wrappedKey, fn);
     if (cached !== NOT_CACHED) return cached;
     const id = cacheId(version, wrappedKey);
-    for (let attempt = 0; ; attempt++) {
-      const dataKey = await this.#unwrapped.fetch(id, { context: { version, wrappedKey } });
-      if (dataKey && !dataKey.destroyed) return dataKey.use(fn);
-      if (attempt >= MAX_ATTEMPTS) {
-        throw new KeyProviderError('no data key could be obtained', { keyVersion: version });
-      }
+    let pending = this.#pending.get(id);
+    if (!pending) {
+      const started: PendingUnwrap = { callers: 0, promise: Promise.resolve() as never };
+      started.promise = this.#unwrapShared(id, version, wrappedKey, started);
+      this.#pending.set(id, started);
+      pending = started;
+    }
+    /* Counted before any await: the unwrap holds the key for exactly this many callers. */
+    pending.callers += 1;
+    const dataKey = await pending.promise;
+    try {
+      return dataKey.use(fn);
+    } finally {
+      dataKey.unhold();
+    }
+  }
+
+  /**
+   * One provider call for every caller waiting on `id`. The key is held for all of them before it
+   * enters the cache, so evictions caused by other keys cannot zero it before they have used it.
+   */
+  async #unwrapShared(
+    id: string,
+    version: number,
+    wrappedKey: Buffer,
+    pending: PendingUnwrap,
+  ): Promise<CachedDataKey> {
+    const epoch = this.#epoch;
+    try {
+      const dataKey = await this.#unwrap(version, wrappedKey);
+      dataKey.hold(pending.callers);
+      /* After a purge, serve the callers that asked before it, but cache nothing. */
+      if (epoch === this.#epoch) this.#unwrapped.set(id, dataKey);
+      else dataKey.destroy();
+      return dataKey;
+    } finally {
+      if (this.#pending.get(id) === pending) this.#pending.delete(id);
     }
   }
 
@@ -247,6 +328,8 @@ export class DataKeyCache {
 
   /** Drops and zeroes every cached key: the next use asks the key provider again. */
   purge(): void {
+    this.#epoch += 1;
+    this.#pending.clear();
     this.#lastUnwrapped = undefined;
     this.#encrypting.clear();
     this.#unwrapped.clear();
@@ -258,26 +341,36 @@ export class DataKeyCache {
   }
 
   async #generate(version: number): Promise<CachedDataKey> {
-    const provider = this.#keyring.provider(version);
+    const epoch = this.#epoch;
+    const provider = await this.#checkedProvider(version);
     this.stats.generated += 1;
     const { plaintextKey, wrappedKey } = await provider
       .generateDataKey(this.#keyring.context)
       .catch((error: unknown) => Promise.reject(withErrorContext(error, { keyVersion: version })));
     /* A key this instance generated also decrypts what it wrote, without an unwrap call. */
-    this.#unwrapped.set(
-      cacheId(version, wrappedKey),
-      new CachedDataKey(version, wrappedKey, copyOf(plaintextKey), this.#clock.now()),
-    );
+    if (epoch === this.#epoch) {
+      this.#unwrapped.set(
+        cacheId(version, wrappedKey),
+        new CachedDataKey(version, wrappedKey, copyOf(plaintextKey), this.#clock.now()),
+      );
+    }
     return new CachedDataKey(version, wrappedKey, plaintextKey, this.#clock.now());
   }
 
   async #unwrap(version: number, wrappedKey: Buffer): Promise<CachedDataKey> {
-    const provider = this.#keyring.provider(version);
+    const provider = await this.#checkedProvider(version);
     this.stats.unwrapped += 1;
     const plaintext = await provider
       .unwrapDataKey(wrappedKey, this.#keyring.context)
       .catch((error: unknown) => Promise.reject(withErrorContext(error, { keyVersion: version })));
     return new CachedDataKey(version, Buffer.from(wrappedKey), plaintext, this.#clock.now());
+  }
+
+  /** The provider of `version`, once its key is known to be the one the key registry recorded. */
+  #checkedProvider(version: number) {
+    return this.#keyring
+      .checkedProvider(version)
+      .catch((error: unknown) => Promise.reject(withErrorContext(error, { keyVersion: version })));
   }
 }
 
@@ -295,6 +388,13 @@ function cacheId(version: number, wrappedKey: Buffer): string {
 function requirePositive(name: string, value: number): void {
   if (typeof value !== 'number' || !Number.isFinite(value) || value <= 0) {
     throw new ConfigError(`cache option ${name} must be a positive finite number, got ${String(value)}`);
+  }
+}
+
+function requirePositiveInteger(name: string, value: number): void {
+  requirePositive(name, value);
+  if (!Number.isSafeInteger(value)) {
+    throw new ConfigError(`cache option ${name} must be a positive integer (a count), got ${String(value)}`);
   }
 }
 

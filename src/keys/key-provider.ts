@@ -80,6 +80,20 @@ export abstract class KeyProvider {
   }
 
   /**
+   * The reference a key registry records for this master key: what `describe()` reports, resolved
+   * where the backend can (a KMS key id or alias becomes its key ARN, with `DescribeKey` if no call
+   * has reported it yet).
+   */
+  async resolveKeyReference(): Promise<string> {
+    return this.describe().keyReference;
+  }
+
+  /** Whether `reference`, as a key registry recorded it, names this provider's master key. */
+  async hasKeyReference(reference: string): Promise<boolean> {
+    return reference === (await this.resolveKeyReference());
+  }
+
+  /**
    * Checks what can be checked without using the key: that it exists, is enabled and is of the
    * right kind (KMS `DescribeKey`). Nothing to check for a key held in memory.
    */

@@ -15,6 +15,11 @@ export interface KeyringEntry {
  */
 export class Keyring {
   readonly #providers = new Map<number, KeyProvider>();
+  /** Key references a key registry recorded, by version. */
+  readonly #recorded = new Map<number, string>();
+  /** The comparison of each version's provider with its recorded reference, made once. */
+  readonly #checks = new Map<number, { reference: string; check: Promise<void> }>();
+  #registryRead = false;
   #active: number;
   /** The encryption context bound into every wrapped data key of this keyring. */
   readonly context: EncryptionContext;
@@ -72,10 +77,64 @@ export class Keyring {
     return provider;
   }
 
+  /**
+   * Takes the key references a key registry recorded for its versions (the KMS key ARN, or a
+   * fingerprint of a customer-provided key). From then on a version is used only once its
+   * provider is shown to hold that key: see {@link checkedProvider}.
+   */
+  recordReferences(references: Iterable<readonly [version: number, keyReference: string]>): void {
+    this.#registryRead = true;
+    for (const [version, reference] of references) this.#recorded.set(version, reference);
+  }
+
+  /** Whether a key registry's references were given to this keyring (see {@link recordReferences}). */
+  get registryRead(): boolean {
+    return this.#registryRead;
+  }
+
+  /** The key reference a key registry recorded for `version`, if any. */
+  recordedReference(version: number): string | undefined {
+    return this.#recorded.get(version);
+  }
+
+  /**
+   * The provider of `version`, after checking that its master key is the one the key registry
+   * recorded for that version (when one did): a different key is a `ConfigError` naming the
+   * version and both references, so nothing is written or read under a wrong key.
+   */
+  async checkedProvider(version: number): Promise<KeyProvider> {
+    const provider = this.provider(version);
+    const reference = this.#recorded.get(version);
+    if (reference === undefined) return provider;
+    let entry = this.#checks.get(version);
+    if (!entry || entry.reference !== reference) {
+      const made = { reference, check: compareReference(version, provider, reference) };
+      this.#checks.set(version, made);
+      /* A failed comparison (or a KMS call that failed) is made again at the next use. */
+      made.check.catch(() => {
+        if (this.#checks.get(version) === made) this.#checks.delete(version);
+      });
+      entry = made;
+    }
+    await entry.check;
+    return provider;
+  }
+
   #checkedVersion(version: number, what: string): number {
     if (!this.#providers.has(version)) {
       throw new ConfigError(`${what} ${String(version)} is not a configured key version`);
     }
     return version;
   }
+}
+
+async function compareReference(version: number, provider: KeyProvider, recorded: string): Promise<void> {
+  if (await provider.hasKeyReference(recorded)) return;
+  const configured = await provider.resolveKeyReference();
+  throw new ConfigError(
+    `the master key configured for version ${version} (${configured}) is not the one the key registry ` +
+      `recorded for that version (${recorded}): data keys of version ${version} were wrapped by ${recorded}; ` +
+      `configure that key for version ${version}, or give this key a new version`,
+    { keyVersion: version, keyId: configured },
+  );
 }

@@ -223,6 +223,52 @@ describe('DataKeyCache decryption keys', () => {
     expect(held.slice(5).some(isZeroed)).toBe(false);
   });
 
+  it('serves one burst of more distinct keys than maxUnwrappedKeys on a cold cache, within the bound', async () => {
+    const { provider, keyring, cache } = setup({ maxUnwrappedKeys: 3 });
+    const generated = await wrappedKeys(provider, keyring, 40);
+    let largest = 0;
+    // Each key is asked for by several callers at once, as the rows of one result are.
+    const calls = generated.flatMap(({ wrappedKey, plaintextKey }) =>
+      Array.from({ length: 4 }, () =>
+        cache.withDecryptionKey(1, wrappedKey, (key) => {
+          largest = Math.max(largest, cache.unwrappedKeyCount);
+          return key.equals(plaintextKey);
+        }),
+      ),
+    );
+    const outcomes = await Promise.allSettled(calls);
+    expect(outcomes.filter((o) => o.status === 'rejected')).toEqual([]);
+    expect(outcomes.every((o) => o.status === 'fulfilled' && o.value === true)).toBe(true);
+    expect(largest).toBeLessThanOrEqual(3);
+    expect(cache.unwrappedKeyCount).toBeLessThanOrEqual(3);
+    // One unwrap per distinct key: the callers of one key share it.
+    expect(provider.unwrapped).toBe(40);
+  });
+
+  it('zeroes every key of such a burst that leaves the cache', async () => {
+    const { provider, keyring, cache } = setup({ maxUnwrappedKeys: 2 });
+    const generated = await wrappedKeys(provider, keyring, 20);
+    const handed = await Promise.all(
+      generated.map(({ wrappedKey }) => cache.withDecryptionKey(1, wrappedKey, (key) => key)),
+    );
+    expect(cache.unwrappedKeyCount).toBeLessThanOrEqual(2);
+    expect(handed.filter((key) => !isZeroed(key)).length).toBeLessThanOrEqual(2);
+  });
+
+  it('a purge while unwraps are in flight serves their callers once, caches none of them and zeroes them', async () => {
+    const { provider, keyring, cache } = setup();
+    const generated = await wrappedKeys(provider, keyring, 5);
+    const pending = generated.map(({ wrappedKey, plaintextKey }) =>
+      cache.withDecryptionKey(1, wrappedKey, (key) => ({ key, same: key.equals(plaintextKey) })),
+    );
+    cache.purge();
+    const handed = await Promise.all(pending);
+    expect(handed.map((h) => h.same)).toEqual([true, true, true, true, true]);
+    expect(handed.every((h) => isZeroed(h.key))).toBe(true);
+    expect(cache.unwrappedKeyCount).toBe(0);
+    expect(provider.unwrapped).toBe(5);
+  });
+
   it('passes on an IntegrityError for an altered wrapped key, and caches nothing', async () => {
     const { provider, keyring, cache } = setup();
     const [generated] = await wrappedKeys(provider, keyring, 1);
@@ -257,6 +303,21 @@ describe('DataKeyCache purge', () => {
   });
 });
 
+describe('DataKeyCache purge during a generation', () => {
+  it('makes the waiting encryption call fetch a fresh key instead of failing, and zeroes the dropped one', async () => {
+    const { provider, cache } = setup();
+    const waiting = encryptionKey(cache);
+    cache.purge();
+    const { key, dataKey } = await waiting;
+    expect(key.length).toBe(32);
+    expect(isZeroed(key)).toBe(false);
+    expect(dataKey.destroyed).toBe(false);
+    expect(provider.generated).toBe(2);
+    // The key generated before the purge serves no decryption either: only the fresh one is cached.
+    expect(cache.unwrappedKeyCount).toBe(1);
+  });
+});
+
 describe('DataKeyCache options', () => {
   const names = ['dataKeyMaxAge', 'dataKeyMaxUses', 'unwrappedKeyTtl', 'maxUnwrappedKeys'] as const;
   const invalid = [
@@ -271,6 +332,13 @@ describe('DataKeyCache options', () => {
   for (const name of names) {
     it.each(invalid)(`refuses ${name} = %s`, (value) => {
       expect(() => setup({ [name]: value })).toThrow(ConfigError);
+    });
+  }
+
+  for (const name of ['dataKeyMaxUses', 'maxUnwrappedKeys'] as const) {
+    it.each([0.5, 1.5, 1000.25])(`refuses a count ${name} = %s that is not an integer`, (value) => {
+      expect(() => setup({ [name]: value })).toThrow(ConfigError);
+      expect(() => setup({ [name]: value })).toThrow(new RegExp(`${name} must be a positive integer`));
     });
   }
 
