@@ -49,3 +49,51 @@ export async function* sealedRowBatches(
     });
   }
 }
+
+/** A row that holds no ciphertext although it should hold a value. */
+export interface RowWithoutCiphertext {
+  key: Record<string, unknown>;
+  primaryKey: string;
+  /** The value is still in the old plaintext column (`plaintextColumn`), waiting for the backfill. */
+  pending: boolean;
+}
+
+/**
+ * Rows of one encrypted property with a NULL ciphertext that should have one: those whose value
+ * is still in the old plaintext column, and, for a non-nullable property, every NULL. In
+ * primary-key-ordered batches; a table without such rows costs one query.
+ */
+export async function* rowsWithoutCiphertextBatches(
+  runner: QueryRunner,
+  column: EncryptedColumnSql,
+  batchSize: number,
+): AsyncGenerator<RowWithoutCiphertext[]> {
+  const { definition } = column.columns;
+  const plaintext = definition.plaintext && runner.connection.driver.escape(definition.plaintext.column);
+  if (!plaintext && definition.nullable) return;
+  const pending = plaintext ? `${plaintext} IS NOT NULL` : 'FALSE';
+  const wanted = `${column.ciphertext} IS NULL${definition.nullable ? ` AND ${pending}` : ''}`;
+  const [any] = (await runner.query(
+    `SELECT EXISTS (SELECT 1 FROM ${column.table} WHERE ${wanted}) AS found`,
+  )) as Array<{
+    found: boolean;
+  }>;
+  if (!any?.found) return;
+  const keyNames = column.metadata.primaryColumns.map((c) => c.databaseName);
+  for await (const batch of primaryKeyBatches(runner, column, batchSize)) {
+    const rows = (await runner.query(
+      `SELECT ${column.primaryKey.join(', ')}, ${pending} AS pending FROM ${column.table}
+       WHERE ${batch.condition} AND ${wanted} ORDER BY ${column.primaryKey.join(', ')}`,
+      batch.params,
+    )) as Array<Record<string, unknown>>;
+    if (rows.length === 0) continue;
+    yield rows.map((row) => {
+      const key = Object.fromEntries(keyNames.map((name) => [name, row[name]]));
+      return {
+        key,
+        primaryKey: primaryKeyOfRow(column.metadata, key) as string,
+        pending: row.pending === true,
+      };
+    });
+  }
+}

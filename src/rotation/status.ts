@@ -12,11 +12,19 @@ export interface PropertyStatus {
   property: string;
   /** Rows per key version (`{ '1': 120, '2': 3 }`). */
   rowsByVersion: Record<string, number>;
-  /** Rows whose value is null. */
+  /** Rows whose value is null (rows pending backfill not included). */
   nullRows: number;
+  /**
+   * Rows whose value is still only in the old plaintext column (`plaintextColumn`), waiting for
+   * the backfill. Always 0 for a property without `plaintextColumn`.
+   */
+  pendingBackfill: number;
 }
 
-/** Counts stored values per master-key version, for every encrypted property. */
+/**
+ * Counts stored values per master-key version, for every encrypted property, and the rows that
+ * still wait for the backfill.
+ */
 export async function encryptionStatus(
   target: RotationTarget,
   encryption: EnvelopeEncryption,
@@ -25,16 +33,24 @@ export async function encryptionStatus(
   return withQueryRunner(target, async (runner) => {
     const out: PropertyStatus[] = [];
     for (const column of encryptedColumnsSql(target, encryption, options.entities)) {
+      const legacy = column.columns.definition.plaintext?.column;
+      const pending = legacy
+        ? `${column.ciphertext} IS NULL AND ${runner.connection.driver.escape(legacy)} IS NOT NULL`
+        : 'FALSE';
       const rows = (await runner.query(
-        `SELECT ${column.keyVersion} AS version, count(*)::int AS n FROM ${column.table} GROUP BY 1 ORDER BY 1`,
-      )) as Array<{ version: number | null; n: number }>;
+        `SELECT ${column.keyVersion} AS version, ${pending} AS pending, count(*)::int AS n
+         FROM ${column.table} GROUP BY 1, 2 ORDER BY 1`,
+      )) as Array<{ version: number | null; pending: boolean; n: number }>;
+      const count = (match: (r: (typeof rows)[number]) => boolean) =>
+        rows.filter(match).reduce((n, r) => n + r.n, 0);
       out.push({
         entity: column.entity,
         property: column.property,
         rowsByVersion: Object.fromEntries(
           rows.filter((r) => r.version !== null).map((r) => [String(r.version), r.n]),
         ),
-        nullRows: rows.find((r) => r.version === null)?.n ?? 0,
+        nullRows: count((r) => r.version === null && !r.pending),
+        pendingBackfill: count((r) => r.pending),
       });
     }
     return out;

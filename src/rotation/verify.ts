@@ -6,7 +6,7 @@ import {
   type RotationTarget,
   withQueryRunner,
 } from './rotation-target';
-import { sealedRowBatches } from './sealed-rows';
+import { rowsWithoutCiphertextBatches, sealedRowBatches } from './sealed-rows';
 
 /** Options of {@link verifyEncryptedColumns}. */
 export interface VerifyOptions {
@@ -18,10 +18,11 @@ export interface VerifyOptions {
   onProgress?: (progress: { entity: string; property: string; rowsChecked: number }) => void;
 }
 
-/** A value that did not decrypt: where, and why (never the value). */
+/** A row that cannot be read as encrypted: where, and why (never the value). */
 export interface VerifyFailure {
   primaryKey: string;
-  keyVersion: number;
+  /** The stored master-key version; `null` for a row with no ciphertext. */
+  keyVersion: number | null;
   error: string;
 }
 
@@ -30,25 +31,43 @@ export interface VerifyResult {
   properties: Array<{
     entity: string;
     property: string;
+    /** Values decrypted. */
     rowsChecked: number;
+    /**
+     * Rows that cannot be read as encrypted: values that do not decrypt, rows pending backfill and
+     * NULLs in a non-nullable property. The plaintext column may be dropped only once this is 0.
+     */
     failed: number;
+    /**
+     * Rows whose value is still only in the old plaintext column (`plaintextColumn`): counted in
+     * `failed` too, and listed in `failures`.
+     */
+    pendingBackfill: number;
     failures: VerifyFailure[];
   }>;
   rowsChecked: number;
   failed: number;
+  pendingBackfill: number;
   error?: unknown;
 }
 
+/** Why a row without ciphertext fails verification. */
+const PENDING_BACKFILL =
+  'pending backfill: the value is only in the old plaintext column (run typeorm-envelope backfill)';
+const NULL_IN_NOT_NULLABLE = 'the value is NULL but the property is not nullable';
+
 /**
- * Decrypts every stored value and reports those that fail, by primary key. Plaintext is
- * discarded as soon as it is checked and never reported.
+ * Decrypts every stored value and reports those that fail, by primary key. Rows that hold no
+ * ciphertext fail too when they should: a value still waiting in the old plaintext column for the
+ * backfill (`pendingBackfill`), or a NULL in a non-nullable property. Plaintext is discarded as
+ * soon as it is checked and never reported.
  */
 export async function verifyEncryptedColumns(
   target: RotationTarget,
   encryption: EnvelopeEncryption,
   options: VerifyOptions = {},
 ): Promise<VerifyResult> {
-  const result: VerifyResult = { properties: [], rowsChecked: 0, failed: 0 };
+  const result: VerifyResult = { properties: [], rowsChecked: 0, failed: 0, pendingBackfill: 0 };
   const maxListed = options.maxListedFailures ?? 1_000;
   try {
     await withQueryRunner(target, async (runner) => {
@@ -58,23 +77,25 @@ export async function verifyEncryptedColumns(
           property: column.property,
           rowsChecked: 0,
           failed: 0,
+          pendingBackfill: 0,
           failures: [] as VerifyFailure[],
         };
         result.properties.push(outcome);
+        const fail = (failure: VerifyFailure) => {
+          outcome.failed += 1;
+          if (outcome.failures.length < maxListed) outcome.failures.push(failure);
+        };
         for await (const rows of sealedRowBatches(runner, column, options.batchSize ?? 1_000)) {
           for (const row of rows) {
             outcome.rowsChecked += 1;
             try {
               await encryption.encryptor.open(row.sealed, row.binding);
             } catch (error) {
-              outcome.failed += 1;
-              if (outcome.failures.length < maxListed) {
-                outcome.failures.push({
-                  primaryKey: row.primaryKey,
-                  keyVersion: row.sealed.keyVersion,
-                  error: describeError(error),
-                });
-              }
+              fail({
+                primaryKey: row.primaryKey,
+                keyVersion: row.sealed.keyVersion,
+                error: describeError(error),
+              });
             }
           }
           options.onProgress?.({
@@ -83,8 +104,19 @@ export async function verifyEncryptedColumns(
             rowsChecked: outcome.rowsChecked,
           });
         }
+        for await (const rows of rowsWithoutCiphertextBatches(runner, column, options.batchSize ?? 1_000)) {
+          for (const row of rows) {
+            if (row.pending) outcome.pendingBackfill += 1;
+            fail({
+              primaryKey: row.primaryKey,
+              keyVersion: null,
+              error: row.pending ? PENDING_BACKFILL : NULL_IN_NOT_NULLABLE,
+            });
+          }
+        }
         result.rowsChecked += outcome.rowsChecked;
         result.failed += outcome.failed;
+        result.pendingBackfill += outcome.pendingBackfill;
       }
     });
   } catch (error) {
