@@ -40,8 +40,11 @@ export interface BackfillResult {
 /**
  * Encrypts the values of existing plaintext columns into their sidecar columns, for properties
  * declared with `@Encrypted({ plaintextColumn })`. Rows are taken in primary-key-ordered batches
- * and only where the ciphertext is still NULL, so the job can be stopped and run again at any time,
- * and never overwrites a value the application has written meanwhile.
+ * and only where the ciphertext is still NULL, so the job can be stopped and run again at any time.
+ * Each row is written (all four columns in one statement) only if it still has no ciphertext and
+ * its old column still holds the value that was read, so a value the application writes meanwhile
+ * is never overwritten. Run it once every instance of the application declares the property
+ * encrypted: a write to the old column made after the row was backfilled is not seen.
  */
 export async function backfillEncryptedColumns(
   target: RotationTarget,
@@ -68,41 +71,56 @@ export async function backfillEncryptedColumns(
         result.properties.push(outcome);
         const keyNames = column.metadata.primaryColumns.map((c) => c.databaseName);
         for await (const batch of primaryKeyBatches(runner, column, options.batchSize ?? 500)) {
+          /* The old column's text form too: the write below checks that it is still what was read. */
           const rows = (await runner.query(
-            `SELECT ${column.primaryKey.join(', ')}, ${plaintext} AS plaintext FROM ${column.table}
+            `SELECT ${column.primaryKey.join(', ')}, ${plaintext} AS plaintext, ${plaintext}::text AS plaintext_text
+             FROM ${column.table}
              WHERE ${batch.condition} AND ${column.ciphertext} IS NULL AND ${plaintext} IS NOT NULL`,
             batch.params,
           )) as Array<Record<string, unknown>>;
-          await inBatchTransaction(runner, async () => {
-            for (const row of rows) {
-              const key = Object.fromEntries(keyNames.map((n) => [n, row[n]]));
-              const primaryKey = primaryKeyOfRow(column.metadata, key) as string;
-              let sealed: SealedValue;
-              try {
-                sealed = await encryption.encryptor.seal(
-                  row.plaintext,
-                  {
-                    table: column.metadata.tableName,
-                    column: column.property,
-                    primaryKey: definition.bindPrimaryKey ? primaryKey : undefined,
-                  },
-                  definition.type,
-                );
-              } catch (error) {
-                outcome.failures.push({ primaryKey, error: describeError(error) });
-                continue;
-              }
-              /* Only rows still without ciphertext: a value the application wrote meanwhile wins. */
-              const written = await writeSealed(
+          /* Seal first, outside the transaction: no row is locked during key-provider calls. */
+          const prepared: Array<{ key: Record<string, unknown>; text: unknown; sealed: SealedValue }> = [];
+          for (const row of rows) {
+            const key = Object.fromEntries(keyNames.map((n) => [n, row[n]]));
+            const primaryKey = primaryKeyOfRow(column.metadata, key) as string;
+            try {
+              const sealed = await encryption.encryptor.seal(
+                row.plaintext,
+                {
+                  table: column.metadata.tableName,
+                  column: column.property,
+                  primaryKey: definition.bindPrimaryKey ? primaryKey : undefined,
+                },
+                definition.type,
+              );
+              prepared.push({ key, text: row.plaintext_text, sealed });
+            } catch (error) {
+              outcome.failures.push({ primaryKey, error: describeError(error) });
+            }
+          }
+          outcome.rowsEncrypted += await inBatchTransaction(runner, async () => {
+            let n = 0;
+            for (const { key, text, sealed } of prepared) {
+              /*
+               * Only rows still without ciphertext and still holding the plaintext that was read:
+               * a value the application wrote meanwhile wins, whether through this library (which
+               * sets the ciphertext) or through the old column (a release that predates the
+               * encryption, still running during a rolling deploy; the next run encrypts it).
+               */
+              const done = await writeSealed(
                 runner,
                 column,
                 key,
                 sealed,
-                () => ({ sql: `${column.ciphertext} IS NULL`, params: [] }),
+                (p) => ({
+                  sql: `${column.ciphertext} IS NULL AND ${plaintext}::text = $${p}`,
+                  params: [text],
+                }),
                 options.clearPlaintext ? `, ${plaintext} = NULL` : '',
               );
-              if (written) outcome.rowsEncrypted += 1;
+              if (done) n += 1;
             }
+            return n;
           });
           options.onProgress?.({
             entity: column.entity,

@@ -9,7 +9,7 @@ import {
   type RotationTarget,
   withQueryRunner,
 } from './rotation-target';
-import { sealedRowBatches } from './sealed-rows';
+import { type SealedRow, sealedRowBatches } from './sealed-rows';
 
 /** Options of {@link reencryptColumns}. */
 export interface ReencryptOptions {
@@ -38,9 +38,11 @@ export interface ReencryptResult {
  * Re-encrypts every stored value under fresh data keys and the active master-key version: for
  * use after a suspected data-key compromise (a plain rotation only re-wraps the data keys).
  * Values are decrypted and sealed again, bound to their row's primary key; each row is updated
- * only if it still holds the ciphertext that was read, so the application's writes are never
- * overwritten. Batches commit one by one: after a crash, run it again (rows done already are
- * simply sealed once more).
+ * (all four columns in one statement) only if it still holds the ciphertext that was read, so a
+ * value the application writes meanwhile is never overwritten (the row counts as skipped).
+ * Batches commit one by one: after a crash, run it again (rows done already are simply sealed
+ * once more). Other application instances keep sealing new values under their own current data
+ * keys until those expire; purge their caches (or restart them) first when a data key is suspected.
  */
 export async function reencryptColumns(
   target: RotationTarget,
@@ -70,26 +72,37 @@ export async function reencryptColumns(
         result.properties.push(outcome);
         const bindKey = column.columns.definition.bindPrimaryKey;
         for await (const rows of sealedRowBatches(runner, column, options.batchSize ?? 500)) {
-          await inBatchTransaction(runner, async () => {
-            for (const row of rows) {
-              let fresh: SealedValue;
-              try {
-                const value = await encryption.encryptor.open(row.sealed, row.binding);
-                const binding = bindKey ? row.binding : { ...row.binding, primaryKey: undefined };
-                fresh = await encryption.encryptor.seal(value, binding, column.columns.definition.type);
-              } catch (error) {
-                outcome.failures.push({ primaryKey: row.primaryKey, error: describeError(error) });
-                continue;
-              }
-              /* Only where the row still holds what was read: the application's writes win. */
-              const written = await writeSealed(runner, column, row.key, fresh, (n) => ({
-                sql: `${column.ciphertext} = $${n}`,
+          /* Decrypt and seal first, outside the transaction: no row is locked during key-provider calls. */
+          const prepared: Array<{ row: SealedRow; fresh: SealedValue }> = [];
+          for (const row of rows) {
+            try {
+              const value = await encryption.encryptor.open(row.sealed, row.binding);
+              const binding = bindKey ? row.binding : { ...row.binding, primaryKey: undefined };
+              const fresh = await encryption.encryptor.seal(value, binding, column.columns.definition.type);
+              prepared.push({ row, fresh });
+            } catch (error) {
+              outcome.failures.push({ primaryKey: row.primaryKey, error: describeError(error) });
+            }
+          }
+          const written = await inBatchTransaction(runner, async () => {
+            let n = 0;
+            for (const { row, fresh } of prepared) {
+              /*
+               * Only where the row still holds the ciphertext that was read: any value the
+               * application wrote meanwhile has another ciphertext (a fresh IV), and wins. A
+               * concurrent re-wrap changes only the wrapped key and version of the same value, so
+               * replacing all four columns with a fresh sealing of that value loses nothing.
+               */
+              const done = await writeSealed(runner, column, row.key, fresh, (p) => ({
+                sql: `${column.ciphertext} = $${p}`,
                 params: [row.sealed.ciphertext],
               }));
-              if (written) outcome.rowsReencrypted += 1;
-              else outcome.rowsSkipped += 1;
+              if (done) n += 1;
             }
+            return n;
           });
+          outcome.rowsReencrypted += written;
+          outcome.rowsSkipped += prepared.length - written;
           options.onProgress?.({
             entity: column.entity,
             property: column.property,

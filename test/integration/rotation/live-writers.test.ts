@@ -1,0 +1,403 @@
+import { randomBytes } from 'node:crypto';
+import 'reflect-metadata';
+import { Column, Entity, PrimaryGeneratedColumn, type QueryRunner, type Repository } from 'typeorm';
+import { afterEach, describe, expect, it } from 'vitest';
+import { backfillEncryptedColumns, Encrypted, reencryptColumns, verifyEncryptedColumns } from '../../../src';
+import type { EncryptionContext, GeneratedDataKey } from '../../../src/keys/key-provider';
+import { CountingKeyProvider } from '../../support/counting-key-provider';
+import { createTestSchema, rawQuery, type TestSchema } from '../../support/database';
+import { type EncryptedTestDatabase, encryptedDatabase } from '../../support/typeorm';
+
+/**
+ * A local key provider that can stop once, at its next call, until the test lets it go on: a job
+ * calls its key provider only after it has read a batch, so the application's writes made during
+ * the stop land exactly between the job's read of a row and its write.
+ */
+class PausingKeyProvider extends CountingKeyProvider {
+  #pause?: () => Promise<void>;
+
+  /** Runs `during` at the next key-provider call, before that call goes on. */
+  pauseOnce(during: () => Promise<void>): void {
+    this.#pause = during;
+  }
+
+  async #maybePause(): Promise<void> {
+    const pause = this.#pause;
+    this.#pause = undefined;
+    if (pause) await pause();
+  }
+
+  protected override async _generateDataKey(context: EncryptionContext): Promise<GeneratedDataKey> {
+    await this.#maybePause();
+    return super._generateDataKey(context);
+  }
+
+  protected override async _unwrapDataKey(wrappedKey: Buffer, context: EncryptionContext): Promise<Buffer> {
+    await this.#maybePause();
+    return super._unwrapDataKey(wrappedKey, context);
+  }
+}
+
+@Entity('live_account')
+class LiveAccount {
+  @PrimaryGeneratedColumn() id!: number;
+  @Encrypted() email!: string;
+  @Column({ type: 'int' }) visits!: number;
+}
+
+/** A table whose plaintext `email` column is being encrypted (created by SQL, as it was before). */
+@Entity('live_member')
+class LiveMember {
+  @PrimaryGeneratedColumn() id!: number;
+  @Encrypted({ plaintextColumn: { name: 'email', type: 'varchar' }, readPlaintextFallback: true })
+  email!: string;
+  @Column({ type: 'int' }) visits!: number;
+}
+
+const ROWS = 40;
+/** Concurrent writers in the random tests; each owns every WRITERS-th row, so its last write is the row's. */
+const WRITERS = 3;
+const open: Array<{ close(): Promise<void> }> = [];
+let schemaToDrop: TestSchema | undefined;
+
+afterEach(async () => {
+  for (const db of open.splice(0).reverse()) await db.close();
+  await schemaToDrop?.drop();
+  schemaToDrop = undefined;
+});
+
+/**
+ * Two instances of one application on the same tables and master key: `app` serves requests,
+ * `job` runs the rotation job (its key provider can pause).
+ */
+async function twoInstances(
+  entity: typeof LiveAccount | typeof LiveMember,
+  seed: (schema: TestSchema) => Promise<void>,
+) {
+  const schema = await createTestSchema('live');
+  schemaToDrop = schema;
+  await seed(schema);
+  const masterKey = randomBytes(32).toString('base64');
+  const instance = async (provider: CountingKeyProvider): Promise<EncryptedTestDatabase> => {
+    const db = await encryptedDatabase([entity], {
+      schema,
+      encryption: { keys: [{ version: 1, provider }], activeVersion: 1 },
+    });
+    open.push(db);
+    return db;
+  };
+  const app = await instance(new CountingKeyProvider(masterKey));
+  const jobProvider = new PausingKeyProvider(masterKey);
+  const job = await instance(jobProvider);
+  return { schema, app, job, jobProvider };
+}
+
+type Row = Record<string, unknown>;
+const rowsOf = (schema: TestSchema, table: string) =>
+  rawQuery<Row>(schema.url, `SELECT * FROM "${schema.schema}".${table} ORDER BY id`);
+
+/** Every row reads back through TypeORM as the application last wrote it, and is whole in SQL. */
+async function expectAsWritten(
+  db: EncryptedTestDatabase,
+  repo: Repository<LiveAccount> | Repository<LiveMember>,
+  expected: Map<number, string>,
+  table: string,
+) {
+  db.encryption.purgeCache();
+  const read = await repo.find({ order: { id: 'ASC' } });
+  expect(new Map(read.map((r) => [r.id, r.email]))).toEqual(expected);
+  const raw = await rowsOf(db.schema, table);
+  expect(raw).toHaveLength(expected.size);
+  for (const row of raw) {
+    /* All four columns of one value, never a mix: each is present and the value authenticates. */
+    expect([row.email_ciphertext, row.email_iv, row.email_wrapped_key].every(Buffer.isBuffer)).toBe(true);
+    expect(row.email_key_version).toBe(1);
+    expect((row.email_ciphertext as Buffer).toString('latin1')).not.toContain('@example.com');
+  }
+  const verified = await verifyEncryptedColumns(db.dataSource, db.encryption);
+  expect(verified).toMatchObject({ failed: 0, pendingBackfill: 0, rowsChecked: expected.size });
+}
+
+describe('reencryptColumns beside live writers', () => {
+  async function accounts() {
+    const setup = await twoInstances(LiveAccount, async () => undefined);
+    const repo = setup.app.dataSource.getRepository(LiveAccount);
+    const saved = await repo.save(
+      Array.from({ length: ROWS }, (_, i) => repo.create({ email: `a${i}@example.com`, visits: 0 })),
+    );
+    const expected = new Map(saved.map((a) => [a.id, a.email]));
+    return { ...setup, repo, saved, expected };
+  }
+
+  it('skips the rows the application wrote between the read of a batch and its write', async () => {
+    const { app, job, jobProvider, repo, saved, expected, schema } = await accounts();
+    const before = new Map((await rowsOf(schema, 'live_account')).map((r) => [r.id, r]));
+    const [first, second, third, fourth] = saved as [LiveAccount, LiveAccount, LiveAccount, LiveAccount];
+    jobProvider.pauseOnce(async () => {
+      // A loaded entity changed and saved, an update(), a delete, and a save of another column only.
+      const loaded = await repo.findOneByOrFail({ id: first.id });
+      loaded.email = 'saved-meanwhile@example.com';
+      await repo.save(loaded);
+      await repo.update({ id: second.id }, { email: 'updated-meanwhile@example.com' });
+      await repo.delete({ id: third.id });
+      await repo.update({ id: fourth.id }, { visits: 5 });
+    });
+    expected.set(first.id, 'saved-meanwhile@example.com');
+    expected.set(second.id, 'updated-meanwhile@example.com');
+    expected.delete(third.id);
+
+    const result = await reencryptColumns(job.dataSource, job.encryption, { batchSize: 10 });
+    expect(result.error).toBeUndefined();
+    expect(result.properties[0]).toMatchObject({ rowsReencrypted: ROWS - 3, rowsSkipped: 3, failures: [] });
+    await expectAsWritten(app, repo, expected, 'live_account');
+    const after = new Map((await rowsOf(schema, 'live_account')).map((r) => [r.id, r]));
+    // The rows the job wrote hold new data keys; the visits written meanwhile are kept.
+    const untouched = [...after.values()].filter((r) => r.id !== first.id && r.id !== second.id);
+    for (const row of untouched) {
+      expect((row.email_wrapped_key as Buffer).equals(before.get(row.id)?.email_wrapped_key as Buffer)).toBe(
+        false,
+      );
+    }
+    expect(after.get(fourth.id)?.visits).toBe(5);
+  });
+
+  it("waits for an application transaction that holds the row, then leaves the application's value", async () => {
+    const { app, job, repo, saved, expected } = await accounts();
+    const target = saved[0] as LiveAccount;
+    const runner = app.dataSource.createQueryRunner();
+    await runner.connect();
+    await runner.startTransaction();
+    let jobDone = false;
+    try {
+      const inTransaction = runner.manager.getRepository(LiveAccount);
+      const loaded = await inTransaction.findOneByOrFail({ id: target.id });
+      loaded.email = 'in-transaction@example.com';
+      await inTransaction.save(loaded); // row locked, not committed: the job reads the old value
+      const running = reencryptColumns(job.dataSource, job.encryption, { batchSize: 100 }).finally(() => {
+        jobDone = true;
+      });
+      // The job's write of that row waits for the lock; commit once it does.
+      const holder = await backendPid(runner);
+      await waitUntil(async () => (await waitingFor(app, holder)) > 0 || jobDone);
+      expect(jobDone).toBe(false);
+      await runner.commitTransaction();
+      const result = await running;
+      expect(result.error).toBeUndefined();
+      expect(result.properties[0]).toMatchObject({ rowsReencrypted: ROWS - 1, rowsSkipped: 1 });
+    } finally {
+      if (runner.isTransactionActive) await runner.rollbackTransaction();
+      await runner.release();
+    }
+    expected.set(target.id, 'in-transaction@example.com');
+    await expectAsWritten(app, repo, expected, 'live_account');
+  });
+
+  it('an entity loaded before the job and saved after it keeps its value', async () => {
+    const { app, job, repo, saved, expected, schema } = await accounts();
+    const stale = await repo.findOneByOrFail({ id: (saved[0] as LiveAccount).id });
+    const staleEdited = await repo.findOneByOrFail({ id: (saved[1] as LiveAccount).id });
+    const result = await reencryptColumns(job.dataSource, job.encryption, { batchSize: 7 });
+    expect(result.properties[0]).toMatchObject({ rowsReencrypted: ROWS, rowsSkipped: 0 });
+    const [jobRow] = await rawQuery<Row>(
+      schema.url,
+      `SELECT * FROM "${schema.schema}".live_account WHERE id = $1`,
+      [stale.id],
+    );
+    stale.visits += 1;
+    await repo.save(stale);
+    staleEdited.email = 'edited-after@example.com';
+    await repo.save(staleEdited);
+    expected.set(staleEdited.id, 'edited-after@example.com');
+    await expectAsWritten(app, repo, expected, 'live_account');
+    const [row] = await rawQuery<Row>(
+      schema.url,
+      `SELECT * FROM "${schema.schema}".live_account WHERE id = $1`,
+      [stale.id],
+    );
+    expect(row?.visits).toBe(1);
+    expect(jobRow?.email_ciphertext).toBeInstanceOf(Buffer);
+  });
+
+  it('loses nothing while several writers update random rows throughout the job', async () => {
+    const { app, job, repo, saved, expected } = await accounts();
+    const ids = saved.map((a) => a.id);
+    let running = true;
+    const writer = async (w: number) => {
+      for (let n = 0; running || n < 5; n++) {
+        const id = ids[w + WRITERS * ((n * 7) % Math.floor(ids.length / WRITERS))] as number;
+        const email = `w${w}-${n}@example.com`;
+        if (n % 2 === 0) {
+          const loaded = await repo.findOneByOrFail({ id });
+          loaded.email = email;
+          loaded.visits += 1;
+          await repo.save(loaded);
+        } else {
+          await repo.update({ id }, { email });
+        }
+        expected.set(id, email);
+      }
+    };
+    const writers = Array.from({ length: WRITERS }, (_, w) => writer(w));
+    const result = await reencryptColumns(job.dataSource, job.encryption, { batchSize: 3 });
+    running = false;
+    await Promise.all(writers);
+    expect(result.error).toBeUndefined();
+    const outcome = result.properties[0];
+    expect((outcome?.rowsReencrypted ?? 0) + (outcome?.rowsSkipped ?? 0)).toBe(ROWS);
+    await expectAsWritten(app, repo, expected, 'live_account');
+  });
+});
+
+describe('backfillEncryptedColumns beside live writers', () => {
+  async function members() {
+    const setup = await twoInstances(LiveMember, async (schema) => {
+      await rawQuery(
+        schema.url,
+        `CREATE TABLE "${schema.schema}".live_member (id serial PRIMARY KEY, email varchar NOT NULL, visits int NOT NULL);
+         INSERT INTO "${schema.schema}".live_member (email, visits)
+           SELECT 'm' || i || '@example.com', 0 FROM generate_series(0, ${ROWS - 1}) AS i`,
+      );
+    });
+    const repo = setup.app.dataSource.getRepository(LiveMember);
+    const expected = new Map(
+      (await rowsOf(setup.schema, 'live_member')).map((r) => [r.id as number, r.email as string]),
+    );
+    return { ...setup, repo, expected };
+  }
+
+  it.each([{ clearPlaintext: false }, { clearPlaintext: true }])(
+    'skips rows written between its read and its write (clearPlaintext: $clearPlaintext)',
+    async ({ clearPlaintext }) => {
+      const { app, job, jobProvider, repo, expected, schema } = await members();
+      const ids = [...expected.keys()];
+      job.encryption.cache.renewEncryptionKey(); // the job's first seal asks the key provider
+      jobProvider.pauseOnce(async () => {
+        const loaded = await repo.findOneByOrFail({ id: ids[0] as number });
+        loaded.email = 'saved-meanwhile@example.com';
+        await repo.save(loaded);
+        await repo.update({ id: ids[1] as number }, { email: 'updated-meanwhile@example.com' });
+        await repo.delete({ id: ids[2] as number });
+        await repo.update({ id: ids[3] as number }, { visits: 9 });
+        // An instance still running the previous release writes the old column directly.
+        await rawQuery(schema.url, `UPDATE "${schema.schema}".live_member SET email = $1 WHERE id = $2`, [
+          'old-release@example.com',
+          ids[4],
+        ]);
+      });
+      expected.set(ids[0] as number, 'saved-meanwhile@example.com');
+      expected.set(ids[1] as number, 'updated-meanwhile@example.com');
+      expected.delete(ids[2] as number);
+      expected.set(ids[4] as number, 'old-release@example.com');
+
+      const result = await backfillEncryptedColumns(job.dataSource, job.encryption, {
+        batchSize: 10,
+        clearPlaintext,
+      });
+      expect(result.error).toBeUndefined();
+      // The row written by the old release is skipped in this run and encrypted by the next one.
+      expect(result.properties[0]).toMatchObject({ rowsEncrypted: ROWS - 4, failures: [] });
+      const again = await backfillEncryptedColumns(job.dataSource, job.encryption, { clearPlaintext });
+      expect(again.properties[0]).toMatchObject({ rowsEncrypted: 1 });
+      await expectAsWritten(app, repo, expected, 'live_member');
+      const raw = await rowsOf(schema, 'live_member');
+      for (const row of raw) {
+        const written = row.id === ids[0] || row.id === ids[1];
+        expect(row.email).toBe(written || clearPlaintext ? null : expected.get(row.id as number));
+      }
+      expect(raw.find((r) => r.id === ids[3])?.visits).toBe(9);
+    },
+  );
+
+  it("waits for an application transaction that holds the row, then leaves the application's value", async () => {
+    const { app, job, repo, expected } = await members();
+    const id = [...expected.keys()][0] as number;
+    const runner = app.dataSource.createQueryRunner();
+    await runner.connect();
+    await runner.startTransaction();
+    let jobDone = false;
+    try {
+      await runner.manager.getRepository(LiveMember).update({ id }, { email: 'in-transaction@example.com' });
+      const running = backfillEncryptedColumns(job.dataSource, job.encryption, { batchSize: 100 }).finally(
+        () => {
+          jobDone = true;
+        },
+      );
+      const holder = await backendPid(runner);
+      await waitUntil(async () => (await waitingFor(app, holder)) > 0 || jobDone);
+      expect(jobDone).toBe(false);
+      await runner.commitTransaction();
+      const result = await running;
+      expect(result.error).toBeUndefined();
+      expect(result.properties[0]).toMatchObject({ rowsEncrypted: ROWS - 1 });
+    } finally {
+      if (runner.isTransactionActive) await runner.rollbackTransaction();
+      await runner.release();
+    }
+    expected.set(id, 'in-transaction@example.com');
+    await expectAsWritten(app, repo, expected, 'live_member');
+  });
+
+  it('an entity loaded before the backfill and saved after it keeps its value, and no plaintext comes back', async () => {
+    const { app, job, repo, expected, schema } = await members();
+    const [a, b] = [...expected.keys()] as [number, number];
+    const stale = await repo.findOneByOrFail({ id: a });
+    const staleEdited = await repo.findOneByOrFail({ id: b });
+    const result = await backfillEncryptedColumns(job.dataSource, job.encryption, { clearPlaintext: true });
+    expect(result.properties[0]).toMatchObject({ rowsEncrypted: ROWS });
+    stale.visits += 1;
+    await repo.save(stale);
+    staleEdited.email = 'edited-after@example.com';
+    await repo.save(staleEdited);
+    expected.set(b, 'edited-after@example.com');
+    await expectAsWritten(app, repo, expected, 'live_member');
+    const raw = await rowsOf(schema, 'live_member');
+    expect(raw.filter((r) => r.email !== null)).toEqual([]);
+    expect(raw.find((r) => r.id === a)?.visits).toBe(1);
+  });
+
+  it('loses nothing while several writers update random rows throughout the backfill', async () => {
+    const { app, job, repo, expected } = await members();
+    const ids = [...expected.keys()];
+    let running = true;
+    const writer = async (w: number) => {
+      for (let n = 0; running || n < 5; n++) {
+        const id = ids[w + WRITERS * ((n * 7) % Math.floor(ids.length / WRITERS))] as number;
+        const email = `w${w}-${n}@example.com`;
+        if (n % 2 === 0) {
+          const loaded = await repo.findOneByOrFail({ id });
+          loaded.email = email;
+          await repo.save(loaded);
+        } else {
+          await repo.update({ id }, { email });
+        }
+        expected.set(id, email);
+      }
+    };
+    const writers = Array.from({ length: WRITERS }, (_, w) => writer(w));
+    const result = await backfillEncryptedColumns(job.dataSource, job.encryption, { batchSize: 3 });
+    running = false;
+    await Promise.all(writers);
+    expect(result.error).toBeUndefined();
+    await expectAsWritten(app, repo, expected, 'live_member');
+  });
+});
+
+async function backendPid(runner: QueryRunner): Promise<number> {
+  const [row] = (await runner.query('SELECT pg_backend_pid() AS pid')) as Array<{ pid: number }>;
+  return row?.pid as number;
+}
+
+/** Backends waiting for a lock that backend `pid` holds. */
+async function waitingFor(db: EncryptedTestDatabase, pid: number): Promise<number> {
+  const [row] = await rawQuery<{ n: number }>(
+    db.schema.url,
+    'SELECT count(*)::int AS n FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))',
+    [pid],
+  );
+  return row?.n ?? 0;
+}
+
+/** Polls `condition` until it holds (no time limit of its own: the test timeout bounds it). */
+async function waitUntil(condition: () => Promise<boolean>): Promise<void> {
+  while (!(await condition())) await new Promise((resolve) => setTimeout(resolve, 10));
+}
