@@ -192,6 +192,34 @@ describe('reencryptColumns beside live writers', () => {
     await expectAsWritten(app, repo, expected, 'live_account');
   });
 
+  it('runs a batch again when PostgreSQL breaks a deadlock with an application transaction by aborting it', async () => {
+    const { app, job, repo, saved, expected } = await accounts();
+    const [, second, , , fifth] = saved as LiveAccount[];
+    const runner = app.dataSource.createQueryRunner();
+    await runner.connect();
+    await runner.startTransaction();
+    try {
+      /* Let the job's session be the one that detects the deadlock (it waits first, at 1 s by default). */
+      await runner.query(`SET LOCAL deadlock_timeout = '60s'`);
+      const inTransaction = runner.manager.getRepository(LiveAccount);
+      await inTransaction.update({ id: (fifth as LiveAccount).id }, { visits: 1 }); // the job will wait here
+      const running = reencryptColumns(job.dataSource, job.encryption, { batchSize: 100 });
+      const holder = await backendPid(runner);
+      await waitUntil(async () => (await waitingFor(app, holder)) > 0);
+      // The job holds the rows before the fifth; taking one of them closes the cycle.
+      await inTransaction.update({ id: (second as LiveAccount).id }, { email: 'deadlock@example.com' });
+      await runner.commitTransaction();
+      const result = await running;
+      expect(result.error).toBeUndefined();
+      expect(result.properties[0]).toMatchObject({ rowsReencrypted: ROWS - 1, rowsSkipped: 1, failures: [] });
+    } finally {
+      if (runner.isTransactionActive) await runner.rollbackTransaction();
+      await runner.release();
+    }
+    expected.set((second as LiveAccount).id, 'deadlock@example.com');
+    await expectAsWritten(app, repo, expected, 'live_account');
+  });
+
   it('an entity loaded before the job and saved after it keeps its value', async () => {
     const { app, job, repo, saved, expected, schema } = await accounts();
     const stale = await repo.findOneByOrFail({ id: (saved[0] as LiveAccount).id });
