@@ -5,9 +5,11 @@ import { ConfigError, withErrorContext } from './errors';
 import { FieldEncryptor, type SealedValue } from './field-encryptor';
 import { DataKeyCache, type DataKeyCacheOptions } from './keys/data-key-cache';
 import { Keyring, type KeyringEntry } from './keys/keyring';
+import { KeyRegistry } from './rotation/key-registry';
 import { type RegistryWatchOptions, watchRegistry } from './rotation/registry-watcher';
 import { type EncryptedColumns, installEncryptedColumns } from './typeorm/encrypted-columns';
 import { PropertyStateStore } from './typeorm/property-state';
+import { guardEntity } from './typeorm/query-guards';
 import { SidecarLoader } from './typeorm/sidecar-loader';
 import { EncryptionSubscriber } from './typeorm/subscriber';
 
@@ -42,12 +44,30 @@ export interface AttachOptions {
   validate?: boolean;
 }
 
+/**
+ * How a version's master key compares with the key registry's record of it:
+ * - `matches`: the registry recorded this version with this very key;
+ * - `not-recorded`: the registry has no record of this version yet (it is recorded by the next
+ *   `KeyRegistry.sync()`, e.g. `typeorm-envelope validate` or `activate`);
+ * - `absent`: this instance has read no key registry (the `TypeormEnvelopeKeyRegistry` migration's
+ *   tables do not exist), so nothing tells it whether this key is the one other instances use.
+ *
+ * A key that differs from its record is not a status: validation fails with a `ConfigError`.
+ */
+export type RegistryCheck = 'matches' | 'not-recorded' | 'absent';
+
 /** The outcome of validating one master-key version. */
 export interface KeyValidation {
+  /** The master-key version. */
   version: number;
+  /** Whether it is the active version (validated with a full generate/unwrap round trip). */
   active: boolean;
+  /** The provider kind (`local`, `aws-kms`, …). */
   kind: string;
+  /** The key's reference (KMS key ARN, or fingerprint of a customer-provided key), never the key. */
   keyReference: string;
+  /** How the key compares with the key registry's record of this version. */
+  registry: RegistryCheck;
 }
 
 const attached = new WeakSet<DataSource>();
@@ -90,11 +110,25 @@ export class EnvelopeEncryption {
 
   /**
    * Makes `dataSource` encrypt and decrypt its `@Encrypted()` properties. Call it before
-   * `initialize()`, so that schema synchronisation and migrations run with encryption in place.
+   * `initialize()`: `initialize()` then installs encryption once TypeORM has built its metadata,
+   * reads the key registry's recorded key references (when its tables exist), validates the keys
+   * (unless `validate: false`) and starts following the registry (with the `registry` option), and
+   * fails if any of that fails.
+   *
+   * A DataSource that is already initialized is refused with a `ConfigError`: none of those steps
+   * could run before its first query. With NestJS, attach in `dataSourceFactory`, before
+   * `dataSource.initialize()`.
    */
   attach(dataSource: DataSource, options: AttachOptions = {}): this {
     if (attached.has(dataSource)) {
       throw new ConfigError('an EnvelopeEncryption is already attached to this DataSource');
+    }
+    if (dataSource.isInitialized) {
+      throw new ConfigError(
+        'attach() needs a DataSource that is not initialized yet: call encryption.attach(dataSource) before ' +
+          'dataSource.initialize(), so that initialize() validates the keys, checks them against the key ' +
+          'registry and follows it before any query runs',
+      );
     }
     attached.add(dataSource);
     const encryption = this;
@@ -111,24 +145,25 @@ export class EnvelopeEncryption {
       columns.clear();
       for (const metadata of dataSource.entityMetadatas) {
         const found = installEncryptedColumns(metadata, store);
-        if (found.length) columns.set(metadata, found);
+        if (!found.length) continue;
+        columns.set(metadata, found);
+        guardEntity(metadata, found);
+        subscriber.openBeforeListeners(metadata, found);
       }
       if (!dataSource.subscribers.includes(subscriber)) dataSource.subscribers.push(subscriber);
     };
-    if (dataSource.isInitialized) {
+    /* initialize() rebuilds metadata and subscribers; install right after it has. */
+    const target = dataSource as unknown as { buildMetadatas(): Promise<void> };
+    const buildMetadatas = target.buildMetadatas;
+    const validate = options.validate ?? true;
+    target.buildMetadatas = async function (this: unknown) {
+      await buildMetadatas.call(this);
       install();
-    } else {
-      /* initialize() rebuilds metadata and subscribers; install right after it has. */
-      const target = dataSource as unknown as { buildMetadatas(): Promise<void> };
-      const buildMetadatas = target.buildMetadatas;
-      const validate = options.validate ?? true;
-      target.buildMetadatas = async function (this: unknown) {
-        await buildMetadatas.call(this);
-        install();
-        if (validate) await encryption.validate();
-        if (encryption.#registry) await encryption.#watch(dataSource, encryption.#registry);
-      };
-    }
+      /* Recorded references first: validation and every first use compare the keys with them. */
+      await new KeyRegistry(dataSource, encryption).loadReferences();
+      if (validate) await encryption.validate();
+      if (encryption.#registry) await encryption.#watch(dataSource, encryption.#registry);
+    };
     return this;
   }
 
@@ -143,9 +178,12 @@ export class EnvelopeEncryption {
   }
 
   /**
-   * Checks every configured master-key version: the active one with a full round trip (generate a
-   * data key, unwrap it), the others without using them (KMS `DescribeKey`: exists, enabled,
-   * symmetric). Throws at the first failure, naming the version, the key and the check that failed.
+   * Checks every configured master-key version: first that its master key is the one the key
+   * registry recorded for that version (a different key is a `ConfigError` naming the version and
+   * both references), then the active one with a full round trip (generate a data key, unwrap
+   * it), the others without using them (KMS `DescribeKey`: exists, enabled, symmetric). Throws at
+   * the first failure, naming the version, the key and the check that failed. Each result says
+   * how the key compares with the registry (`registry: 'absent'` when there is none).
    */
   async validate(): Promise<KeyValidation[]> {
     const results: KeyValidation[] = [];
@@ -157,8 +195,9 @@ export class EnvelopeEncryption {
   }
 
   /**
-   * Makes `version` the one new data keys are wrapped with, after validating it with a full round
-   * trip. Values already stored keep their version until they are re-wrapped.
+   * Makes `version` the one new data keys are wrapped with, after validating it (its recorded key
+   * reference, then a full round trip). Values already stored keep their version until they are
+   * re-wrapped.
    */
   async activate(version: number): Promise<KeyValidation> {
     const result = await this.#validateVersion(version, true);
@@ -169,12 +208,18 @@ export class EnvelopeEncryption {
   async #validateVersion(version: number, roundTrip: boolean): Promise<KeyValidation> {
     const provider = this.keyring.provider(version);
     try {
+      await this.keyring.checkedProvider(version);
       if (roundTrip) await provider.validate(this.keyring.context);
       else await provider.checkKey();
     } catch (error) {
       throw withErrorContext(error, { keyVersion: version, keyId: provider.describe().keyReference });
     }
-    return { version, active: roundTrip, ...provider.describe() };
+    const registry: RegistryCheck = !this.keyring.registryRead
+      ? 'absent'
+      : this.keyring.recordedReference(version) === undefined
+        ? 'not-recorded'
+        : 'matches';
+    return { version, active: roundTrip, ...provider.describe(), registry };
   }
 
   /**

@@ -69,7 +69,11 @@ export class LocalKeyProvider extends KeyProvider {
           )
         : undefined;
     if (opened === undefined) {
-      throw new IntegrityError('wrapped data key failed authentication', this.errorContext());
+      throw new IntegrityError(
+        'wrapped data key failed authentication: it was altered, or the master key configured for its ' +
+          'version is not the one that wrapped it (the master key of that version may be wrong)',
+        this.errorContext(),
+      );
     }
     return opened;
   }

@@ -98,7 +98,10 @@ export class KeyRegistry {
       const { keyring } = this.#encryption;
       for (const version of keyring.versions) {
         if (known.has(version)) continue;
-        const { kind, keyReference } = keyring.provider(version).describe();
+        const provider = keyring.provider(version);
+        const { kind } = provider.describe();
+        /* Recorded resolved (a KMS alias as its key ARN), as later comparisons resolve it. */
+        const keyReference = await provider.resolveKeyReference();
         const state: KeyState = !hasActive && version === keyring.activeVersion ? 'active' : 'decrypt-only';
         await runner.query(
           `INSERT INTO ${this.#path(KEY_VERSIONS_TABLE)} (keyring_id, version, provider_kind, key_reference, state, activated_at)
@@ -111,6 +114,18 @@ export class KeyRegistry {
     return this.list();
   }
 
+  /**
+   * Reads the recorded key references and gives them to the keyring, which from then on refuses
+   * to use a version whose configured master key is not the recorded one. Returns the records
+   * (none when the tables do not exist).
+   */
+  async loadReferences(): Promise<KeyVersionRecord[]> {
+    if (!(await this.exists())) return [];
+    const records = await this.list();
+    this.#encryption.keyring.recordReferences(records.map((r) => [r.version, r.keyReference] as const));
+    return records;
+  }
+
   /** Every recorded version of this keyring, retired ones included. */
   async list(): Promise<KeyVersionRecord[]> {
     return this.#run((runner) => this.#rows(runner));
@@ -121,8 +136,12 @@ export class KeyRegistry {
     return (await this.list()).find((r) => r.state === 'active')?.version;
   }
 
-  /** Validates every configured version and records it (`key-validated`). */
+  /**
+   * Validates every configured version against its recorded key reference and with the key
+   * provider (see `EnvelopeEncryption.validate`), and records it (`key-validated`).
+   */
   async validate(): Promise<KeyValidation[]> {
+    await this.loadReferences();
     const results = await this.#encryption.validate();
     await this.#run(async (runner) => {
       for (const result of results) {
@@ -137,11 +156,13 @@ export class KeyRegistry {
   }
 
   /**
-   * Validates `version` with a full round trip, then makes it the active one: new writes use it
-   * at once here, and other instances pick it up within their refresh interval.
+   * Validates `version` (its master key must be the one recorded for it, then a full round trip),
+   * then makes it the active one: new writes use it at once here, and other instances pick it up
+   * within their refresh interval.
    */
   async activate(version: number): Promise<void> {
     await this.sync();
+    await this.loadReferences();
     const state = await this.#run((runner) => this.#stateOf(runner, version));
     if (state === 'retired') {
       throw new ConfigError('a retired key version cannot be activated again', { keyVersion: version });

@@ -1,5 +1,6 @@
 import type { DataSource } from 'typeorm';
 import type { EnvelopeEncryption } from '../envelope-encryption';
+import { ConfigError } from '../errors';
 import { KeyRegistry } from './key-registry';
 
 /** Options of the registry watch (see `EnvelopeEncryptionOptions.registry`). */
@@ -12,9 +13,12 @@ export interface RegistryWatchOptions {
 
 /**
  * Follows the registry's active version: reads it now, then every `refreshInterval`. When the
- * registry names a version this instance is not configured with, the instance writes with the
- * newest version it has and warns, so it never writes with a version the others cannot read.
- * Returns a function that stops the watch. The timer never keeps the process alive.
+ * registry names a version this instance is not configured with, or configured with another master
+ * key than the one recorded for it, the instance writes with the newest version it has (that is
+ * not known to be wrong) and warns, so it never writes with a version the others cannot read.
+ * Each read also hands the recorded key references to the keyring, which refuses to use a version
+ * whose master key differs from its record. Returns a function that stops the watch. The timer
+ * never keeps the process alive.
  */
 export async function watchRegistry(
   dataSource: DataSource,
@@ -23,26 +27,43 @@ export async function watchRegistry(
 ): Promise<() => void> {
   const registry = new KeyRegistry(dataSource, encryption);
   const warn = options.warn ?? ((message: string) => console.warn(message));
-  let warned: number | undefined;
+  let warned: string | undefined;
+  const warnOnce = (what: string, message: string) => {
+    if (warned === what) return;
+    warned = what;
+    warn(message);
+  };
   const apply = async () => {
-    if (!dataSource.isInitialized || !(await registry.exists())) return;
-    const named = await registry.activeVersion();
+    if (!dataSource.isInitialized) return;
+    const records = await registry.loadReferences();
+    const named = records.find((r) => r.state === 'active')?.version;
     if (named === undefined) return;
     const { keyring } = encryption;
     if (keyring.has(named)) {
-      keyring.activate(named);
-      warned = undefined;
+      const mismatch = await keyring.checkedProvider(named).then(
+        () => undefined,
+        (error: unknown) => (error instanceof ConfigError ? error : Promise.reject(error)),
+      );
+      if (!mismatch) {
+        keyring.activate(named);
+        warned = undefined;
+        return;
+      }
+      warnOnce(
+        `wrong:${named}`,
+        `typeorm-envelope: the key registry names version ${named} active, but this instance's master key for it ` +
+          `is not the recorded one (${mismatch.detail}); writing with version ${keyring.activeVersion} ` +
+          'until the configuration is fixed',
+      );
       return;
     }
     const newest = Math.max(...keyring.versions);
     keyring.activate(newest);
-    if (warned !== named) {
-      warned = named;
-      warn(
-        `typeorm-envelope: the key registry names version ${named} active, but this instance is not configured ` +
-          `with it; writing with version ${newest} until the configuration is updated`,
-      );
-    }
+    warnOnce(
+      `missing:${named}`,
+      `typeorm-envelope: the key registry names version ${named} active, but this instance is not configured ` +
+        `with it; writing with version ${newest} until the configuration is updated`,
+    );
   };
   await apply();
   const timer = setInterval(() => {

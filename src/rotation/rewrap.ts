@@ -70,7 +70,9 @@ export interface RewrapResult {
 /**
  * Re-wraps every stored data key under master-key version `toVersion` without touching the data:
  * `<col>_wrapped_key` and `<col>_key_version` change, `<col>_ciphertext` and `<col>_iv` stay
- * byte for byte the same.
+ * byte for byte the same. With the key registry, both the source and the target versions' master
+ * keys must be the ones it recorded (a `ConfigError` otherwise, in `error` for the target and in
+ * `failures` for a source).
  *
  * One provider call per distinct data key (KMS `ReEncrypt` between KMS keys, unwrap + wrap
  * otherwise); each new wrapped key is unwrapped and compared before it is written. Rows are then
@@ -101,7 +103,10 @@ export async function rewrapDataKeys(
   };
   const audit = new KeyRegistry(target, encryption);
   try {
-    encryption.keyring.provider(toVersion); // an unknown target version fails before any work
+    /* An unknown target version, or one whose master key is not the recorded one, fails before any work. */
+    await audit.loadReferences();
+    if (result.dryRun) encryption.keyring.provider(toVersion);
+    else await encryption.keyring.checkedProvider(toVersion);
     const batchSize = options.batchSize ?? 1_000;
     if (!Number.isSafeInteger(batchSize) || batchSize < 1)
       throw new ConfigError('batchSize must be a positive integer');
@@ -233,8 +238,9 @@ class Rewrapper {
 
   async #rewrapChecked(fromVersion: number, wrapped: Buffer): Promise<Buffer> {
     const { keyring, cache } = this.encryption;
-    const from = keyring.provider(fromVersion);
-    const to = keyring.provider(this.toVersion);
+    /* Both keys must be the recorded ones: a wrong target would leave rows nobody else can read. */
+    const from = await keyring.checkedProvider(fromVersion);
+    const to = await keyring.checkedProvider(this.toVersion);
     this.result.rewrapCalls += 1;
     const rewrapped = await from.rewrapDataKey(wrapped, keyring.context, to);
     /* Check the new wrapped key before anything is written with it. */

@@ -1,6 +1,14 @@
+import { randomBytes } from 'node:crypto';
+import { DataSource } from 'typeorm';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { TypeormEnvelopeKeyRegistry1764300000000 } from '../../../migrations/1764300000000-TypeormEnvelopeKeyRegistry';
-import { LocalKeyProvider, UnsupportedOperationError } from '../../../src';
+import {
+  ConfigError,
+  EnvelopeEncryption,
+  IntegrityError,
+  LocalKeyProvider,
+  UnsupportedOperationError,
+} from '../../../src';
 import { KeyRegistry } from '../../../src/rotation/key-registry';
 import { rewrapDataKeys } from '../../../src/rotation/rewrap';
 import { CountingKeyProvider } from '../../support/counting-key-provider';
@@ -28,6 +36,11 @@ afterAll(async () => {
 });
 
 const customers = () => db.dataSource.getRepository(Customer);
+/** Versions 2 and 3 as every correctly configured instance has them. */
+const sharedKeys = () => [
+  { version: 2, provider: v2 },
+  { version: 3, provider: v3Key },
+];
 
 describe('key registry and audit log', () => {
   it('records the configured versions, with a key reference that is not the key', async () => {
@@ -88,8 +101,13 @@ describe('key registry and audit log', () => {
     const warnings: string[] = [];
     const follower = await encryptedDatabase([Customer, Order], {
       schema: db.schema,
-      extraKeys: [{ version: 2, provider: v2 }],
-      encryption: { registry: { refreshInterval: 20, warn: (m) => warnings.push(m) } },
+      encryption: {
+        keys: [
+          { version: 1, provider: db.provider },
+          { version: 2, provider: v2 },
+        ],
+        registry: { refreshInterval: 20, warn: (m) => warnings.push(m) },
+      },
     });
     try {
       expect(follower.encryption.keyring.activeVersion).toBe(2); // read from the registry at start-up
@@ -97,10 +115,7 @@ describe('key registry and audit log', () => {
       // Version 3 is activated by an instance that has it; the follower lacks it.
       const leader = await encryptedDatabase([Customer, Order], {
         schema: db.schema,
-        extraKeys: [
-          { version: 2, provider: v2 },
-          { version: 3, provider: v3Key },
-        ],
+        encryption: { keys: [{ version: 1, provider: db.provider }, ...sharedKeys()] },
       });
       try {
         await new KeyRegistry(leader.dataSource, leader.encryption).activate(3);
@@ -121,5 +136,193 @@ describe('retired versions', () => {
     const active = db.encryption.keyring.activeVersion;
     await expect(registry.activate(1)).rejects.toThrow(/retired key version cannot be activated/);
     expect(db.encryption.keyring.activeVersion).toBe(active);
+  });
+});
+
+describe('master keys that differ from the ones the registry recorded', () => {
+  const otherKey = () => new LocalKeyProvider({ key: randomBytes(32).toString('base64') });
+  /** Another application instance on the same tables, with these versions beside the shared version 1. */
+  const instance = async (
+    keys: Array<{ version: number; provider: LocalKeyProvider }>,
+    activeVersion: number,
+    validate = true,
+  ) => {
+    const encryption = new EnvelopeEncryption({
+      keys: [{ version: 1, provider: db.provider }, ...keys],
+      activeVersion,
+    });
+    const dataSource = new DataSource({
+      type: 'postgres',
+      url: db.schema.url,
+      schema: db.schema.schema,
+      entities: [Customer, Order],
+    });
+    encryption.attach(dataSource, { validate });
+    await dataSource.initialize();
+    return {
+      dataSource,
+      encryption,
+      close: async () => {
+        if (dataSource.isInitialized) await dataSource.destroy();
+      },
+    };
+  };
+  const sidecars = () =>
+    rawQuery<{ id: number; version: number; wrapped: string; ct: string }>(
+      db.schema.url,
+      `SELECT id, email_key_version AS version, encode(email_wrapped_key, 'hex') AS wrapped,
+              encode(email_ciphertext, 'hex') AS ct
+       FROM "${db.schema.schema}".customer ORDER BY id`,
+    );
+  let underThree: number;
+
+  beforeAll(async () => {
+    // A row written under version 3 by a correctly configured instance.
+    const good = await instance(sharedKeys(), 3);
+    try {
+      const repo = good.dataSource.getRepository(Customer);
+      underThree = (
+        await repo.save(repo.create({ email: 'v3@example.com', plan: 'wrong-keys', address: null }))
+      ).id;
+    } finally {
+      await good.close();
+    }
+    const [row] = await sidecars().then((rows) => rows.filter((r) => r.id === underThree));
+    expect(row?.version).toBe(3);
+  });
+
+  it('an instance started with another valid key for version 3 fails initialize(), naming the version and both keys', async () => {
+    const wrong = otherKey();
+    const before = await sidecars();
+    const error = await instance(
+      [
+        { version: 2, provider: v2 },
+        { version: 3, provider: wrong },
+      ],
+      3,
+    ).then(
+      async (started) => {
+        await started.close();
+        return new Error('initialize() succeeded');
+      },
+      (e: unknown) => e,
+    );
+    expect(error).toBeInstanceOf(ConfigError);
+    expect(error).toMatchObject({ keyVersion: 3 });
+    const message = String((error as Error).message);
+    expect(message).toContain('version 3');
+    expect(message).toContain(v3Key.fingerprint);
+    expect(message).toContain(wrong.fingerprint);
+    expect(await sidecars()).toEqual(before);
+    const [recorded] = await rawQuery<{ ref: string }>(
+      db.schema.url,
+      `SELECT key_reference AS ref FROM "${db.schema.schema}".typeorm_envelope_key_versions WHERE version = 3`,
+    );
+    expect(recorded?.ref).toBe(v3Key.fingerprint);
+  });
+
+  it('without validation, an instance with a wrong version 3 refuses to write or read under it', async () => {
+    const wrong = await instance(
+      [
+        { version: 2, provider: v2 },
+        { version: 3, provider: otherKey() },
+      ],
+      3,
+      false,
+    );
+    try {
+      const repo = wrong.dataSource.getRepository(Customer);
+      const before = await sidecars();
+      const write = await repo
+        .save(repo.create({ email: 'never@example.com', plan: 'wrong-keys', address: null }))
+        .catch((e: unknown) => e);
+      expect(write).toBeInstanceOf(ConfigError);
+      expect(write).toMatchObject({ keyVersion: 3 });
+      expect(await sidecars()).toEqual(before);
+      wrong.encryption.keyring.activate(2); // a correct version still writes
+      await repo.save(repo.create({ email: 'under-two@example.com', plan: 'wrong-keys', address: null }));
+      const read = await repo.findOneBy({ id: underThree }).catch((e: unknown) => e);
+      expect(read).toBeInstanceOf(ConfigError);
+      expect(read).not.toBeInstanceOf(IntegrityError);
+      expect(String((read as Error).message)).toContain(v3Key.fingerprint);
+    } finally {
+      await wrong.close();
+    }
+  });
+
+  it('an instance with a wrong version 2 can neither activate(2) nor re-wrap rows to it, nor re-wrap from it', async () => {
+    const wrong = await instance(
+      [
+        { version: 2, provider: otherKey() },
+        { version: 3, provider: v3Key },
+      ],
+      3,
+      false,
+    );
+    try {
+      const before = await sidecars();
+      const wrongRegistry = new KeyRegistry(wrong.dataSource, wrong.encryption);
+      await expect(wrongRegistry.activate(2)).rejects.toBeInstanceOf(ConfigError);
+      await expect(wrong.encryption.activate(2)).rejects.toThrow(/version 2/);
+      expect(wrong.encryption.keyring.activeVersion).toBe(3);
+      expect((await wrongRegistry.list()).find((r) => r.state === 'active')?.version).toBe(3);
+
+      const toTwo = await rewrapDataKeys(wrong.dataSource, wrong.encryption, { toVersion: 2 });
+      expect(toTwo.error).toBeInstanceOf(ConfigError);
+      expect(toTwo.rewrapCalls).toBe(0);
+      expect(await sidecars()).toEqual(before);
+      await expect(wrongRegistry.validate()).rejects.toBeInstanceOf(ConfigError);
+    } finally {
+      await wrong.close();
+    }
+    // Rows under version 2 cannot be re-wrapped out of it by an instance whose version 2 is wrong either.
+    const writer = await instance(sharedKeys(), 2);
+    try {
+      const repo = writer.dataSource.getRepository(Customer);
+      await repo.save(repo.create({ email: 'v2-row@example.com', plan: 'wrong-keys', address: null }));
+    } finally {
+      await writer.close();
+    }
+    const wrongSource = await instance(
+      [
+        { version: 2, provider: otherKey() },
+        { version: 3, provider: v3Key },
+      ],
+      3,
+      false,
+    );
+    try {
+      const before = await sidecars();
+      const fromTwo = await rewrapDataKeys(wrongSource.dataSource, wrongSource.encryption, {
+        toVersion: 3,
+        entities: [Customer],
+      });
+      const failures = fromTwo.properties.flatMap((p) => p.failures);
+      expect(failures.length).toBeGreaterThan(0);
+      expect(failures.every((f) => f.keyVersion === 2 && /version 2/.test(f.error))).toBe(true);
+      expect(await sidecars()).toEqual(before);
+    } finally {
+      await wrongSource.close();
+    }
+  });
+
+  it('correctly configured instances validate against the registry and keep reading every row', async () => {
+    const good = await instance(sharedKeys(), 3);
+    try {
+      const results = await new KeyRegistry(good.dataSource, good.encryption).validate();
+      expect(results.map((r) => [r.version, r.registry])).toEqual([
+        [1, 'matches'],
+        [2, 'matches'],
+        [3, 'matches'],
+      ]);
+      const loaded = await good.dataSource.getRepository(Customer).findBy({ plan: 'wrong-keys' });
+      expect(loaded.map((c) => c.email).sort()).toEqual([
+        'under-two@example.com',
+        'v2-row@example.com',
+        'v3@example.com',
+      ]);
+    } finally {
+      await good.close();
+    }
   });
 });

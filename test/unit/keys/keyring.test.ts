@@ -107,3 +107,34 @@ describe('Keyring', () => {
     expect(Object.isFrozen(keyring.context)).toBe(true);
   });
 });
+
+describe('Keyring recorded key references', () => {
+  it('uses a version whose master key is the recorded one, and refuses one with another key, naming both', async () => {
+    const recorded = provider();
+    const configured = provider();
+    const keyring = new Keyring(
+      [
+        { version: 1, provider: recorded },
+        { version: 2, provider: configured },
+      ],
+      1,
+    );
+    expect(keyring.registryRead).toBe(false);
+    await expect(keyring.checkedProvider(2)).resolves.toBe(configured); // nothing recorded: nothing to compare
+    keyring.recordReferences([
+      [1, recorded.fingerprint],
+      [2, recorded.fingerprint],
+    ]);
+    expect(keyring.registryRead).toBe(true);
+    await expect(keyring.checkedProvider(1)).resolves.toBe(recorded);
+    const error = await keyring.checkedProvider(2).catch((e: unknown) => e);
+    expect(error).toBeInstanceOf(ConfigError);
+    expect(error).toMatchObject({ keyVersion: 2, keyId: configured.fingerprint });
+    expect(String((error as Error).message)).toContain(recorded.fingerprint);
+    expect(String((error as Error).message)).toContain(configured.fingerprint);
+    expect(String((error as Error).message)).toContain('version 2');
+    // Corrected records are taken into account.
+    keyring.recordReferences([[2, configured.fingerprint]]);
+    await expect(keyring.checkedProvider(2)).resolves.toBe(configured);
+  });
+});

@@ -122,6 +122,7 @@ describe('LocalKeyProvider wrapping', () => {
     const error = await unwrapError(other, wrappedKey);
     expect(error).toBeInstanceOf(IntegrityError);
     expect((error as IntegrityError).keyId).toBe(other.fingerprint);
+    expect((error as IntegrityError).message).toMatch(/master key of that version may be wrong/);
   });
 
   it('refuses every single-bit flip of a wrapped key', async () => {
