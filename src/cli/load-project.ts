@@ -1,5 +1,6 @@
 import { existsSync, readFileSync } from 'node:fs';
 import { resolve } from 'node:path';
+import { pathToFileURL } from 'node:url';
 import { DataSource } from 'typeorm';
 import { EnvelopeEncryption } from '../envelope-encryption';
 import { ConfigError } from '../errors';
@@ -8,30 +9,78 @@ import { ConfigError } from '../errors';
 export interface Project {
   dataSource: DataSource;
   encryption: EnvelopeEncryption;
+  /** Absolute path of the module they came from. */
+  file: string;
+  /** The name `encryption` is exported under (`default` for a default export). */
+  encryptionExport: string;
 }
 
 /**
  * Loads a module that exports a DataSource and an EnvelopeEncryption (any export names, default
- * export included), like TypeORM's CLI `-d`. TypeScript files are compiled on the fly when the
- * `typescript` package is installed. The DataSource is initialized here.
+ * export included), like TypeORM's CLI `-d`. ES modules (top-level `await` included) and CommonJS
+ * modules are loaded with `import()`. TypeScript files are compiled to CommonJS on the fly (by a
+ * hook already registered, such as ts-node's, else with the `typescript` package); one with
+ * top-level await needs a TypeScript loader for ES modules (`node --import tsx`). The DataSource is initialized unless `initialize` is false.
  */
-export async function loadProject(file: string): Promise<Project> {
+export async function loadProject(file: string, options: { initialize?: boolean } = {}): Promise<Project> {
   const path = resolve(file);
   if (!existsSync(path)) throw new ConfigError(`data source file not found: ${path}`);
-  if (/\.[cm]?ts$/.test(path)) registerTypeScript();
-  const loaded = (await import(path)) as Record<string, unknown>;
+  const loaded = (await loadModule(path, file)) as Record<string, unknown>;
   const exported = [
-    ...Object.values(loaded),
-    ...Object.values((loaded.default as Record<string, unknown>) ?? {}),
+    ...Object.entries(loaded),
+    ...Object.entries((loaded.default as Record<string, unknown>) ?? {}),
   ];
   const dataSource =
-    exported.find((v): v is DataSource => v instanceof DataSource) ??
+    exported.map(([, v]) => v).find((v): v is DataSource => v instanceof DataSource) ??
     (loaded.default instanceof DataSource ? loaded.default : undefined);
-  const encryption = exported.find((v): v is EnvelopeEncryption => v instanceof EnvelopeEncryption);
+  const encryptionEntry =
+    exported.find(([, v]) => v instanceof EnvelopeEncryption) ??
+    (loaded.default instanceof EnvelopeEncryption ? ['default', loaded.default] : undefined);
   if (!dataSource) throw new ConfigError(`${file} exports no DataSource`);
-  if (!encryption) throw new ConfigError(`${file} exports no EnvelopeEncryption`);
-  if (!dataSource.isInitialized) await dataSource.initialize();
-  return { dataSource, encryption };
+  if (!encryptionEntry) throw new ConfigError(`${file} exports no EnvelopeEncryption`);
+  if (options.initialize !== false && !dataSource.isInitialized) await dataSource.initialize();
+  return {
+    dataSource,
+    encryption: encryptionEntry[1] as EnvelopeEncryption,
+    file: path,
+    encryptionExport: encryptionEntry[0],
+  };
+}
+
+/*
+ * A real `import()`: TypeScript compiles `import()` in a CommonJS build to `require()`, which
+ * cannot load an ES module with top-level await (ERR_REQUIRE_ASYNC_MODULE).
+ */
+const dynamicImport = new Function('specifier', 'return import(specifier)') as (
+  specifier: string,
+) => Promise<unknown>;
+
+async function loadModule(path: string, file: string): Promise<unknown> {
+  const url = pathToFileURL(path).href;
+  if (!/\.[cm]?ts$/.test(path)) return dynamicImport(url);
+  // TypeScript: compiled to CommonJS (ours or an already registered hook). Trying `import()`
+  // first would leave a half-loaded entry in Node's module cache that breaks the `require()`.
+  registerTypeScript();
+  try {
+    return require(path);
+  } catch (error) {
+    if (!usesTopLevelAwait(error)) throw error;
+    try {
+      // Works when a TypeScript loader for ES modules is registered (node --import tsx).
+      return await dynamicImport(url);
+    } catch (importError) {
+      throw new ConfigError(
+        `${file} uses top-level await, which a TypeScript file compiled to CommonJS cannot: compile it to an ES module (.mjs, or .js with "type": "module") and pass that, or run the CLI under a TypeScript loader for ES modules (node --import tsx)`,
+        {},
+        { cause: importError },
+      );
+    }
+  }
+}
+
+function usesTopLevelAwait(error: unknown): boolean {
+  if ((error as { code?: unknown }).code === 'ERR_REQUIRE_ASYNC_MODULE') return true;
+  return error instanceof SyntaxError && /\bawait\b/.test(error.message);
 }
 
 let registered = false;
@@ -39,6 +88,13 @@ let registered = false;
 /** Compiles required `.ts` files with the TypeScript compiler (decorator metadata included). */
 function registerTypeScript(): void {
   if (registered) return;
+  // biome-ignore lint/suspicious/noExplicitAny: Node's loader hook table is untyped
+  const extensions = (require as any).extensions as Record<string, unknown>;
+  // A hook registered before us (ts-node, the test suite's) already compiles TypeScript.
+  if (extensions['.ts']) {
+    registered = true;
+    return;
+  }
   let ts: typeof import('typescript');
   try {
     ts = require('typescript');
@@ -60,7 +116,6 @@ function registerTypeScript(): void {
     });
     module._compile(outputText, file);
   };
-  // biome-ignore lint/suspicious/noExplicitAny: Node's loader hook table is untyped
-  (require as any).extensions['.ts'] = compile;
+  extensions['.ts'] = compile;
   registered = true;
 }

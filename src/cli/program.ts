@@ -1,12 +1,13 @@
-import { writeFileSync } from 'node:fs';
-import { join } from 'node:path';
+import { existsSync, mkdirSync, writeFileSync } from 'node:fs';
+import { dirname, join, relative, resolve, sep } from 'node:path';
 import { Command, InvalidArgumentError } from 'commander';
-import { EnvelopeError } from '../errors';
+import type { DataSource } from 'typeorm';
+import { ConfigError, EnvelopeError } from '../errors';
 import { backfillEncryptedColumns } from '../rotation/backfill';
 import { KeyRegistry } from '../rotation/key-registry';
 import { reencryptColumns } from '../rotation/reencrypt';
 import { rewrapDataKeys } from '../rotation/rewrap';
-import { rotationMigrationSource } from '../rotation/rotation-migration-template';
+import { rotationMigrationName, rotationMigrationSource } from '../rotation/rotation-migration-template';
 import { encryptionStatus } from '../rotation/status';
 import { verifyEncryptedColumns } from '../rotation/verify';
 import { loadProject, type Project } from './load-project';
@@ -44,8 +45,17 @@ export function buildProgram(): Command {
       run(async ({ dataSource, encryption }, global) => {
         const registry = new KeyRegistry(dataSource, encryption);
         const properties = await encryptionStatus(dataSource, encryption);
-        const keys = (await registry.exists()) ? await registry.list() : [];
-        if (global.json) return { activeVersion: encryption.keyring.activeVersion, keys, properties };
+        const tables = await registry.exists();
+        const keys = tables ? await registry.list() : [];
+        const registryState = !tables ? 'missing' : keys.length ? 'recorded' : 'empty';
+        if (global.json) {
+          return {
+            activeVersion: encryption.keyring.activeVersion,
+            registry: registryState,
+            keys,
+            properties,
+          };
+        }
         const lines = [
           `active key version: ${encryption.keyring.activeVersion} (configured: ${encryption.keyring.versions.join(', ')})`,
           '',
@@ -72,10 +82,15 @@ export function buildProgram(): Command {
               })),
             ),
           );
+        } else if (registryState === 'empty') {
+          lines.push(
+            '',
+            '(key registry: no key version recorded yet; `typeorm-envelope validate` or `activate <version>` records the configured versions)',
+          );
         } else {
           lines.push(
             '',
-            '(no key registry: run the TypeormEnvelopeKeyRegistry migration to record versions and audit events)',
+            '(no key registry tables: run the TypeormEnvelopeKeyRegistry migration to record versions and audit events; until then the configured activeVersion decides)',
           );
         }
         return lines.join('\n');
@@ -86,18 +101,28 @@ export function buildProgram(): Command {
     .command('validate')
     .description('check every configured master key (the active one with a round trip)')
     .action(
-      run(async ({ dataSource, encryption }) => {
+      run(async ({ dataSource, encryption }, global) => {
         const registry = new KeyRegistry(dataSource, encryption);
         const recorded = await registry.exists();
         if (recorded) await registry.sync();
         const results = recorded ? await registry.validate() : await encryption.validate();
-        return results.map((r) => ({
+        const rows = results.map((r) => ({
           version: r.version,
           kind: r.kind,
           key: r.keyReference,
           check: r.active ? 'round trip' : 'describe',
           result: 'ok',
         }));
+        if (global.json) return rows;
+        return [
+          table(rows),
+          ...(recorded
+            ? []
+            : [
+                '',
+                '(no key registry tables: the keys were checked, but there is no recorded key reference to compare them with)',
+              ]),
+        ].join('\n');
       }),
     );
 
@@ -130,37 +155,55 @@ export function buildProgram(): Command {
     .option('--batch-size <rows>', 'rows per UPDATE', parseVersion, 1_000)
     .option('--entity <name...>', 'only these entities')
     .option('--dry-run', 'count what would be re-wrapped, change nothing')
-    .action((options: { to?: number; batchSize: number; entity?: string[]; dryRun?: boolean }) =>
-      run(async ({ dataSource, encryption }, global) => {
-        const progress = new Progress(!global.json);
-        const result = await rewrapDataKeys(dataSource, encryption, {
-          toVersion: options.to,
-          batchSize: options.batchSize,
-          entities: options.entity,
-          dryRun: options.dryRun,
-          onProgress: (p) => progress.update(`${p.entity}.${p.property}`, p.rowsDone, p.rowsTotal),
-        });
-        progress.stop();
-        failOn(
-          result.error,
-          result.properties.some((p) => p.failures.length > 0),
-        );
-        if (global.json) return result;
-        return [
-          `${result.dryRun ? 'would re-wrap' : 're-wrapped'} to key version ${result.toVersion}: ${result.rewrapCalls} data keys re-wrapped, ${result.verificationCalls} checked`,
-          table(
-            result.properties.map((p) => ({
-              entity: p.entity,
-              property: p.property,
-              rows: p.rowsTotal,
-              rewrapped: p.rowsRewrapped,
-              'data keys': p.distinctDataKeys,
-              failures: p.failures.length,
-              ms: Math.round(p.durationMs),
-            })),
-          ),
-        ].join('\n');
-      })(),
+    .option('--force', 're-wrap to a version that is not the active one')
+    .action(
+      (options: { to?: number; batchSize: number; entity?: string[]; dryRun?: boolean; force?: boolean }) =>
+        run(async ({ dataSource, encryption }, global) => {
+          const registry = new KeyRegistry(dataSource, encryption);
+          const hasRegistry = await registry.exists();
+          const active =
+            (hasRegistry ? await registry.activeVersion() : undefined) ?? encryption.keyring.activeVersion;
+          const toVersion = options.to ?? active;
+          if (toVersion !== active) {
+            // New writes keep using the active version: the table would end up on two versions.
+            const howToActivate = hasRegistry
+              ? `run \`typeorm-envelope activate ${toVersion}\` first`
+              : `make it active first (activeVersion: ${toVersion} in the EnvelopeEncryption configuration, or \`typeorm-envelope activate ${toVersion}\` with the key registry)`;
+            const problem = `key version ${toVersion} is not the active version (${active}): new values are still written under version ${active}`;
+            if (!options.force) {
+              throw new ConfigError(`${problem}; ${howToActivate}, or pass --force to re-wrap anyway`);
+            }
+            process.stderr.write(`typeorm-envelope: warning: ${problem} (--force)\n`);
+          }
+          const progress = new Progress(!global.json);
+          const result = await rewrapDataKeys(dataSource, encryption, {
+            toVersion,
+            batchSize: options.batchSize,
+            entities: options.entity,
+            dryRun: options.dryRun,
+            onProgress: (p) => progress.update(`${p.entity}.${p.property}`, p.rowsDone, p.rowsTotal),
+          });
+          progress.stop();
+          failOn(
+            result.error,
+            result.properties.some((p) => p.failures.length > 0),
+          );
+          if (global.json) return result;
+          return [
+            `${result.dryRun ? 'would re-wrap' : 're-wrapped'} to key version ${result.toVersion}: ${result.rewrapCalls} data keys re-wrapped, ${result.verificationCalls} checked`,
+            table(
+              result.properties.map((p) => ({
+                entity: p.entity,
+                property: p.property,
+                rows: p.rowsTotal,
+                rewrapped: p.rowsRewrapped,
+                'data keys': p.distinctDataKeys,
+                failures: p.failures.length,
+                ms: Math.round(p.durationMs),
+              })),
+            ),
+          ].join('\n');
+        })(),
     );
 
   program
@@ -273,20 +316,57 @@ export function buildProgram(): Command {
     .command('migration:generate-rotation')
     .description('write a TypeORM migration that re-wraps every data key under a version')
     .requiredOption('--to <version>', 'target version', parseVersion)
-    .option('--dir <dir>', 'migrations directory', 'migrations')
+    .option(
+      '--dir <dir>',
+      "migrations directory (default: the directory of the DataSource's `migrations` option, else src/migrations if it exists, else migrations)",
+    )
     .option(
       '--encryption-import <module>',
-      'module exporting `encryption`, relative to the migration file',
-      '../data-source',
+      'module exporting the EnvelopeEncryption, relative to the migration file (default: the -d file)',
     )
-    .action((options: { to: number; dir: string; encryptionImport: string }) => {
+    .action(async (options: { to: number; dir?: string; encryptionImport?: string }) => {
+      const global = program.opts<GlobalOptions>();
+      // Only the options are read: no connection is made.
+      const project = await loadProject(global.dataSource, { initialize: false });
+      const dir = resolve(options.dir ?? defaultMigrationsDir(project.dataSource));
+      mkdirSync(dir, { recursive: true });
       const timestamp = Date.now();
-      const file = join(options.dir, `${timestamp}-RewrapDataKeysToVersion${options.to}.ts`);
-      writeFileSync(file, rotationMigrationSource(options.to, timestamp, options.encryptionImport));
-      print(`wrote ${file}`, program.opts<GlobalOptions>().json);
+      const file = join(dir, `${timestamp}-${rotationMigrationName(options.to)}.ts`);
+      const source = rotationMigrationSource(options.to, timestamp, {
+        module: options.encryptionImport ?? importPath(dir, project.file),
+        exportName: project.encryptionExport,
+      });
+      writeFileSync(file, source, { flag: 'wx' });
+      print(`wrote ${file}`, global.json);
     });
 
   return program;
+}
+
+/**
+ * Where TypeORM looks for migrations: the directory part (before any glob character) of the first
+ * path in the DataSource's `migrations` option, preferring TypeScript sources over compiled output.
+ */
+function defaultMigrationsDir(dataSource: DataSource): string {
+  const option = dataSource.options.migrations ?? [];
+  const entries: unknown[] = Array.isArray(option) ? option : Object.values(option);
+  const paths = entries.filter((m): m is string => typeof m === 'string');
+  const path = paths.find((p) => /\.ts\b|\{[^}]*\bts\b/.test(p)) ?? paths[0];
+  if (path) {
+    const literal = path.split(/[*?{[]/)[0] ?? '';
+    const dir = /[\\/]$/.test(literal) || literal === '' ? literal : dirname(literal);
+    return dir === '' ? '.' : dir;
+  }
+  return existsSync(join('src', 'migrations')) ? join('src', 'migrations') : 'migrations';
+}
+
+/** The module specifier of `file` from a migration in `dir`, without its extension. */
+function importPath(dir: string, file: string): string {
+  // CommonJS resolution finds `.ts` and `.js` without the extension; other extensions stay.
+  const path = relative(dir, file.replace(/\.[jt]s$/, ''))
+    .split(sep)
+    .join('/');
+  return path.startsWith('.') ? path : `./${path}`;
 }
 
 function print(output: unknown, json?: boolean): void {

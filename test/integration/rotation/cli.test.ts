@@ -1,10 +1,32 @@
-import { mkdtempSync, readdirSync, readFileSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { mkdirSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { join, resolve } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { runCli } from '../../support/cli';
 import { createCliProject } from '../../support/cli-project';
 import { rawQuery, type TestSchema } from '../../support/database';
+
+const root = resolve(__dirname, '../../..');
+
+/** Runs the CLI from source with another data source file, optionally in another directory. */
+function runCliWith(dataSourceFile: string, args: string[], env: Record<string, string>, cwd = root) {
+  const result = spawnSync(
+    process.execPath,
+    [
+      '-r',
+      resolve(root, 'test/support/register-ts.cjs'),
+      resolve(root, 'src/cli/main.ts'),
+      '-d',
+      dataSourceFile,
+      ...args,
+    ],
+    { cwd, env: { ...process.env, ...env }, encoding: 'utf8', timeout: 120_000 },
+  );
+  return { status: result.status, stdout: result.stdout, stderr: result.stderr };
+}
+
+const esmDataSource = resolve(root, 'test/fixtures/esm-data-source.mjs');
 
 let schema: TestSchema;
 let env: Record<string, string>;
@@ -37,6 +59,34 @@ describe('typeorm-envelope CLI', () => {
     expect(report.properties).toContainEqual(
       expect.objectContaining({ entity: 'Customer', property: 'email', rowsByVersion: { '1': 60 } }),
     );
+  });
+
+  it('status tells registry tables without a recorded version from missing tables', () => {
+    const { status, stdout } = runCli(['status'], env);
+    expect(status).toBe(0);
+    expect(stdout).toContain('no key version recorded yet');
+    expect(stdout).not.toContain('run the TypeormEnvelopeKeyRegistry migration');
+    const report = JSON.parse(runCli(['--json', 'status'], env).stdout);
+    expect(report.registry).toBe('empty');
+  });
+
+  it('rotate --to a version that is not active is refused until it is activated', async () => {
+    const refused = runCli(['rotate', '--to', '2'], env);
+    expect(refused.status).toBe(1);
+    expect(refused.stderr).toContain('key version 2 is not the active version (1)');
+    expect(refused.stderr).toContain('typeorm-envelope activate 2');
+    expect(refused.stdout).not.toContain('re-wrapped');
+    expect(await versions()).toEqual([{ v: 1, n: 60 }]);
+  });
+
+  it('validate prints a table, and JSON only with --json', () => {
+    const text = runCli(['validate'], env);
+    expect(text.status).toBe(0);
+    expect(text.stdout).toMatch(/^version\s+kind\s+key\s+check\s+result$/m);
+    expect(text.stdout).toMatch(/^1\s+local\s+sha256:[0-9a-f]+\s+round trip\s+ok$/m);
+    expect(() => JSON.parse(text.stdout)).toThrow();
+    const json = JSON.parse(runCli(['--json', 'validate'], env).stdout);
+    expect(json).toContainEqual(expect.objectContaining({ version: 1, check: 'round trip', result: 'ok' }));
   });
 
   it('validate, activate, rotate with a dry run first, then retire the old version', async () => {
@@ -142,6 +192,106 @@ describe('typeorm-envelope CLI', () => {
     const [file] = readdirSync(dir);
     const source = readFileSync(join(dir, file as string), 'utf8');
     expect(source).toContain('rewrapDataKeys(queryRunner, encryption, { toVersion: 3 })');
-    expect(source).toMatch(/export class RewrapDataKeysToVersion3\d+ implements MigrationInterface/);
+    expect(file).toMatch(/^\d{13}-RewrapDataKeysToV3\.ts$/);
+    const timestamp = (file as string).slice(0, 13);
+    expect(source).toContain(`export class RewrapDataKeysToV3At${timestamp} implements MigrationInterface`);
+  });
+
+  it('migration:generate-rotation writes into the directory named by the DataSource migrations option', () => {
+    const cwd = mkdtempSync(join(tmpdir(), 'rotation-migration-cwd-'));
+    const dir = join(cwd, 'db', 'migrations');
+    mkdirSync(dir, { recursive: true });
+    const run = runCliWith(
+      esmDataSource,
+      ['migration:generate-rotation', '--to', '2'],
+      { ...env, TEST_MIGRATIONS: join(dir, '*.{ts,js}') },
+      cwd,
+    );
+    expect(run.status, run.stderr).toBe(0);
+    const [file] = readdirSync(dir);
+    expect(file).toMatch(/^\d{13}-RewrapDataKeysToV2\.ts$/);
+    expect(run.stdout).toContain(join(dir, file as string));
+    // The import names the data source file, relative to the migration.
+    const source = readFileSync(join(dir, file as string), 'utf8');
+    expect(source).toContain(`from '${join('..', '..', '..')}`);
+  });
+
+  it('migration:generate-rotation defaults to src/migrations when it exists, else migrations', () => {
+    const cwd = mkdtempSync(join(tmpdir(), 'rotation-migration-cwd-'));
+    const plain = runCliWith(esmDataSource, ['migration:generate-rotation', '--to', '2'], env, cwd);
+    expect(plain.status, plain.stderr).toBe(0);
+    expect(readdirSync(join(cwd, 'migrations'))).toEqual([expect.stringMatching(/RewrapDataKeysToV2\.ts$/)]);
+
+    mkdirSync(join(cwd, 'src', 'migrations'), { recursive: true });
+    const src = runCliWith(esmDataSource, ['migration:generate-rotation', '--to', '2'], env, cwd);
+    expect(src.status, src.stderr).toBe(0);
+    expect(readdirSync(join(cwd, 'src', 'migrations'))).toEqual([
+      expect.stringMatching(/RewrapDataKeysToV2\.ts$/),
+    ]);
+  });
+});
+
+describe('typeorm-envelope CLI without the key registry', () => {
+  let plain: TestSchema;
+  let plainEnv: Record<string, string>;
+  beforeAll(async () => {
+    const project = await createCliProject({
+      prefix: 'cli_plain',
+      rows: 12,
+      maxUses: 5,
+      customer: (i) => ({ email: `plain${i}@example.com`, plan: 'plain', address: null }),
+    });
+    plain = project.schema;
+    plainEnv = { ...project.env, TEST_ACTIVE_VERSION: '1' };
+  });
+  afterAll(() => plain?.drop());
+
+  const storedVersions = async () =>
+    rawQuery<{ v: number; n: number }>(
+      plain.url,
+      `SELECT email_key_version AS v, count(*)::int AS n FROM "${plain.schema}".customer GROUP BY 1 ORDER BY 1`,
+    );
+
+  it('status says the registry tables are missing', () => {
+    const { status, stdout } = runCli(['status'], plainEnv);
+    expect(status).toBe(0);
+    expect(stdout).toContain('no key registry tables');
+    expect(stdout).toContain('TypeormEnvelopeKeyRegistry');
+    expect(JSON.parse(runCli(['--json', 'status'], plainEnv).stdout).registry).toBe('missing');
+  });
+
+  it('rotate --to a configured but inactive version is refused, and re-wraps with --force', async () => {
+    const refused = runCli(['rotate', '--to', '2'], plainEnv);
+    expect(refused.status).toBe(1);
+    expect(refused.stderr).toContain('key version 2 is not the active version (1)');
+    expect(refused.stderr).toContain('--force');
+    expect(await storedVersions()).toEqual([{ v: 1, n: 12 }]);
+
+    const forced = runCli(['rotate', '--to', '2', '--force'], plainEnv);
+    expect(forced.status, forced.stderr).toBe(0);
+    expect(forced.stderr).toContain('warning: key version 2 is not the active version (1)');
+    expect(forced.stdout).toContain('re-wrapped to key version 2');
+    expect(await storedVersions()).toEqual([{ v: 2, n: 12 }]);
+    // Re-wrapping leaves every value readable.
+    expect(runCli(['verify'], plainEnv).stdout).toContain('12 values checked, 0 failed');
+  });
+
+  it('-d loads an ES module data source with top-level await', () => {
+    const run = runCliWith(esmDataSource, ['--json', 'status'], plainEnv);
+    expect(run.stderr).not.toContain('ERR_REQUIRE_ASYNC_MODULE');
+    expect(run.status, run.stderr).toBe(0);
+    const report = JSON.parse(run.stdout);
+    expect(report.properties).toContainEqual(
+      expect.objectContaining({ entity: 'Customer', property: 'email', rowsByVersion: { '2': 12 } }),
+    );
+  });
+
+  it('-d explains top-level await in a TypeScript data source compiled to CommonJS', () => {
+    const dir = mkdtempSync(join(tmpdir(), 'tla-data-source-'));
+    const file = join(dir, 'data-source.ts');
+    writeFileSync(file, 'const ready = await Promise.resolve(1);\nexport const value = ready;\n');
+    const run = runCliWith(file, ['status'], plainEnv);
+    expect(run.status).toBe(1);
+    expect(run.stderr).toContain('top-level await');
   });
 });
