@@ -1,6 +1,15 @@
 import { inspect } from 'node:util';
 import 'reflect-metadata';
-import { Column, Entity, JoinTable, ManyToMany, ManyToOne, OneToMany, PrimaryGeneratedColumn } from 'typeorm';
+import {
+  Column,
+  Entity,
+  JoinTable,
+  ManyToMany,
+  ManyToOne,
+  OneToMany,
+  PrimaryGeneratedColumn,
+  type Relation,
+} from 'typeorm';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { Encrypted, maskEntity } from '../../../src';
 import { rawQuery } from '../../support/database';
