@@ -2,6 +2,7 @@ import { gcmOpen, gcmSeal } from './crypto/aes-gcm';
 import {
   associatedData,
   FLAG_PRIMARY_KEY_BOUND,
+  FLAG_SCHEMA_BOUND,
   FORMAT_V1,
   HEADER_BYTES,
   type ValueBinding,
@@ -89,7 +90,10 @@ export class FieldEncryptor {
   }
 
   #seal(key: Buffer, dataKey: CachedDataKey, plaintext: Buffer, binding: ValueBinding): SealedValue {
-    const header = Buffer.of(FORMAT_V1, binding.primaryKey === undefined ? 0 : FLAG_PRIMARY_KEY_BOUND);
+    const flags =
+      (binding.primaryKey === undefined ? 0 : FLAG_PRIMARY_KEY_BOUND) |
+      (binding.schema === undefined ? 0 : FLAG_SCHEMA_BOUND);
+    const header = Buffer.of(FORMAT_V1, flags);
     const iv = this.#ivs.next();
     return {
       ciphertext: Buffer.concat([header, gcmSeal(key, iv, plaintext, associatedData(header, binding))]),
@@ -101,7 +105,12 @@ export class FieldEncryptor {
 
   #parse(sealed: SealedValue, binding: ValueBinding, context: ErrorContext) {
     const header = sealed.ciphertext.subarray(0, HEADER_BYTES);
-    if (sealed.ciphertext.length < HEADER_BYTES || header[0] !== FORMAT_V1) {
+    const knownFlags = FLAG_PRIMARY_KEY_BOUND | FLAG_SCHEMA_BOUND;
+    if (
+      sealed.ciphertext.length < HEADER_BYTES ||
+      header[0] !== FORMAT_V1 ||
+      ((header[1] ?? 0) & ~knownFlags) !== 0
+    ) {
       throw new IntegrityError('ciphertext has an unknown format', {
         ...context,
         keyVersion: sealed.keyVersion,

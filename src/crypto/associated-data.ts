@@ -8,6 +8,11 @@
 export interface ValueBinding {
   /** Table (or any stable name for the value's container). */
   table: string;
+  /**
+   * The schema (or any namespace) holding `table`. When given, new values are bound to it too and
+   * a header flag records so; values sealed without it are read as bound to `table` alone.
+   */
+  schema?: string;
   /** Database column name of the value. */
   column: string;
   /**
@@ -21,9 +26,11 @@ export interface ValueBinding {
 export const FORMAT_V1 = 1;
 /** Header flag: the primary key is part of the associated data. */
 export const FLAG_PRIMARY_KEY_BOUND = 0x01;
+/** Header flag: the schema is part of the associated data. */
+export const FLAG_SCHEMA_BOUND = 0x02;
 export const HEADER_BYTES = 2;
 
-/** Per table and column: for each header flag byte, the associated data without the key part. */
+/** Per schema-qualified table and column: for each header, the associated data without the key part. */
 const prefixes = new Map<string, Map<string, Map<number, { prefix: Buffer; unbound: Buffer }>>>();
 const MAX_TABLES = 10_000;
 const UNBOUND_KEY = lengthPrefixed('');
@@ -41,11 +48,14 @@ export function associatedData(header: Uint8Array, binding: ValueBinding): Buffe
 }
 
 function cachedPrefix(header: Uint8Array, binding: ValueBinding, headerKey: number) {
-  let byColumn = prefixes.get(binding.table);
+  const schemaBound = ((header[1] ?? 0) & FLAG_SCHEMA_BOUND) !== 0;
+  /* Without a schema to open it under, a schema-bound value simply fails authentication. */
+  const tableKey = schemaBound ? `${binding.schema ?? ''}\u0000${binding.table}` : binding.table;
+  let byColumn = prefixes.get(tableKey);
   if (!byColumn) {
     if (prefixes.size >= MAX_TABLES) prefixes.clear();
     byColumn = new Map();
-    prefixes.set(binding.table, byColumn);
+    prefixes.set(tableKey, byColumn);
   }
   let byHeader = byColumn.get(binding.column);
   if (!byHeader) {
@@ -58,6 +68,7 @@ function cachedPrefix(header: Uint8Array, binding: ValueBinding, headerKey: numb
       Buffer.from('typeorm-envelope', 'latin1'),
       header.subarray(0, HEADER_BYTES),
       lengthPrefixed(binding.table),
+      ...(schemaBound ? [lengthPrefixed(binding.schema ?? '')] : []),
       lengthPrefixed(binding.column),
     ]);
     cached = { prefix, unbound: Buffer.concat([prefix, UNBOUND_KEY]) };

@@ -1,6 +1,7 @@
 import type { EnvelopeEncryption } from '../envelope-encryption';
 import type { SealedValue } from '../field-encryptor';
 import { primaryKeyOfRow } from '../typeorm/primary-key';
+import { valueBinding } from '../typeorm/value-binding';
 import { describeError } from './describe-error';
 import { inBatchTransaction, recordJobEnd, writeSealed } from './job';
 import { KeyRegistry } from './key-registry';
@@ -86,11 +87,11 @@ export async function backfillEncryptedColumns(
             try {
               const sealed = await encryption.encryptor.seal(
                 row.plaintext,
-                {
-                  table: column.metadata.tableName,
-                  column: column.property,
-                  primaryKey: definition.bindPrimaryKey ? primaryKey : undefined,
-                },
+                valueBinding(
+                  column.metadata,
+                  column.columns,
+                  definition.bindPrimaryKey ? primaryKey : undefined,
+                ),
                 definition.type,
               );
               prepared.push({ key, text: row.plaintext_text, sealed });

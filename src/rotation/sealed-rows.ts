@@ -2,6 +2,7 @@ import type { QueryRunner } from 'typeorm';
 import type { ValueBinding } from '../crypto/associated-data';
 import type { SealedValue } from '../field-encryptor';
 import { primaryKeyOfRow } from '../typeorm/primary-key';
+import { valueBinding } from '../typeorm/value-binding';
 import { type EncryptedColumnSql, primaryKeyBatches } from './rotation-target';
 
 /** One stored encrypted value, read with SQL. */
@@ -44,7 +45,7 @@ export async function* sealedRowBatches(
           wrappedKey: row.wk as Buffer,
           keyVersion: row.kv as number,
         },
-        binding: { table: column.metadata.tableName, column: column.property, primaryKey },
+        binding: valueBinding(column.metadata, column.columns, primaryKey),
       };
     });
   }

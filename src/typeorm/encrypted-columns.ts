@@ -1,6 +1,6 @@
 import type { EntityMetadata } from 'typeorm';
 import type { ColumnMetadata } from 'typeorm/metadata/ColumnMetadata';
-import { ConfigError, UnsupportedOperationError } from '../errors';
+import { ConfigError, IntegrityError, UnsupportedOperationError } from '../errors';
 import type { SealedValue } from '../field-encryptor';
 import {
   type EncryptedPropertyDefinition,
@@ -8,6 +8,7 @@ import {
   SIDECAR_ROLES,
   type SidecarRole,
 } from './encrypted-decorator';
+import { unbindableKeyColumns } from './primary-key';
 import { PENDING_SIDECAR, PendingPlaintext, type PropertyStateStore } from './property-state';
 
 /** The four columns of one encrypted property in one entity's built metadata. */
@@ -26,7 +27,8 @@ export interface EncryptedColumns {
 /**
  * Finds the encrypted properties in built entity metadata and teaches TypeORM to read and write
  * their columns through `store`: the ciphertext and sidecar columns take their values from the
- * sealed state kept beside each object, never from properties on it.
+ * sealed state kept beside each entity, never from properties on it. Refuses, with a
+ * `ConfigError`, entity shapes under which a write could not be read back.
  */
 export function installEncryptedColumns(
   entity: EntityMetadata,
@@ -36,6 +38,7 @@ export function installEncryptedColumns(
   for (const main of entity.columns) {
     const definition = encryptedDefinition(main.target, main.propertyName);
     if (!definition) continue;
+    const context = { entity: entity.name, column: main.propertyPath };
     const sidecars = {} as Record<SidecarRole, ColumnMetadata>;
     for (const role of SIDECAR_ROLES) {
       const column = entity.columns.find(
@@ -43,18 +46,11 @@ export function installEncryptedColumns(
           c.propertyName === definition.sidecarProperties[role] &&
           c.embeddedMetadata === main.embeddedMetadata,
       );
-      if (!column)
-        throw new ConfigError('sidecar column is missing', {
-          entity: entity.name,
-          column: main.propertyPath,
-        });
+      if (!column) throw new ConfigError('sidecar column is missing', context);
       sidecars[role] = column;
     }
     if (main.embeddedMetadata?.embeddedMetadataTree.some((e) => e.isArray)) {
-      throw new ConfigError('@Encrypted() is not supported inside embedded arrays', {
-        entity: entity.name,
-        column: main.propertyPath,
-      });
+      throw new ConfigError('@Encrypted() is not supported inside embedded arrays', context);
     }
     const plaintext = definition.plaintext
       ? entity.columns.find(
@@ -70,11 +66,53 @@ export function installEncryptedColumns(
       plaintext,
       holderOf: holderFor(main),
     };
+    refuseUnreadableShapes(columns);
     overrideColumnAccess(columns, store);
     found.push(columns);
   }
   if (found.length) overridePropertyPathLookup(entity, found);
   return found;
+}
+
+/**
+ * Shapes that would accept writes nobody can read back, or that silently do nothing: a primary
+ * key whose stored form cannot be known (values are bound to it), a unique constraint on a
+ * ciphertext (random IVs make every value distinct), two properties sharing a column name.
+ */
+function refuseUnreadableShapes(columns: EncryptedColumns): void {
+  const { entity, main, sidecars, definition } = columns;
+  const context = { entity: entity.name, column: main.propertyPath };
+  if (definition.bindPrimaryKey) {
+    const [unbindable] = unbindableKeyColumns(entity);
+    if (unbindable) {
+      throw new ConfigError(
+        `values are bound to the primary key, but the stored form of primary-key column ` +
+          `"${unbindable.propertyPath}" (${String(entity.connection.driver.normalizeType(unbindable))}` +
+          `${unbindable.transformer ? ', with a transformer' : ''}) cannot be known before the write; ` +
+          'use a uuid, integer or text key, or set bindPrimaryKey: false on this property',
+        context,
+      );
+    }
+  }
+  const own = new Set<ColumnMetadata>([main, ...Object.values(sidecars)]);
+  const constraints = [...entity.uniques, ...entity.indices.filter((index) => index.isUnique)];
+  if (constraints.some((constraint) => constraint.columns.some((c) => own.has(c)))) {
+    throw new ConfigError(
+      'a unique constraint on an encrypted property has no effect (every value is encrypted with a ' +
+        'random IV, so equal values never look equal); enforce uniqueness on another column',
+      context,
+    );
+  }
+  for (const column of own) {
+    const clash = entity.columns.find((c) => c !== column && c.databaseName === column.databaseName);
+    if (clash) {
+      throw new ConfigError(
+        `column name "${column.databaseName}" is used twice (by ${main.propertyPath} and ${clash.propertyPath}); ` +
+          'give one of them another name',
+        context,
+      );
+    }
+  }
 }
 
 /**
@@ -86,13 +124,26 @@ export function installEncryptedColumns(
 function overrideColumnAccess(columns: EncryptedColumns, store: PropertyStateStore): void {
   const { main, sidecars, holderOf, definition } = columns;
   const property = definition.propertyName;
+  const path = main.propertyPath;
+  const context = () => ({ entity: columns.entity.name, column: path });
 
-  const partOf = (entity: object | null | undefined, role: 'ciphertext' | SidecarRole): unknown => {
+  const partOf = (
+    entity: object | null | undefined,
+    role: 'ciphertext' | SidecarRole,
+    transform?: boolean,
+  ) => {
     if (entity === null || entity === undefined) return entity;
     const holder = holderOf(entity, false);
     if (!holder) return undefined;
     const value = holder[property];
-    if (value === undefined || value === null) return value;
+    if (value === undefined) {
+      /* A value set naming a sidecar without its ciphertext would write part of a value. */
+      if (role !== 'ciphertext' && Object.hasOwn(holder, definition.sidecarProperties[role])) {
+        throw new UnsupportedOperationError(PARTIAL_WRITE, context());
+      }
+      return undefined;
+    }
+    if (value === null) return null;
     if (value instanceof PendingPlaintext) return role === 'ciphertext' ? value : PENDING_SIDECAR;
     /* TypeORM's insert and update value sets copy the ciphertext column's value: follow it back. */
     const origin = store.originOf(value);
@@ -100,54 +151,88 @@ function overrideColumnAccess(columns: EncryptedColumns, store: PropertyStateSto
       return role === 'ciphertext' || role === 'iv'
         ? origin.sealed[role]
         : sharedPartSql(origin.sealed, role);
-    const sealed = store.currentSealed(holder, property, value) ?? store.sealedForUpdate(columns, value);
+    const sealed = store.currentSealed(entity, path, value);
     if (sealed) return sealed[role];
+    /* Only where conditions ask for a transformed value of an object the library never saw. */
+    if (transform === true && !store.get(entity, path)) throw whereRefusal(columns);
     return role === 'ciphertext' ? new PendingPlaintext(value) : PENDING_SIDECAR;
   };
 
-  main.getEntityValue = (entity: object) => partOf(entity, 'ciphertext');
+  main.getEntityValue = (entity: object, transform?: boolean) => partOf(entity, 'ciphertext', transform);
   main.setEntityValue = (entity: object, value: unknown) => {
     const holder = holderOf(entity, true) as Record<string, unknown>;
     const origin = store.originOf(value);
     if (value instanceof PendingPlaintext) {
       holder[property] = value.value; // create()/merge() copying from a plain object
     } else if (origin) {
-      holder[property] = origin.value; // a copy of an entity this library sealed or decrypted
-      store.seal(holder, property, origin.value, origin.sealed);
+      /* A copy of an entity this library sealed or decrypted: the plaintext, never its sealed state. */
+      holder[property] = origin.value;
     } else {
       /* Hydration: the raw column value, decrypted in `afterLoad`. */
-      const state = store.upsert(holder, property);
-      state.loaded ??= {};
-      state.loaded.ciphertext = value as Buffer | null;
+      const state = store.upsert(entity, path);
+      state.sealed = undefined;
+      state.loaded = { ciphertext: rawBytes(value, columns, 'ciphertext') };
     }
   };
-  main.transformer = whereGuard(columns);
+  main.transformer = whereGuard(columns, store);
 
   if (columns.plaintext) {
     /* Reads give back what the database holds; once the property is written, the column is NULL. */
     columns.plaintext.getEntityValue = (entity: object) => {
       const holder = entity && holderOf(entity, false);
       if (!holder || holder[property] === undefined) return undefined;
-      const legacy = store.get(holder, property)?.legacy;
+      const legacy = store.get(entity, path)?.legacy;
       return legacy === undefined ? null : legacy;
     };
     columns.plaintext.setEntityValue = (entity: object, value: unknown) => {
       if (value === null || value === undefined || value instanceof PendingPlaintext) return;
-      store.upsert(holderOf(entity, true) as object, property).legacy = value;
+      holderOf(entity, true);
+      store.upsert(entity, path).legacy = value;
     };
   }
 
   for (const role of SIDECAR_ROLES) {
     const column = sidecars[role];
-    column.getEntityValue = (entity: object) => partOf(entity, role);
+    column.getEntityValue = (entity: object, transform?: boolean) => partOf(entity, role, transform);
     column.setEntityValue = (entity: object, value: unknown) => {
-      if (value === PENDING_SIDECAR || !isRawColumnValue(value)) return;
-      const holder = holderOf(entity, true) as Record<string, unknown>;
-      const state = store.upsert(holder, property);
+      if (value === PENDING_SIDECAR || value === undefined || typeof value === 'function') return;
+      holderOf(entity, true);
+      const state = store.upsert(entity, path);
       state.loaded ??= {};
-      (state.loaded as Record<SidecarRole, unknown>)[role] = value;
+      const loaded = state.loaded as Record<SidecarRole, unknown>;
+      loaded[role] =
+        role === 'keyVersion' ? (value === null ? null : Number(value)) : rawBytes(value, columns, role);
     };
   }
+}
+
+const PARTIAL_WRITE =
+  'a write would change only some of the columns of an encrypted value, which would make the row ' +
+  'unreadable; it was refused';
+
+function whereRefusal(columns: EncryptedColumns): UnsupportedOperationError {
+  return new UnsupportedOperationError(
+    'an encrypted property cannot be used in a where condition (values are encrypted with random IVs, ' +
+      'so the database cannot compare them); load rows by another column and filter in the application',
+    { entity: columns.entity.name, column: columns.main.propertyPath },
+  );
+}
+
+/**
+ * Column bytes as read: a `Buffer` from `pg`, a `Uint8Array` from other drivers, or the JSON form
+ * of a `Buffer` (`{ type: 'Buffer', data }`) from TypeORM's query result cache.
+ */
+function rawBytes(value: unknown, columns: EncryptedColumns, role: string): Buffer | null {
+  if (value === null || Buffer.isBuffer(value)) return value as Buffer | null;
+  if (value instanceof Uint8Array) return Buffer.from(value.buffer, value.byteOffset, value.byteLength);
+  const json = value as { type?: unknown; data?: unknown };
+  if (json && typeof json === 'object' && json.type === 'Buffer' && Array.isArray(json.data)) {
+    return Buffer.from(json.data as number[]);
+  }
+  throw new IntegrityError(`the ${role} column holds a value that is not bytes`, {
+    entity: columns.entity.name,
+    column: columns.main.propertyPath,
+  });
 }
 
 const wrappedKeyLiterals = new WeakMap<Buffer, () => string>();
@@ -173,31 +258,17 @@ function sharedPartSql(sealed: SealedValue, role: 'wrappedKey' | 'keyVersion'): 
   return literal;
 }
 
-/** Raw values as the driver returns them: bytes, a key version, or null. */
-function isRawColumnValue(value: unknown): boolean {
-  return value === null || Buffer.isBuffer(value) || typeof value === 'number';
-}
-
 /**
- * TypeORM applies a column's transformer to `where` values. Encrypted values use a random IV, so
- * an equality test against them can never match: refuse instead of returning nothing.
+ * TypeORM applies a column's transformer to `find` conditions, and also to the values its diff
+ * compares and its queries write. Those are sealed values or pending plaintext; anything else is
+ * a condition on an encrypted property, which could never match (random IVs): refuse it.
  */
-function whereGuard(columns: EncryptedColumns) {
+function whereGuard(columns: EncryptedColumns, store: PropertyStateStore) {
   return {
     to(value: unknown): unknown {
-      if (
-        value === null ||
-        value === undefined ||
-        Buffer.isBuffer(value) ||
-        value instanceof PendingPlaintext
-      ) {
-        return value;
-      }
-      throw new UnsupportedOperationError(
-        'an encrypted property cannot be used in a where condition (values are encrypted with random IVs, ' +
-          'so the database cannot compare them); load rows by another column and filter in the application',
-        { entity: columns.entity.name, column: columns.main.propertyPath },
-      );
+      if (value === null || value === undefined || value instanceof PendingPlaintext) return value;
+      if (store.originOf(value)) return value;
+      throw whereRefusal(columns);
     },
     from: (value: unknown) => value,
   };

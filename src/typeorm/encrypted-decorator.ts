@@ -1,4 +1,4 @@
-import { type ColumnType, getMetadataArgsStorage } from 'typeorm';
+import { type ColumnType, getMetadataArgsStorage, type ValueTransformer } from 'typeorm';
 import type { ValueType } from '../crypto/codec';
 import { ConfigError } from '../errors';
 import type { Mask } from '../masking';
@@ -142,14 +142,14 @@ function register(definition: EncryptedPropertyDefinition): void {
   /* While an old plaintext column is migrated from, its rows have no ciphertext until the backfill
      reaches them: NOT NULL sidecars could not even be added to a populated table. */
   const columnsNullable = nullable || definition.plaintext !== undefined;
-  const column = (property: string, name: string, type: 'bytea' | 'int') =>
+  const column = (property: string, name: string, type: 'bytea' | 'int', transformer?: ValueTransformer) =>
     storage.columns.push({
       target,
       propertyName: property,
       mode: 'regular',
-      options: { name, type, nullable: columnsNullable },
+      options: { name, type, nullable: columnsNullable, ...(transformer ? { transformer } : {}) },
     });
-  column(propertyName, columns.ciphertext, 'bytea');
+  column(propertyName, columns.ciphertext, 'bytea', refuseWithoutEncryption(definition));
   column(definition.sidecarProperties.iv, columns.iv, 'bytea');
   column(definition.sidecarProperties.wrappedKey, columns.wrappedKey, 'bytea');
   column(definition.sidecarProperties.keyVersion, columns.keyVersion, 'int');
@@ -162,6 +162,25 @@ function register(definition: EncryptedPropertyDefinition): void {
       options: { name: plaintext.column, type: definition.plaintextType, nullable: true },
     });
   }
+}
+
+/**
+ * The ciphertext column's transformer until `attach()` replaces it: a DataSource without the
+ * library attached would write the plaintext as bytes, so every value is refused before it
+ * reaches the driver (reads pass through: the ciphertext is no secret).
+ */
+function refuseWithoutEncryption(definition: EncryptedPropertyDefinition): ValueTransformer {
+  return {
+    to(value: unknown): unknown {
+      if (value === undefined) return value;
+      throw new ConfigError(
+        'this DataSource has no EnvelopeEncryption attached, so the encrypted property was not written ' +
+          '(call encryption.attach(dataSource) before dataSource.initialize())',
+        { entity: definition.target.name, column: definition.propertyName },
+      );
+    },
+    from: (value: unknown) => value,
+  };
 }
 
 /** The definition of `propertyName` declared on `target`, if it is encrypted. */

@@ -3,9 +3,9 @@ import { UnsupportedOperationError } from '../errors';
 import type { SealedValue } from '../field-encryptor';
 
 /**
- * What the library knows of one encrypted property of one object (an entity, an embedded object
- * or an update's SET map). It lives beside the object, never on it: the object only ever holds
- * plaintext, so nothing needs restoring after a write, whether it succeeded or not.
+ * What the library knows of one encrypted property of one entity. It lives beside the entity,
+ * never on it: the entity only ever holds plaintext, so nothing needs restoring after a write,
+ * whether it succeeded or not.
  */
 export interface PropertyState {
   /** Raw column values read from the database, until `afterLoad` decrypts them. */
@@ -31,9 +31,6 @@ export interface LoadedColumns {
   primaryKey?: string;
 }
 
-/** Updates whose sealed values are kept at most, should their queries fail before release. */
-const MAX_PENDING_UPDATES = 1_000;
-
 /** The plaintext a sealed ciphertext stands for; prints nothing of it. */
 export class SealedOrigin {
   constructor(
@@ -50,100 +47,57 @@ export class SealedOrigin {
   }
 }
 
-/** Per-object, per-property state, held weakly. */
+/**
+ * Per-entity, per-property state, held weakly. It is keyed by the root entity and the property
+ * path, never by an embedded object, so one embedded instance shared by two entities keeps a
+ * state for each. Writes never trust it: an insert always seals anew, and an update reuses only
+ * what the database copy TypeORM loads for the update holds (see the subscriber). It serves
+ * change detection, and carries what a read loaded until `afterLoad` decrypts it.
+ */
 export class PropertyStateStore {
   readonly #states = new WeakMap<object, Map<string, PropertyState>>();
-  /** Which plaintext each sealed ciphertext buffer stands for, to follow copies made by `create()`. */
   /**
    * Where each sealed ciphertext buffer came from, kept on the buffer under a key of this store's
-   * own (cheaper than a WeakMap of many buffers; hidden from JSON and from `inspect`).
+   * own (cheaper than a WeakMap of many buffers; hidden from JSON and from `inspect`). TypeORM's
+   * insert and update value sets copy the ciphertext column's value, and are read through it.
    */
   readonly #origin = Symbol('typeorm-envelope origin');
-  /**
-   * Values sealed for query-builder updates, by property and plaintext. TypeORM copies the top
-   * level of an update's SET map before reading it, so the sealed value is found by the value the
-   * copy holds, and the caller's map is never changed. Released after the update; if updates
-   * fail, at most `MAX_PENDING_UPDATES` are kept.
-   */
-  readonly #forUpdate = new Map<object, Map<unknown, { sealed: SealedValue; updates: number }>>();
-  #pendingUpdates = 0;
 
-  get(holder: object, property: string): PropertyState | undefined {
-    return this.#states.get(holder)?.get(property);
+  get(entity: object, path: string): PropertyState | undefined {
+    return this.#states.get(entity)?.get(path);
   }
 
   /** The state, created empty when missing. */
-  upsert(holder: object, property: string): PropertyState {
-    let forHolder = this.#states.get(holder);
-    if (!forHolder) {
-      forHolder = new Map();
-      this.#states.set(holder, forHolder);
+  upsert(entity: object, path: string): PropertyState {
+    let forEntity = this.#states.get(entity);
+    if (!forEntity) {
+      forEntity = new Map();
+      this.#states.set(entity, forEntity);
     }
-    let state = forHolder.get(property);
+    let state = forEntity.get(path);
     if (!state) {
       state = {};
-      forHolder.set(property, state);
+      forEntity.set(path, state);
     }
     return state;
   }
 
-  /** Records that `holder[property]` now encrypts to `sealed`. */
-  seal(holder: object, property: string, value: unknown, sealed: SealedValue): void {
-    const state = this.upsert(holder, property);
+  /** Records that the entity's property at `path` now encrypts to `sealed`. */
+  seal(entity: object, path: string, value: unknown, sealed: SealedValue): void {
+    const state = this.upsert(entity, path);
     state.sealed = sealed;
     state.snapshot = snapshotOf(value);
     state.loaded = undefined;
+    this.mark(value, sealed);
+  }
+
+  /** Makes `sealed.ciphertext` lead back to `value` and `sealed`. */
+  mark(value: unknown, sealed: SealedValue): void {
     Object.defineProperty(sealed.ciphertext, this.#origin, {
       value: new SealedOrigin(value, sealed),
       configurable: true,
       writable: true,
     });
-  }
-
-  /** Records `sealed` as the value an update of `property` (any object naming it) writes for `value`. */
-  sealForUpdate(property: object, value: unknown, sealed: SealedValue): void {
-    let byValue = this.#forUpdate.get(property);
-    if (!byValue) {
-      byValue = new Map();
-      this.#forUpdate.set(property, byValue);
-    }
-    /* Concurrent updates to the same value share one entry: any of their sealed values is right. */
-    const entry = byValue.get(value);
-    if (entry) {
-      entry.sealed = sealed;
-      entry.updates += 1;
-      return;
-    }
-    byValue.set(value, { sealed, updates: 1 });
-    this.#pendingUpdates += 1;
-    if (this.#pendingUpdates > MAX_PENDING_UPDATES) this.#dropOldestUpdate();
-  }
-
-  /** The sealed value recorded for an update of `property` to `value`, if any. */
-  sealedForUpdate(property: object, value: unknown): SealedValue | undefined {
-    return this.#forUpdate.get(property)?.get(value)?.sealed;
-  }
-
-  /** Forgets what {@link sealForUpdate} recorded, once the update has run. */
-  releaseUpdate(property: object, value: unknown, all = false): void {
-    const byValue = this.#forUpdate.get(property);
-    const entry = byValue?.get(value);
-    if (!byValue || !entry) return;
-    entry.updates -= 1;
-    if (entry.updates > 0 && !all) return;
-    byValue.delete(value);
-    this.#pendingUpdates -= 1;
-    if (byValue.size === 0) this.#forUpdate.delete(property);
-  }
-
-  #dropOldestUpdate(): void {
-    for (const [property, byValue] of this.#forUpdate) {
-      const oldest = byValue.keys().next();
-      if (!oldest.done) {
-        this.releaseUpdate(property, oldest.value, true);
-        return;
-      }
-    }
   }
 
   /** The plaintext and sealed value a ciphertext buffer came from, if this store sealed or opened it. */
@@ -153,9 +107,9 @@ export class PropertyStateStore {
       : undefined;
   }
 
-  /** The sealed form, when it still encrypts the current value of `holder[property]`. */
-  currentSealed(holder: object, property: string, value: unknown): SealedValue | undefined {
-    const state = this.get(holder, property);
+  /** The sealed form, when it still encrypts `value`, the property's current plaintext. */
+  currentSealed(entity: object, path: string, value: unknown): SealedValue | undefined {
+    const state = this.get(entity, path);
     return state?.sealed && sameSnapshot(state.snapshot, value) ? state.sealed : undefined;
   }
 }

@@ -3,6 +3,9 @@ import type { EncryptedColumns } from './encrypted-columns';
 import { primaryKeyOf } from './primary-key';
 import type { PropertyStateStore } from './property-state';
 
+/** PostgreSQL binds at most 65,535 parameters per statement; stay well below it. */
+const MAX_PARAMETERS_PER_QUERY = 30_000;
+
 interface Batch {
   metadata: EntityMetadata;
   column: EncryptedColumns;
@@ -53,48 +56,65 @@ export class SidecarLoader {
   /**
    * Reads the four columns again, by primary key where the rows have one, else by the ciphertext
    * itself (a partial select without the key). The whole sealed value comes from this second read,
-   * so its four parts always belong together.
+   * so its four parts always belong together. Large results are read in chunks, each well below
+   * PostgreSQL's limit on bound parameters.
    */
   async #run({ metadata, column, queryRunner, requests }: Batch) {
-    try {
-      const property = column.definition.propertyName;
-      const ciphertextOf = (entity: object) => {
-        const holder = column.holderOf(entity, false);
-        return holder ? this.store.get(holder, property)?.loaded?.ciphertext : undefined;
-      };
-      const byKey = requests.every((r) => primaryKeyOf(metadata, r.entity) !== undefined);
-      const identify = (entity: object) =>
-        byKey ? primaryKeyOf(metadata, entity) : ciphertextOf(entity)?.toString('hex');
-      const manager = queryRunner?.manager ?? metadata.connection.manager;
-      const query = manager
-        .createQueryBuilder(metadata.target, 'row')
-        .select(
-          [
-            ...metadata.primaryColumns.map((c) => c.propertyPath),
-            column.main.propertyPath,
-            ...Object.values(column.sidecars).map((c) => c.propertyPath),
-          ].map((path) => `row.${path}`),
-        )
-        .callListeners(false);
-      if (byKey) query.whereInIds(requests.map((r) => metadata.getEntityIdMap(r.entity)));
-      else
-        query.where(`row.${column.main.propertyPath} IN (:...ciphertexts)`, {
-          ciphertexts: requests.map((r) => ciphertextOf(r.entity)),
-        });
-      const fresh = new Map<string | undefined, object>();
-      for (const row of await query.getMany()) fresh.set(identify(row), row);
-      for (const request of requests) {
-        const row = fresh.get(identify(request.entity));
-        const freshHolder = row && column.holderOf(row, false);
-        const loaded = freshHolder ? this.store.get(freshHolder, property)?.loaded : undefined;
-        const target = column.holderOf(request.entity, true) as object;
-        this.store.upsert(target, property).loaded = loaded
-          ? { ...loaded, primaryKey: row && primaryKeyOf(metadata, row) }
-          : { ciphertext: null };
-        request.resolve();
+    const byKey = requests.every((r) => primaryKeyOf(metadata, r.entity) !== undefined);
+    const perRow = byKey ? Math.max(1, metadata.primaryColumns.length) : 1;
+    const chunkSize = Math.floor(MAX_PARAMETERS_PER_QUERY / perRow);
+    for (let start = 0; start < requests.length; start += chunkSize) {
+      const chunk = requests.slice(start, start + chunkSize);
+      try {
+        await this.#fetch(metadata, column, queryRunner, chunk, byKey);
+      } catch (error) {
+        for (const request of chunk) request.reject(error);
       }
-    } catch (error) {
-      for (const request of requests) request.reject(error);
+    }
+  }
+
+  async #fetch(
+    metadata: EntityMetadata,
+    column: EncryptedColumns,
+    queryRunner: QueryRunner | undefined,
+    requests: Request[],
+    byKey: boolean,
+  ): Promise<void> {
+    const path = column.main.propertyPath;
+    const ciphertextOf = (entity: object) => this.store.get(entity, path)?.loaded?.ciphertext;
+    const identify = (entity: object) =>
+      byKey ? primaryKeyOf(metadata, entity) : ciphertextOf(entity)?.toString('hex');
+    const manager = queryRunner?.manager ?? metadata.connection.manager;
+    const query = manager
+      .createQueryBuilder(metadata.target, 'row')
+      .select(
+        [
+          ...metadata.primaryColumns.map((c) => c.propertyPath),
+          column.main.propertyPath,
+          ...Object.values(column.sidecars).map((c) => c.propertyPath),
+          ...(column.plaintext ? [column.plaintext.propertyPath] : []),
+        ].map((p) => `row.${p}`),
+      )
+      .callListeners(false);
+    if (byKey) query.whereInIds(requests.map((r) => metadata.getEntityIdMap(r.entity)));
+    else
+      query.where(`row.${column.main.propertyPath} IN (:...ciphertexts)`, {
+        ciphertexts: requests.map((r) => ciphertextOf(r.entity)),
+      });
+    const fresh = new Map<string | undefined, object>();
+    for (const row of await query.getMany()) fresh.set(identify(row), row);
+    for (const request of requests) {
+      const row = fresh.get(identify(request.entity));
+      const fetched = row ? this.store.get(row, path) : undefined;
+      const loaded = fetched?.loaded;
+      column.holderOf(request.entity, true);
+      const state = this.store.upsert(request.entity, path);
+      state.loaded = loaded
+        ? { ...loaded, primaryKey: row && primaryKeyOf(metadata, row) }
+        : { ciphertext: null };
+      /* A row not yet backfilled still holds its value in the column it is migrated from. */
+      if (fetched?.legacy !== undefined) state.legacy = fetched.legacy;
+      request.resolve();
     }
   }
 

@@ -1,13 +1,28 @@
-import type { EntityMetadata, EntitySubscriberInterface, InsertEvent, LoadEvent, UpdateEvent } from 'typeorm';
-import type { ValueBinding } from '../crypto/associated-data';
+import type {
+  EntityMetadata,
+  EntitySubscriberInterface,
+  InsertEvent,
+  LoadEvent,
+  ObjectLiteral,
+  QueryRunner,
+  UpdateEvent,
+} from 'typeorm';
 import { FLAG_PRIMARY_KEY_BOUND } from '../crypto/associated-data';
-import { type ErrorContext, IntegrityError, UnsupportedOperationError, withErrorContext } from '../errors';
+import {
+  type ErrorContext,
+  IntegrityError,
+  UnsupportedOperationError,
+  ValueTypeError,
+  withErrorContext,
+} from '../errors';
 import type { FieldEncryptor, SealedValue } from '../field-encryptor';
 import { NOT_CACHED } from '../keys/data-key-cache';
 import type { EncryptedColumns } from './encrypted-columns';
 import { primaryKeyOf } from './primary-key';
 import type { LoadedColumns, PropertyStateStore } from './property-state';
+import { setMapOf } from './query-guards';
 import type { SidecarLoader } from './sidecar-loader';
+import { valueBinding } from './value-binding';
 
 /** Finds the encrypted columns of an entity's metadata. */
 export type EncryptedColumnsLookup = (metadata: EntityMetadata) => readonly EncryptedColumns[] | undefined;
@@ -15,10 +30,17 @@ export type EncryptedColumnsLookup = (metadata: EntityMetadata) => readonly Encr
 /**
  * The TypeORM adapter: encrypts on `beforeInsert` / `beforeUpdate`, decrypts on `afterLoad`.
  * It holds no crypto: sealing and opening are the field encryptor's.
+ *
+ * What a write stores is decided from what the write can see, never from state remembered on the
+ * caller's objects, which applications copy, re-key and keep across rotations:
+ * - an insert seals every value anew, for the row's place (table, property, primary key);
+ * - an update keeps a value only when the database copy TypeORM loaded for it (the row as it is
+ *   now) holds the same plaintext, and then keeps exactly the stored columns; otherwise it seals;
+ * - a query-builder update (a SET map) seals every value it names.
  */
 export class EncryptionSubscriber implements EntitySubscriberInterface {
-  /** The values each query-builder update's SET map had sealed, to release after the update. */
-  readonly #updates = new WeakMap<object, Array<{ column: EncryptedColumns; value: unknown }>>();
+  /** Decryptions under way, so that entity listeners and this subscriber share one per entity. */
+  readonly #opening = new WeakMap<object, Promise<void>>();
 
   constructor(
     private readonly lookup: EncryptedColumnsLookup,
@@ -30,89 +52,133 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
   beforeInsert(event: InsertEvent<object>): Promise<void> | undefined {
     const columns = this.lookup(event.metadata);
     if (!columns || !event.entity) return undefined;
-    return this.#sealChanged(event.metadata, columns, event.entity, undefined, 'insert');
+    const primaryKey = event.metadata.primaryColumns.some((c) => c.isGenerated)
+      ? undefined // TypeORM leaves generated keys to the database, even when one is given
+      : primaryKeyOf(event.metadata, event.entity);
+    return this.#seal(event.metadata, columns, event.entity, undefined, primaryKey, false);
   }
 
   beforeUpdate(event: UpdateEvent<object>): Promise<void> | undefined {
     const columns = this.lookup(event.metadata);
     if (!columns || !event.entity) return undefined;
+    const entity = event.entity as object;
+    if (event.databaseEntity) {
+      const primaryKey = primaryKeyOf(event.metadata, event.databaseEntity);
+      return this.#seal(event.metadata, columns, entity, event.databaseEntity, primaryKey, false);
+    }
     /* Without a database copy this is a query-builder update: `entity` is its SET map. */
-    const mode = event.databaseEntity ? 'update' : 'set-map';
-    return this.#sealChanged(event.metadata, columns, event.entity as object, event.databaseEntity, mode);
-  }
-
-  afterUpdate(event: UpdateEvent<object>): void {
-    const sealed = event.entity ? this.#updates.get(event.entity as object) : undefined;
-    if (!sealed) return;
-    for (const { column, value } of sealed) this.store.releaseUpdate(column, value);
-    this.#updates.delete(event.entity as object);
+    const setMap = setMapOf(entity);
+    if (!setMap) {
+      if (!columns.some((c) => definedIn(c, entity))) return undefined;
+      throw new UnsupportedOperationError(
+        'an update of encrypted properties must name its entity before its values ' +
+          '(createQueryBuilder().update(Entity).set(values))',
+        { entity: event.metadata.name },
+      );
+    }
+    return this.#seal(event.metadata, columns, entity, undefined, setMap.primaryKey(), true);
   }
 
   afterLoad(entity: object, event?: LoadEvent<object>): Promise<void> | undefined {
     const metadata = event?.metadata;
     const columns = metadata && this.lookup(metadata);
     if (!columns) return undefined;
-    const pending: Promise<void>[] = [];
-    for (const column of columns) {
-      const opened = this.#openLoaded(metadata, column, entity, event);
-      if (opened) pending.push(opened);
-    }
-    return pending.length ? Promise.all(pending).then(() => undefined) : undefined;
+    return this.open(metadata, columns, entity, event?.queryRunner);
   }
 
   /**
-   * Seals every encrypted property whose value changed. Runs synchronously while the data key is
+   * TypeORM runs an entity's own `@AfterLoad()` listeners before subscribers: each listener of
+   * `metadata` is made to wait for the decryption, so it sees plaintext.
+   */
+  openBeforeListeners(metadata: EntityMetadata, columns: readonly EncryptedColumns[]): void {
+    for (const listener of metadata.afterLoadListeners) {
+      const execute = listener.execute.bind(listener);
+      listener.execute = (entity: ObjectLiteral) => {
+        const opening = this.open(metadata, columns, entity);
+        return opening ? opening.then(() => execute(entity)) : execute(entity);
+      };
+    }
+  }
+
+  /**
+   * Decrypts what a read loaded into `entity`, once: entity `@AfterLoad()` listeners (which
+   * TypeORM runs before subscribers) wait for the same decryption.
+   */
+  open(
+    metadata: EntityMetadata,
+    columns: readonly EncryptedColumns[],
+    entity: object,
+    queryRunner?: QueryRunner,
+  ): Promise<void> | undefined {
+    const running = this.#opening.get(entity);
+    if (running) return running;
+    const pending: Promise<void>[] = [];
+    for (const column of columns) {
+      const opened = this.#openLoaded(metadata, column, entity, queryRunner);
+      if (opened) pending.push(opened);
+    }
+    if (!pending.length) return undefined;
+    const all = Promise.all(pending).then(
+      () => {
+        this.#opening.delete(entity);
+      },
+      (error: unknown) => {
+        this.#opening.delete(entity);
+        throw error;
+      },
+    );
+    this.#opening.set(entity, all);
+    return all;
+  }
+
+  /**
+   * Seals the encrypted properties a write names. Runs synchronously while the data key is
    * cached (the common case), so a write costs no extra promise per entity.
    */
-  #sealChanged(
+  #seal(
     metadata: EntityMetadata,
     columns: readonly EncryptedColumns[],
     entity: object,
     databaseEntity: object | undefined,
-    mode: 'insert' | 'update' | 'set-map',
+    primaryKey: string | undefined,
+    setMap: boolean,
   ): Promise<void> | undefined {
-    const primaryKey = this.#knownPrimaryKey(metadata, entity, mode);
     const pending: Promise<void>[] = [];
     for (const column of columns) {
       const { propertyName: property, type, bindPrimaryKey } = column.definition;
+      const path = column.main.propertyPath;
       const holder = column.holderOf(entity, false);
       const value = holder?.[property];
-      if (!holder || value === undefined || value === null) continue;
-      if (this.store.currentSealed(holder, property, value)) continue;
-      const record = (sealed: SealedValue) => this.#record(entity, column, holder, value, sealed, mode);
-      const databaseHolder = databaseEntity && column.holderOf(databaseEntity, false);
-      const unchanged = databaseHolder && this.store.currentSealed(databaseHolder, property, value);
-      if (unchanged) {
-        record(unchanged);
+      if (!holder || value === undefined) continue;
+      if (value === null) {
+        if (column.definition.nullable) continue;
+        throw new ValueTypeError('null is not allowed: the encrypted property is not nullable', {
+          entity: metadata.name,
+          column: path,
+        });
+      }
+      const record = (sealed: SealedValue) => {
+        if (setMap) {
+          /* The SET map is the library's own copy of the caller's (see query-guards). */
+          this.store.mark(value, sealed);
+          holder[property] = sealed.ciphertext;
+          return;
+        }
+        this.store.seal(entity, path, value, sealed);
+        /* A written property leaves no plaintext behind in the column it is migrated from. */
+        this.store.upsert(entity, path).legacy = undefined;
+      };
+      const stored = databaseEntity && this.store.currentSealed(databaseEntity, path, value);
+      if (stored) {
+        record(stored);
         continue;
       }
-      const binding = bindingOf(metadata, column, bindPrimaryKey ? primaryKey : undefined);
+      const binding = valueBinding(metadata, column, bindPrimaryKey ? primaryKey : undefined);
       const sealed = this.encryptor.trySeal(value, binding, type);
       if (sealed !== NOT_CACHED) record(sealed);
       else pending.push(this.encryptor.seal(value, binding, type).then(record));
     }
     return pending.length ? Promise.all(pending).then(() => undefined) : undefined;
-  }
-
-  #record(
-    entity: object,
-    column: EncryptedColumns,
-    holder: Record<string, unknown>,
-    value: unknown,
-    sealed: SealedValue,
-    mode: 'insert' | 'update' | 'set-map',
-  ): void {
-    const property = column.definition.propertyName;
-    if (mode !== 'set-map') {
-      this.store.seal(holder, property, value, sealed);
-      /* A written property leaves no plaintext behind in the column it is migrated from. */
-      this.store.upsert(holder, property).legacy = undefined;
-      return;
-    }
-    this.store.sealForUpdate(column, value, sealed);
-    const recorded = this.#updates.get(entity) ?? [];
-    recorded.push({ column, value });
-    this.#updates.set(entity, recorded);
   }
 
   /**
@@ -134,29 +200,26 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
     );
   }
 
-  /**
-   * The primary key a value can be bound to: known on update; on insert only when no primary
-   * column is generated (TypeORM leaves generated keys to the database even when one is given);
-   * never for a SET map, which may update many rows.
-   */
-  #knownPrimaryKey(metadata: EntityMetadata, entity: object, mode: 'insert' | 'update' | 'set-map') {
-    if (mode === 'set-map') return undefined;
-    if (mode === 'insert' && metadata.primaryColumns.some((c) => c.isGenerated)) return undefined;
-    return primaryKeyOf(metadata, entity);
-  }
-
   #openLoaded(
     metadata: EntityMetadata,
     column: EncryptedColumns,
     entity: object,
-    event: LoadEvent<object> | undefined,
+    queryRunner: QueryRunner | undefined,
+    refetched = false,
   ): Promise<void> | undefined {
     const property = column.definition.propertyName;
+    const path = column.main.propertyPath;
     const holder = column.holderOf(entity, false);
-    const state = holder && this.store.get(holder, property);
+    const state = this.store.get(entity, path);
     const loaded = state?.loaded;
     if (!holder || !state || !loaded || loaded.ciphertext === undefined) return undefined;
     const { ciphertext, iv, wrappedKey, keyVersion } = loaded;
+    if (!refetched && (iv === undefined || wrappedKey === undefined || keyVersion === undefined)) {
+      /* A partial `select` named the property: fetch its other columns, then decrypt. */
+      return this.sidecars
+        .load(metadata, column, entity, queryRunner)
+        .then(() => this.#openLoaded(metadata, column, entity, undefined, true));
+    }
     if (ciphertext === null) {
       if ((iv ?? null) !== null || (wrappedKey ?? null) !== null || (keyVersion ?? null) !== null) {
         throw new IntegrityError(
@@ -165,16 +228,17 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
         );
       }
       state.loaded = undefined;
-      holder[property] = this.#notYetEncrypted(column, state.legacy, metadata, entity);
+      const value = this.#notYetEncrypted(column, state.legacy, metadata, entity);
+      if (value === null && !column.definition.nullable) {
+        throw new IntegrityError(
+          'a non-nullable encrypted property is NULL in the database',
+          loadContext(metadata, column, entity, loaded),
+        );
+      }
+      holder[property] = value;
       return undefined;
     }
-    if (iv === undefined || wrappedKey === undefined || keyVersion === undefined) {
-      /* A partial `select` named the property: fetch its sidecar columns, then decrypt. */
-      return this.sidecars
-        .load(metadata, column, entity, event?.queryRunner)
-        .then(() => this.#openLoaded(metadata, column, entity, undefined));
-    }
-    if (iv === null || wrappedKey === null || keyVersion === null) {
+    if ((iv ?? null) === null || (wrappedKey ?? null) === null || (keyVersion ?? null) === null) {
       throw new IntegrityError(
         'encrypted value is missing a sidecar column',
         loadContext(metadata, column, entity, loaded),
@@ -184,7 +248,7 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
     const sealed = loaded as SealedValue;
     const bound = ((ciphertext[1] ?? 0) & FLAG_PRIMARY_KEY_BOUND) !== 0;
     const primaryKey = bound ? (loaded.primaryKey ?? primaryKeyOf(metadata, entity)) : undefined;
-    const binding = bindingOf(metadata, column, primaryKey);
+    const binding = valueBinding(metadata, column, primaryKey);
     let opened: unknown;
     try {
       opened = this.encryptor.tryOpen(sealed, binding);
@@ -193,24 +257,31 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
     }
     if (opened === NOT_CACHED) {
       return this.encryptor.open(sealed, binding).then(
-        (value) => this.#recordOpened(holder, property, value, sealed),
+        (value) => this.#recordOpened(entity, column, holder, value, sealed),
         (error: unknown) =>
           Promise.reject(withErrorContext(error, loadContext(metadata, column, entity, loaded))),
       );
     }
-    this.#recordOpened(holder, property, opened, sealed);
+    this.#recordOpened(entity, column, holder, opened, sealed);
     return undefined;
   }
 
   #recordOpened(
+    entity: object,
+    column: EncryptedColumns,
     holder: Record<string, unknown>,
-    property: string,
     value: unknown,
     sealed: SealedValue,
   ): void {
-    holder[property] = value;
-    this.store.seal(holder, property, value, sealed);
+    holder[column.definition.propertyName] = value;
+    this.store.seal(entity, column.main.propertyPath, value, sealed);
   }
+}
+
+/** Whether `entity` (a SET map) names the encrypted property of `column`. */
+function definedIn(column: EncryptedColumns, entity: object): boolean {
+  const value = column.holderOf(entity, false)?.[column.definition.propertyName];
+  return value !== undefined;
 }
 
 /** Where a loaded value came from, for errors (computed only when one is raised). */
@@ -225,13 +296,4 @@ function loadContext(
     column: column.main.propertyPath,
     primaryKey: loaded.primaryKey ?? primaryKeyOf(metadata, entity),
   };
-}
-
-/** The place a value is bound to: table, base column name, and the primary key when given. */
-function bindingOf(
-  metadata: EntityMetadata,
-  column: EncryptedColumns,
-  primaryKey: string | undefined,
-): ValueBinding {
-  return { table: metadata.tableName, column: column.main.propertyPath, primaryKey };
 }

@@ -1,0 +1,360 @@
+import 'reflect-metadata';
+import { randomUUID } from 'node:crypto';
+import { AfterLoad, Column, DataSource, Entity, PrimaryColumn, PrimaryGeneratedColumn } from 'typeorm';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { Encrypted, EnvelopeEncryption, IntegrityError, UnsupportedOperationError } from '../../../src';
+import { rewrapDataKeys } from '../../../src/rotation/rewrap';
+import { CountingKeyProvider } from '../../support/counting-key-provider';
+import { createTestSchema, rawQuery, type TestSchema } from '../../support/database';
+import { type EncryptedTestDatabase, encryptedDatabase } from '../../support/typeorm';
+
+/**
+ * Ordinary TypeORM use that must never write a row that cannot be read back: entities kept across
+ * a re-wrap, primary keys changed or normalised by PostgreSQL, sealed state copied between objects.
+ */
+
+class ContactCard {
+  @Encrypted({ nullable: true }) phone!: string | null;
+}
+
+@Entity()
+class Note {
+  @PrimaryGeneratedColumn() id!: number;
+  @Encrypted({ nullable: true }) secret!: string | null;
+  @Encrypted() title!: string;
+  @Column({ type: 'int', default: 0 }) counter!: number;
+}
+
+@Entity()
+class Member {
+  @PrimaryColumn({ type: 'uuid' }) id!: string;
+  @Encrypted() secret!: string;
+  @Column({ type: 'varchar', unique: true }) handle!: string;
+  @Column(() => ContactCard) contact!: ContactCard;
+}
+
+@Entity()
+class Badge {
+  @PrimaryColumn({ type: 'char', length: 8 }) code!: string;
+  @Encrypted() secret!: string;
+}
+
+@Entity()
+class Hooked {
+  @PrimaryGeneratedColumn() id!: number;
+  @Encrypted() secret!: string;
+  seenInHook: unknown;
+  @AfterLoad() remember() {
+    this.seenInHook = this.secret;
+  }
+}
+
+let db: EncryptedTestDatabase;
+
+beforeAll(async () => {
+  db = await encryptedDatabase([Note, Member, Badge, Hooked], {
+    prefix: 'data_loss',
+    extraKeys: [{ version: 2, provider: new CountingKeyProvider() }],
+  });
+});
+afterAll(() => db?.close());
+
+const notes = () => db.dataSource.getRepository(Note);
+const members = () => db.dataSource.getRepository(Member);
+
+async function rows(table: string, order = 'id') {
+  return rawQuery<Record<string, unknown>>(
+    db.schema.url,
+    `SELECT * FROM "${db.schema.schema}".${table} ORDER BY ${order}`,
+  );
+}
+
+function rejectionOf(promise: Promise<unknown>): Promise<unknown> {
+  return promise.then(
+    () => undefined,
+    (e: unknown) => e,
+  );
+}
+
+/** Every row of the table reads back through a fresh find(), with all four columns consistent. */
+async function everyRowReads(entity: typeof Note | typeof Member) {
+  const fresh = new EnvelopeEncryption({
+    keys: db.encryption.keyring.versions.map((version) => ({
+      version,
+      provider: db.encryption.keyring.provider(version),
+    })),
+    activeVersion: 1,
+  });
+  fresh.purgeCache();
+  db.encryption.purgeCache();
+  return db.dataSource.getRepository(entity).find();
+}
+
+describe('an entity loaded before a re-wrap and saved after it', () => {
+  it('keeps its values, nullable or not, and the row stays readable', async () => {
+    db.encryption.keyring.activate(1);
+    const saved = await notes().save({ secret: 'kept secret', title: 'kept title', counter: 0 });
+    const loaded = await notes().findOneByOrFail({ id: saved.id });
+    const result = await rewrapDataKeys(db.dataSource, db.encryption, { toVersion: 2, entities: [Note] });
+    expect(result.error).toBeUndefined();
+    loaded.counter += 1;
+    await notes().save(loaded);
+    const [row] = (await rows('note')).filter((r) => r.id === saved.id);
+    expect(row?.secret_key_version).toBe(2);
+    expect(row?.title_key_version).toBe(2);
+    expect(row?.counter).toBe(1);
+    db.encryption.purgeCache();
+    const again = await notes().findOneByOrFail({ id: saved.id });
+    expect(again).toMatchObject({ secret: 'kept secret', title: 'kept title', counter: 1 });
+    await everyRowReads(Note);
+  });
+
+  it('a changed value saved after the re-wrap is written whole', async () => {
+    const saved = await notes().save({ secret: 'before', title: 'before', counter: 0 });
+    const loaded = await notes().findOneByOrFail({ id: saved.id });
+    await rewrapDataKeys(db.dataSource, db.encryption, { toVersion: 1, entities: [Note] });
+    loaded.secret = 'after';
+    await notes().save(loaded);
+    db.encryption.purgeCache();
+    expect(await notes().findOneByOrFail({ id: saved.id })).toMatchObject({
+      secret: 'after',
+      title: 'before',
+    });
+  });
+});
+
+describe('primary keys PostgreSQL stores in another form', () => {
+  it('an upper-case UUID key reads back', async () => {
+    const id = randomUUID().toUpperCase();
+    await members().save({ id, secret: 'upper', handle: `h-${id}`, contact: { phone: '+1 555' } });
+    db.encryption.purgeCache();
+    const found = await members().findOneByOrFail({ id });
+    expect(found.secret).toBe('upper');
+    expect(found.contact.phone).toBe('+1 555');
+    const [row] = await rawQuery<{ id: string }>(
+      db.schema.url,
+      `SELECT id FROM "${db.schema.schema}".member WHERE id = $1`,
+      [id],
+    );
+    expect(row?.id).toBe(id.toLowerCase());
+  });
+
+  it('a char(8) key shorter than its column reads back', async () => {
+    await db.dataSource.getRepository(Badge).save({ code: 'ab', secret: 'padded' });
+    db.encryption.purgeCache();
+    const found = await db.dataSource.getRepository(Badge).findOneByOrFail({ code: 'ab' });
+    expect(found.secret).toBe('padded');
+    expect(found.code).toBe('ab      ');
+  });
+});
+
+describe('sealed state never outlives a change of primary key', () => {
+  it('a loaded entity given a new id and saved', async () => {
+    const id = randomUUID();
+    await members().save({ id, secret: 'moved', handle: `m-${id}`, contact: { phone: null } });
+    const loaded = await members().findOneByOrFail({ id });
+    loaded.id = randomUUID();
+    loaded.handle = `m2-${id}`;
+    await members().save(loaded);
+    db.encryption.purgeCache();
+    expect((await members().findOneByOrFail({ id: loaded.id })).secret).toBe('moved');
+    expect((await members().findOneByOrFail({ id })).secret).toBe('moved');
+  });
+
+  it('repo.create(loaded) given a new id', async () => {
+    const id = randomUUID();
+    await members().save({ id, secret: 'created', handle: `c-${id}`, contact: { phone: '1' } });
+    const copy = members().create(await members().findOneByOrFail({ id }));
+    copy.id = randomUUID();
+    copy.handle = `c2-${id}`;
+    await members().save(copy);
+    db.encryption.purgeCache();
+    expect(await members().findOneByOrFail({ id: copy.id })).toMatchObject({
+      secret: 'created',
+      contact: { phone: '1' },
+    });
+  });
+
+  it('a loaded entity with a generated key re-saved with id = undefined', async () => {
+    const saved = await notes().save({ secret: 'twice', title: 't', counter: 0 });
+    const loaded = await notes().findOneByOrFail({ id: saved.id });
+    (loaded as { id?: number }).id = undefined;
+    const second = await notes().save(loaded);
+    expect(second.id).not.toBe(saved.id);
+    db.encryption.purgeCache();
+    expect((await notes().findOneByOrFail({ id: second.id })).secret).toBe('twice');
+  });
+
+  it('a save that fails on a unique column, retried with a new id', async () => {
+    const handle = `dup-${randomUUID()}`;
+    await members().save({ id: randomUUID(), secret: 'first', handle, contact: { phone: null } });
+    const fresh = members().create({ id: randomUUID(), secret: 'second', handle, contact: { phone: 'p' } });
+    await expect(members().save(fresh)).rejects.toThrow();
+    fresh.id = randomUUID();
+    fresh.handle = `${handle}-b`;
+    await members().save(fresh);
+    db.encryption.purgeCache();
+    expect(await members().findOneByOrFail({ id: fresh.id })).toMatchObject({
+      secret: 'second',
+      contact: { phone: 'p' },
+    });
+  });
+
+  it('one embedded object assigned to two new entities', async () => {
+    const contact = new ContactCard();
+    contact.phone = '+44 20';
+    const a = members().create({ id: randomUUID(), secret: 'a', handle: `a-${randomUUID()}` });
+    const b = members().create({ id: randomUUID(), secret: 'b', handle: `b-${randomUUID()}` });
+    a.contact = contact;
+    b.contact = contact;
+    await members().save([a, b]);
+    db.encryption.purgeCache();
+    expect((await members().findOneByOrFail({ id: a.id })).contact.phone).toBe('+44 20');
+    expect((await members().findOneByOrFail({ id: b.id })).contact.phone).toBe('+44 20');
+  });
+});
+
+describe('query-builder upserts', () => {
+  it('orUpdate() naming only the ciphertext column writes the whole value', async () => {
+    const id = randomUUID();
+    await members().save({ id, secret: 'old', handle: `u-${id}`, contact: { phone: null } });
+    await db.dataSource
+      .createQueryBuilder()
+      .insert()
+      .into(Member)
+      .values({ id, secret: 'new', handle: `u-${id}`, contact: { phone: null } })
+      .orUpdate(['secret_ciphertext'], ['id'])
+      .execute();
+    db.encryption.purgeCache();
+    expect((await members().findOneByOrFail({ id })).secret).toBe('new');
+  });
+});
+
+describe('updates through the query builder and repository.update()', () => {
+  it('1,500 concurrent repository.update() calls all succeed', async () => {
+    const saved = await notes().save(
+      Array.from({ length: 1_500 }, (_, i) => ({ secret: `s${i}`, title: `t${i}`, counter: 0 })),
+    );
+    const results = await Promise.allSettled(
+      saved.map((n, i) => notes().update(n.id, { secret: `updated ${i}` })),
+    );
+    expect(results.filter((r) => r.status === 'rejected')).toEqual([]);
+    db.encryption.purgeCache();
+    const found = await notes().findBy({});
+    const byId = new Map(found.map((n) => [n.id, n]));
+    expect(saved.map((n) => byId.get(n.id)?.secret)).toEqual(saved.map((_, i) => `updated ${i}`));
+  });
+
+  it('repository.update(id) binds the value to its row', async () => {
+    const [a, b] = (await notes().save([
+      { secret: 'a', title: 'a', counter: 0 },
+      { secret: 'b', title: 'b', counter: 0 },
+    ])) as [Note, Note];
+    await notes().update(a.id, { secret: 'bound' });
+    const [row] = (await rows('note')).filter((r) => r.id === a.id);
+    const header = row?.secret_ciphertext as Buffer;
+    expect((header[1] ?? 0) & 1).toBe(1);
+    await rawQuery(
+      db.schema.url,
+      `UPDATE "${db.schema.schema}".note AS t SET secret_ciphertext = s.secret_ciphertext, secret_iv = s.secret_iv,
+         secret_wrapped_key = s.secret_wrapped_key, secret_key_version = s.secret_key_version
+       FROM "${db.schema.schema}".note AS s WHERE s.id = $1 AND t.id = $2`,
+      [a.id, b.id],
+    );
+    db.encryption.purgeCache();
+    expect(await rejectionOf(notes().findOneByOrFail({ id: b.id }))).toBeInstanceOf(IntegrityError);
+    await notes().update(b.id, { secret: 'b again' });
+  });
+
+  it('update/delete criteria and query-builder object where on an encrypted property are refused up front', async () => {
+    for (const attempt of [
+      () => notes().update({ secret: 'x' }, { counter: 1 }),
+      () => notes().delete({ secret: 'x' }),
+      () => notes().createQueryBuilder().update().set({ counter: 2 }).where({ title: 'x' }).execute(),
+      () => notes().createQueryBuilder('n').where({ title: 'x' }).getMany(),
+    ] as Array<() => Promise<unknown>>) {
+      const error = await rejectionOf(Promise.resolve().then(attempt));
+      expect(error).toBeInstanceOf(UnsupportedOperationError);
+      expect((error as UnsupportedOperationError).entity).toBe('Note');
+      expect(['secret', 'title']).toContain((error as UnsupportedOperationError).column);
+    }
+  });
+
+  it('ordering by an encrypted property is refused', async () => {
+    const error = await rejectionOf(notes().find({ order: { secret: 'ASC' } }));
+    expect(error).toBeInstanceOf(UnsupportedOperationError);
+    expect((error as UnsupportedOperationError).column).toBe('secret');
+  });
+});
+
+describe('reads', () => {
+  it('an entity @AfterLoad hook sees the decrypted value', async () => {
+    const repo = db.dataSource.getRepository(Hooked);
+    const saved = await repo.save({ secret: 'hooked' });
+    db.encryption.purgeCache();
+    const found = await repo.findOneByOrFail({ id: saved.id });
+    expect(found.seenInHook).toBe('hooked');
+  });
+
+  it('a partial select over more rows than PostgreSQL takes parameters', async () => {
+    const seed = await notes().save({ secret: 'many', title: 'many', counter: 7 });
+    await rawQuery(
+      db.schema.url,
+      `INSERT INTO "${db.schema.schema}".note (secret_ciphertext, secret_iv, secret_wrapped_key, secret_key_version,
+          title_ciphertext, title_iv, title_wrapped_key, title_key_version, counter)
+       SELECT secret_ciphertext, secret_iv, secret_wrapped_key, secret_key_version,
+          title_ciphertext, title_iv, title_wrapped_key, title_key_version, 7
+       FROM "${db.schema.schema}".note, generate_series(1, 70001) WHERE id = $1`,
+      [seed.id],
+    );
+    const found = await notes().find({ select: { id: true, secret: true }, where: { counter: 7 } });
+    expect(found.length).toBe(70_002);
+    expect(found.every((n) => n.secret === 'many')).toBe(true);
+    await rawQuery(db.schema.url, `DELETE FROM "${db.schema.schema}".note WHERE counter = 7`);
+  });
+});
+
+describe('a schema per tenant', () => {
+  const opened: Array<{ dataSource: DataSource; schema: TestSchema }> = [];
+  afterAll(async () => {
+    for (const { dataSource, schema } of opened) {
+      if (dataSource.isInitialized) await dataSource.destroy();
+      await schema.drop();
+    }
+  });
+
+  it('a row copied between schemas with the same id does not decrypt there', async () => {
+    const encryption = new EnvelopeEncryption({
+      keys: [{ version: 1, provider: new CountingKeyProvider() }],
+      activeVersion: 1,
+    });
+    const open = async (label: string) => {
+      const schema = await createTestSchema(label);
+      const dataSource = new DataSource({
+        type: 'postgres',
+        url: schema.url,
+        schema: schema.schema,
+        entities: [Member],
+        synchronize: true,
+      });
+      encryption.attach(dataSource);
+      await dataSource.initialize();
+      opened.push({ dataSource, schema });
+      return { dataSource, schema };
+    };
+    const a = await open('tenant_a');
+    const b = await open('tenant_b');
+    const id = randomUUID();
+    await b.dataSource.getRepository(Member).save({ id, secret: 'b', handle: 'h', contact: { phone: null } });
+    await a.dataSource.getRepository(Member).save({ id, secret: 'a', handle: 'h', contact: { phone: null } });
+    await rawQuery(
+      a.schema.url,
+      `UPDATE "${b.schema.schema}".member AS t SET secret_ciphertext = s.secret_ciphertext, secret_iv = s.secret_iv,
+         secret_wrapped_key = s.secret_wrapped_key, secret_key_version = s.secret_key_version
+       FROM "${a.schema.schema}".member AS s WHERE s.id = t.id`,
+    );
+    const error = await rejectionOf(b.dataSource.getRepository(Member).findOneByOrFail({ id }));
+    expect(error).toBeInstanceOf(IntegrityError);
+    expect((await a.dataSource.getRepository(Member).findOneByOrFail({ id })).secret).toBe('a');
+  });
+});
