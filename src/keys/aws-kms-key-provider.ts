@@ -1,4 +1,6 @@
+import { createRequire } from 'node:module';
 import { inspect } from 'node:util';
+/* Used only inside this file: the published declarations never name this optional package. */
 import type { KMSClient, KMSClientConfig } from '@aws-sdk/client-kms';
 import {
   ConfigError,
@@ -14,6 +16,43 @@ import {
   KeyProvider,
 } from './key-provider';
 
+/**
+ * A `KMSClient` of `@aws-sdk/client-kms`, as far as this library's types need one. Declared here so
+ * that the type declarations compile without that optional package; every `KMSClient` is one.
+ * Cast it back to use the rest of its API: `provider.client as KMSClient`.
+ */
+export interface KmsClient {
+  /** Sends a KMS command. */
+  send(command: never, options?: never): Promise<unknown>;
+  /** Closes the client's connections. */
+  destroy(): void;
+  /** The client's resolved configuration (`KMSClientResolvedConfig`). */
+  // biome-ignore lint/suspicious/noExplicitAny: any SDK configuration value; typed by the SDK, not here
+  readonly config: { readonly [option: string]: any };
+  /** The client's middleware stack, e.g. to count or log the calls it sends. */
+  readonly middlewareStack: { add(middleware: KmsMiddleware, options?: KmsMiddlewareOptions): void };
+}
+
+/** A middleware of the SDK's stack (`InitializeMiddleware` and its siblings), structurally. */
+export type KmsMiddleware = (
+  // biome-ignore lint/suspicious/noExplicitAny: the SDK's handler arguments and output
+  next: (args: any) => Promise<any>,
+  // biome-ignore lint/suspicious/noExplicitAny: the SDK's HandlerExecutionContext
+  context: { readonly [field: string]: any },
+  // biome-ignore lint/suspicious/noExplicitAny: the SDK's handler arguments and output
+) => (args: any) => Promise<any>;
+
+/** Where a {@link KmsMiddleware} goes in the stack (`step`, `name`, …), structurally. */
+// biome-ignore lint/suspicious/noExplicitAny: the SDK's HandlerOptions
+export type KmsMiddlewareOptions = { readonly [option: string]: any };
+
+/**
+ * A `KMSClientConfig` of `@aws-sdk/client-kms` (credentials, request handler, logger…), declared
+ * structurally so that the type declarations compile without that optional package.
+ */
+// biome-ignore lint/suspicious/noExplicitAny: accepts every KMSClientConfig, which is an interface (no index signature)
+export type KmsClientConfig = { readonly [option: string]: any };
+
 /** Options of {@link AwsKmsKeyProvider}. */
 export interface AwsKmsKeyProviderOptions {
   /**
@@ -27,7 +66,7 @@ export interface AwsKmsKeyProviderOptions {
    * A `KMSClient` to reuse, already configured with region, credentials and retries. When set, the
    * options that configure a client (`region`, `roleArn`, `endpoint`, …) are refused.
    */
-  client?: KMSClient;
+  client?: KmsClient;
   /**
    * Cross-account access: the IAM role to assume (with STS `AssumeRole`) in the account that owns the
    * key. Credentials come from `fromTemporaryCredentials` of `@aws-sdk/credential-providers` (an
@@ -42,8 +81,23 @@ export interface AwsKmsKeyProviderOptions {
   endpoint?: string;
   /** Attempts per KMS call, first one included, with the SDK's standard retry strategy. Default 5. */
   maxAttempts?: number;
-  /** Extra `KMSClientConfig` (credentials, request handler, logger…); the options above take precedence. */
-  clientConfig?: KMSClientConfig;
+  /**
+   * How long one attempt may take to connect to KMS (TCP and TLS), in ms. Default 5,000.
+   * Not with a `requestHandler` in `clientConfig` (configure that handler instead).
+   */
+  connectTimeout?: number;
+  /**
+   * How long one attempt may wait for KMS to answer once connected, in ms. Default 10,000. A call
+   * fails after at most `maxAttempts` such attempts (plus the SDK's backoff between them), with a
+   * `KeyProviderError`, instead of waiting forever on an endpoint that accepts connections and never
+   * answers. Not with a `requestHandler` in `clientConfig`.
+   */
+  requestTimeout?: number;
+  /**
+   * Extra `KMSClientConfig` (credentials, request handler, logger…); the options above take
+   * precedence. A `requestHandler` given here is used as it is, with its own timeouts.
+   */
+  clientConfig?: KmsClientConfig;
 }
 
 /** What {@link AwsKmsKeyProvider.describeKey} reports about the KMS key. */
@@ -64,6 +118,9 @@ type CredentialProvidersModule = typeof import('@aws-sdk/credential-providers');
 const KIND = 'aws-kms';
 const DATA_KEY_BYTES = 32;
 const DEFAULT_MAX_ATTEMPTS = 5;
+const DEFAULT_CONNECT_TIMEOUT = 5_000;
+const DEFAULT_REQUEST_TIMEOUT = 10_000;
+const HTTP_HANDLER_PACKAGE = '@smithy/node-http-handler';
 const DEFAULT_ROLE_SESSION_NAME = 'typeorm-envelope';
 const KMS_PACKAGE = '@aws-sdk/client-kms';
 const CREDENTIALS_PACKAGE = '@aws-sdk/credential-providers';
@@ -75,6 +132,8 @@ const CLIENT_BUILDING_OPTIONS = [
   'roleSessionName',
   'endpoint',
   'maxAttempts',
+  'connectTimeout',
+  'requestTimeout',
   'clientConfig',
 ] as const;
 
@@ -85,6 +144,9 @@ const ACCESS_ERRORS: Record<string, string> = {
   KMSInvalidStateException: 'the KMS key is not in a usable state (for example pending deletion)',
   NotFoundException: 'the KMS key was not found',
 };
+
+/** Key ARNs (not alias ARNs): the form KMS reports, and the form a key registry records. */
+const KEY_ARN = /^arn:aws[a-z-]*:kms:[^:]+:\d{12}:key\/.+$/;
 
 /** KMS errors on Decrypt/ReEncrypt meaning the wrapped key is not one this key and context can open. */
 const INTEGRITY_ERRORS = new Set(['InvalidCiphertextException', 'IncorrectKeyException']);
@@ -139,7 +201,7 @@ export class AwsKmsKeyProvider extends KeyProvider {
     if (options.client !== undefined) {
       const conflict = CLIENT_BUILDING_OPTIONS.find((name) => options[name] !== undefined);
       if (conflict) throw new ConfigError(`Cannot set both client and ${conflict}`);
-      this.#client = options.client;
+      this.#client = options.client as unknown as KMSClient;
       this.#ownsClient = false;
     } else {
       this.#client = new this.#kms.KMSClient(clientConfigOf(options));
@@ -153,13 +215,25 @@ export class AwsKmsKeyProvider extends KeyProvider {
   }
 
   /** The `KMSClient` in use (the one passed as `client`, or the one this provider built). */
-  get client(): KMSClient {
-    return this.#client;
+  get client(): KmsClient {
+    return this.#client as unknown as KmsClient;
   }
 
   /** The configured key, or its ARN once KMS has reported it. */
   describe(): KeyDescription {
     return { kind: KIND, keyReference: this.#resolvedArn ?? this.#keyId };
+  }
+
+  /** The key ARN: as configured, as KMS reported it, or else from `DescribeKey`. */
+  override async resolveKeyReference(): Promise<string> {
+    if (this.#resolvedArn) return this.#resolvedArn;
+    if (KEY_ARN.test(this.#keyId)) return this.#keyId;
+    return (await this.describeKey()).Arn;
+  }
+
+  /** Whether `reference` is this key's ARN, or (as recorded before ARNs were resolved) the configured key id. */
+  override async hasKeyReference(reference: string): Promise<boolean> {
+    return reference === this.#keyId || reference === (await this.resolveKeyReference());
   }
 
   /** Calls `DescribeKey` and reports the key's ARN, state, spec and usage. */
@@ -332,6 +406,7 @@ function parseKeyId(keyId: unknown): string {
 
 function clientConfigOf(options: AwsKmsKeyProviderOptions): KMSClientConfig {
   const { region, roleArn, externalId, roleSessionName, endpoint, maxAttempts } = options;
+  const requestHandler = requestHandlerOf(options);
   if (roleArn === undefined) {
     const stray =
       externalId !== undefined ? 'externalId' : roleSessionName !== undefined ? 'roleSessionName' : '';
@@ -348,6 +423,7 @@ function clientConfigOf(options: AwsKmsKeyProviderOptions): KMSClientConfig {
     ...options.clientConfig,
     maxAttempts: attempts,
   };
+  if (requestHandler) config.requestHandler = requestHandler;
   if (region !== undefined) config.region = region;
   if (endpoint !== undefined) config.endpoint = endpoint;
   if (roleArn !== undefined) {
@@ -361,10 +437,51 @@ function clientConfigOf(options: AwsKmsKeyProviderOptions): KMSClientConfig {
         ...(externalId !== undefined ? { ExternalId: externalId } : {}),
         RoleSessionName: roleSessionName ?? DEFAULT_ROLE_SESSION_NAME,
       },
-      ...(region !== undefined ? { clientConfig: { region } } : {}),
+      clientConfig: {
+        ...(region !== undefined ? { region } : {}),
+        /* STS gets the same timeouts: assuming the role is part of the first KMS call. */
+        ...(requestHandler ? { requestHandler: requestHandlerOf(options) } : {}),
+      },
     });
   }
   return config;
+}
+
+/**
+ * An HTTP handler with connection and request timeouts (the SDK's default has none: a call to an
+ * endpoint that never answers would wait forever). Left out when `clientConfig` brings its own.
+ */
+function requestHandlerOf(options: AwsKmsKeyProviderOptions): KMSClientConfig['requestHandler'] {
+  const { connectTimeout, requestTimeout } = options;
+  const own = options.clientConfig?.requestHandler !== undefined;
+  if (own && (connectTimeout !== undefined || requestTimeout !== undefined)) {
+    throw new ConfigError(
+      `Cannot set both clientConfig.requestHandler and ${connectTimeout !== undefined ? 'connectTimeout' : 'requestTimeout'}: configure the timeouts on that handler`,
+    );
+  }
+  if (own) return undefined;
+  const timeouts = {
+    connectionTimeout: positiveMs('connectTimeout', connectTimeout ?? DEFAULT_CONNECT_TIMEOUT),
+    requestTimeout: positiveMs('requestTimeout', requestTimeout ?? DEFAULT_REQUEST_TIMEOUT),
+    /* Recent handlers only warn on a request timeout unless told to fail; older ones ignore this. */
+    throwOnRequestTimeout: true,
+  };
+  /* The handler package comes with the KMS client; resolve it from there (strict installs too). */
+  try {
+    const fromKms = createRequire(require.resolve(KMS_PACKAGE));
+    const { NodeHttpHandler } = fromKms(HTTP_HANDLER_PACKAGE) as typeof import('@smithy/node-http-handler');
+    return new NodeHttpHandler(timeouts);
+  } catch {
+    /* Clients that cannot be reached this way take the handler's options as they are. */
+    return timeouts;
+  }
+}
+
+function positiveMs(name: string, value: unknown): number {
+  if (typeof value !== 'number' || !Number.isFinite(value) || value <= 0) {
+    throw new ConfigError(`${name} must be a positive number of milliseconds, got ${String(value)}`);
+  }
+  return value;
 }
 
 /** Loads an optional peer dependency only when a KMS provider is built, so the library works without it. */
@@ -393,7 +510,8 @@ function mapKmsError(error: unknown, operation: string, context: ErrorContext): 
   if (access) return new KeyAccessDeniedError(`${access} (${name})`, context, { cause: error });
   if (INTEGRITY_ERRORS.has(name) && (operation === 'Decrypt' || operation === 'ReEncrypt')) {
     return new IntegrityError(
-      `KMS could not unwrap the data key: it was altered, or wrapped under another key or encryption context (${name})`,
+      `KMS could not unwrap the data key: it was altered, or wrapped under another key or encryption context; ` +
+        `the master key configured for its version may not be the one that wrapped it (${name})`,
       context,
       { cause: error },
     );
@@ -407,6 +525,13 @@ function mapKmsError(error: unknown, operation: string, context: ErrorContext): 
   }
   const attempts = (error as { $metadata?: { attempts?: number } })?.$metadata?.attempts;
   const after = typeof attempts === 'number' && attempts > 1 ? ` after ${attempts} attempts` : '';
+  if (name === 'TimeoutError') {
+    return new KeyProviderError(
+      `KMS ${operation} timed out${after}: the endpoint did not connect or answer within connectTimeout / requestTimeout (${name})`,
+      context,
+      { cause: error },
+    );
+  }
   return new KeyProviderError(`KMS ${operation} failed${after} (${name})`, context, { cause: error });
 }
 

@@ -119,6 +119,9 @@ describe('AwsKmsKeyProvider against the KMS emulator', () => {
     const otherKey = await rejection(provider({ keyId: newKey() }).unwrapDataKey(wrappedKey, CONTEXT));
     expect(otherKey).toBeInstanceOf(IntegrityError);
     expect(otherKey.message).toContain('IncorrectKeyException');
+    expect(otherKey.message).toContain(
+      'master key configured for its version may not be the one that wrapped it',
+    );
 
     const altered = Buffer.from(wrappedKey);
     altered[altered.length - 1] ^= 1;
@@ -128,6 +131,19 @@ describe('AwsKmsKeyProvider against the KMS emulator', () => {
       expect(error.message).not.toContain(wrappedKey.toString('base64'));
       expect(error.message).not.toContain(wrappedKey.toString('hex'));
     }
+  });
+
+  it('resolves the key reference a registry records to the key ARN, and compares recorded references', async () => {
+    const aliased = provider({ keyId: 'alias/app' });
+    expect(await aliased.resolveKeyReference()).toBe(keyArn);
+    expect(emulator.calls.DescribeKey).toBe(1);
+    expect(await aliased.hasKeyReference(keyArn)).toBe(true);
+    expect(await aliased.hasKeyReference('alias/app')).toBe(true); // recorded as configured
+    const other = emulator.createKey();
+    expect(await aliased.hasKeyReference(other.Arn)).toBe(false);
+    // A key ARN is its own reference: no call.
+    expect(await provider({ keyId: other.Arn }).resolveKeyReference()).toBe(other.Arn);
+    expect(emulator.calls.DescribeKey).toBe(1);
   });
 
   it('works with an alias name and an alias ARN', async () => {
