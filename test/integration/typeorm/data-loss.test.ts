@@ -358,3 +358,75 @@ describe('a schema per tenant', () => {
     expect((await a.dataSource.getRepository(Member).findOneByOrFail({ id })).secret).toBe('a');
   });
 });
+
+describe('two application instances keep entities across live re-wraps', () => {
+  it('every row reads back with the value its instance last wrote', async () => {
+    const keys = db.encryption.keyring.versions.map((version) => ({
+      version,
+      provider: db.encryption.keyring.provider(version),
+    }));
+    const instance = async () => {
+      const encryption = new EnvelopeEncryption({ keys, activeVersion: 1, cache: { dataKeyMaxUses: 25 } });
+      const dataSource = new DataSource({
+        type: 'postgres',
+        url: db.schema.url,
+        schema: db.schema.schema,
+        entities: [Note, Member, Badge, Hooked],
+      });
+      encryption.attach(dataSource);
+      await dataSource.initialize();
+      return { encryption, dataSource, repo: dataSource.getRepository(Note) };
+    };
+    const [a, b] = [await instance(), await instance()];
+    const seeded = await a.repo.save(
+      Array.from({ length: 60 }, (_, i) => ({ secret: i % 3 ? `s${i}` : null, title: `t${i}`, counter: 0 })),
+    );
+    const ids = seeded.map((n) => n.id);
+    const expected = new Map(seeded.map((n) => [n.id, { secret: n.secret, title: n.title, counter: 0 }]));
+    let running = true;
+    const writer = async (app: typeof a, mine: number[], label: string) => {
+      const kept = await app.repo.findBy(mine.map((id) => ({ id })));
+      let round = 0;
+      while (running || round < 20) {
+        const note = kept[round % kept.length] as Note;
+        note.counter += 1;
+        if (round % 4 === 0) note.secret = `${label}${round}`;
+        if (round % 7 === 0) note.title = `${label}-title-${round}`;
+        await app.repo.save(note);
+        expected.set(note.id, { secret: note.secret, title: note.title, counter: note.counter });
+        round += 1;
+      }
+    };
+    const writers = Promise.all([
+      writer(
+        a,
+        ids.filter((_, i) => i % 2 === 0),
+        'a',
+      ),
+      writer(
+        b,
+        ids.filter((_, i) => i % 2 === 1),
+        'b',
+      ),
+    ]);
+    for (let rotation = 0; rotation < 6; rotation++) {
+      const toVersion = rotation % 2 === 0 ? 2 : 1;
+      const result = await rewrapDataKeys(db.dataSource, db.encryption, {
+        toVersion,
+        entities: [Note],
+        batchSize: 7,
+      });
+      expect(result.error).toBeUndefined();
+    }
+    running = false;
+    await writers;
+    for (const app of [a, b]) {
+      app.encryption.purgeCache();
+      const found = await app.repo.findBy(ids.map((id) => ({ id })));
+      expect(
+        new Map(found.map((n) => [n.id, { secret: n.secret, title: n.title, counter: n.counter }])),
+      ).toEqual(expected);
+      await app.dataSource.destroy();
+    }
+  });
+});
