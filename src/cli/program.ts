@@ -111,6 +111,7 @@ export function buildProgram(): Command {
           kind: r.kind,
           key: r.keyReference,
           check: r.active ? 'round trip' : 'describe',
+          registry: r.registry,
           result: 'ok',
         }));
         if (global.json) return rows;
@@ -120,7 +121,7 @@ export function buildProgram(): Command {
             ? []
             : [
                 '',
-                '(no key registry tables: the keys were checked, but there is no recorded key reference to compare them with)',
+                '(no key registry tables: each key was checked, but there is no recorded key reference to compare it with)',
               ]),
         ].join('\n');
       }),

@@ -82,8 +82,8 @@ describe('typeorm-envelope CLI', () => {
   it('validate prints a table, and JSON only with --json', () => {
     const text = runCli(['validate'], env);
     expect(text.status).toBe(0);
-    expect(text.stdout).toMatch(/^version\s+kind\s+key\s+check\s+result$/m);
-    expect(text.stdout).toMatch(/^1\s+local\s+sha256:[0-9a-f]+\s+round trip\s+ok$/m);
+    expect(text.stdout).toMatch(/^version\s+kind\s+key\s+check\s+registry\s+result$/m);
+    expect(text.stdout).toMatch(/^1\s+local\s+sha256:[0-9a-f]+\s+round trip\s+matches\s+ok$/m);
     expect(() => JSON.parse(text.stdout)).toThrow();
     const json = JSON.parse(runCli(['--json', 'validate'], env).stdout);
     expect(json).toContainEqual(expect.objectContaining({ version: 1, check: 'round trip', result: 'ok' }));
@@ -258,6 +258,11 @@ describe('typeorm-envelope CLI without the key registry', () => {
     expect(stdout).toContain('no key registry tables');
     expect(stdout).toContain('TypeormEnvelopeKeyRegistry');
     expect(JSON.parse(runCli(['--json', 'status'], plainEnv).stdout).registry).toBe('missing');
+
+    const validate = runCli(['validate'], plainEnv);
+    expect(validate.status).toBe(0);
+    expect(validate.stdout).toMatch(/^1\s+local\s+sha256:[0-9a-f]+\s+round trip\s+absent\s+ok$/m);
+    expect(validate.stdout).toContain('no recorded key reference to compare it with');
   });
 
   it('rotate --to a configured but inactive version is refused, and re-wraps with --force', async () => {
