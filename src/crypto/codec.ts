@@ -52,6 +52,15 @@ export function valueTypeOf(value: unknown): ValueType | undefined {
  * Encodes a non-null value into bytes that decode to the same type and value.
  * When `declared` is given, a value of another type is refused (a `json` property takes any
  * JSON-serialisable value).
+ *
+ * A `json` value (an object or array, or any value of a property declared `type: 'json'`) is
+ * stored as the text `JSON.stringify` makes of it and read back with `JSON.parse`, exactly as
+ * TypeORM's own `json` columns do, so what JSON has no form for comes back in JSON's form: a
+ * `Date` inside comes back as its ISO string, a `Buffer` as `{ type: 'Buffer', data: [...] }`,
+ * `undefined` properties are left out, `NaN` and infinities become `null`, class instances come
+ * back as plain objects. Values JSON cannot hold are refused with a `ValueTypeError` (never a
+ * `TypeError`): a bigint, a cycle, a `Map` or a `Set`. A `Date`, `Buffer`, `Uint8Array` or
+ * `bigint` kept in a property of its own (not `type: 'json'`) round-trips as itself.
  */
 export function encodeValue(value: unknown, declared?: ValueType): Buffer {
   const type = valueTypeOf(value);
@@ -106,11 +115,8 @@ function encodeBody(value: unknown, type: ValueType): Buffer {
       return Buffer.of(value ? 1 : 0);
     case 'date':
       return writeDouble((value as Date).getTime());
-    case 'json': {
-      const text = stringifyJson(value);
-      if (text === undefined) throw new ValueTypeError('value is not JSON-serialisable');
-      return Buffer.from(text, 'utf8');
-    }
+    case 'json':
+      return Buffer.from(stringifyJson(value), 'utf8');
     case 'buffer':
     case 'uint8array':
       return Buffer.from(value as Uint8Array);
@@ -118,15 +124,45 @@ function encodeBody(value: unknown, type: ValueType): Buffer {
 }
 
 /**
- * `JSON.stringify`, with `undefined` for a value it throws on (a bigint inside, a cycle, a throwing
- * `toJSON`). The `TypeError` is not kept as a cause: its message may quote parts of the value.
+ * The JSON text of a `json` value, as `JSON.stringify` makes it, or a `ValueTypeError` for a value
+ * JSON cannot hold: a bigint, a cycle, a `toJSON` that throws, or a `Map` or `Set` (which JSON
+ * would silently store as `{}`). Messages name what was wrong, never the value: the `TypeError`
+ * of `JSON.stringify` is not kept as a cause, since its message can quote property names.
  */
-function stringifyJson(value: unknown): string | undefined {
+function stringifyJson(value: unknown): string {
+  let text: string | undefined;
   try {
-    return JSON.stringify(value);
+    text = JSON.stringify(value);
   } catch {
-    return undefined;
+    throw new ValueTypeError(`a json value cannot be stored: ${unrepresentable(value) ?? CYCLE}`);
   }
+  if (text === undefined) throw new ValueTypeError('value is not JSON-serialisable');
+  /* A Map or Set becomes `{}`: look for them only when the text has an empty object. */
+  if (text.includes('{}')) {
+    const found = unrepresentable(value);
+    if (found) throw new ValueTypeError(`a json value cannot be stored: ${found}`);
+  }
+  return text;
+}
+
+const CYCLE = 'it refers to itself (a cycle), or a toJSON method threw';
+
+/** What in `value` JSON cannot represent (a bigint, a Map, a Set), or `undefined`. */
+function unrepresentable(value: unknown): string | undefined {
+  let found: string | undefined;
+  const stop = new Error();
+  try {
+    JSON.stringify(value, (_key, item: unknown) => {
+      if (typeof item === 'bigint') found = 'it holds a bigint (JSON has no bigint: store it as a string)';
+      else if (item instanceof Map) found = 'it holds a Map (JSON would keep none of its entries)';
+      else if (item instanceof Set) found = 'it holds a Set (JSON would keep none of its members)';
+      if (found) throw stop;
+      return item;
+    });
+  } catch {
+    /* Stopped at the first finding, or by a cycle. */
+  }
+  return found;
 }
 
 function writeDouble(n: number): Buffer {

@@ -197,3 +197,99 @@ describe('codec types', () => {
     expect(() => decodeValue(Buffer.of(5))).toThrow(ValueTypeError);
   });
 });
+
+describe('json values JSON cannot hold', () => {
+  /** String leaves carry this marker: no error message may contain any part of the value. */
+  const SECRET = 'SECRET-7f3a';
+  const marked = (v: unknown): unknown => {
+    if (typeof v === 'string') return `${SECRET}${v}`;
+    if (Array.isArray(v)) return v.map(marked);
+    if (v !== null && typeof v === 'object') {
+      return Object.fromEntries(Object.entries(v).map(([k, item]) => [`${SECRET}${k}`, marked(item)]));
+    }
+    return v;
+  };
+  const secretJson = fc.jsonValue().map(marked);
+
+  /** Puts `inner` somewhere inside `outer`: as a property, an array element, or deeper. */
+  const around = (inner: fc.Arbitrary<unknown>) =>
+    fc.oneof(
+      fc
+        .tuple(secretJson, inner, fc.string())
+        .map(([other, bad, key]) => ({ [`${SECRET}${key}`]: bad, other })),
+      fc.tuple(secretJson, inner).map(([other, bad]) => [other, [bad]]),
+      fc.tuple(secretJson, inner).map(([other, bad]) => ({ deep: { deeper: [other, { bad }] } })),
+    );
+
+  const refusal = (value: unknown) => {
+    try {
+      encodeValue(value, 'json');
+    } catch (error) {
+      return error;
+    }
+    return undefined;
+  };
+
+  const expectRefused = (value: unknown, reason: RegExp) => {
+    const error = refusal(value);
+    expect(error).toBeInstanceOf(ValueTypeError);
+    expect(error).not.toBeInstanceOf(TypeError);
+    expect((error as ValueTypeError).message).toMatch(reason);
+    expect((error as ValueTypeError).message).not.toContain(SECRET);
+    expect((error as ValueTypeError).cause).toBeUndefined();
+    /* Without a declared type an object or array is a json value too. */
+    expect(refusal(value)).toBeInstanceOf(ValueTypeError);
+  };
+
+  it('refuses a bigint anywhere inside, naming it and nothing of the value', () => {
+    fc.assert(fc.property(around(fc.bigInt()), (value) => expectRefused(value, /bigint/)));
+  });
+
+  it('refuses a cycle anywhere inside', () => {
+    fc.assert(
+      fc.property(
+        fc.dictionary(fc.string(), secretJson),
+        fc.string(),
+        fc.boolean(),
+        (object, key, inArray) => {
+          const value: Record<string, unknown> = { ...object };
+          const holder = inArray ? [value] : { value };
+          value[`${SECRET}${key}`] = holder;
+          expectRefused(holder, /cycle/);
+        },
+      ),
+    );
+  });
+
+  it('refuses a Map or a Set anywhere inside, which JSON would store as {}', () => {
+    const maps = fc
+      .array(fc.tuple(fc.string(), secretJson), { maxLength: 3 })
+      .map((entries) => new Map(entries.map(([k, v]) => [`${SECRET}${k}`, v])));
+    const sets = fc.array(secretJson, { maxLength: 3 }).map((items) => new Set(items));
+    fc.assert(fc.property(around(maps), (value) => expectRefused(value, /Map/)));
+    fc.assert(fc.property(around(sets), (value) => expectRefused(value, /Set/)));
+    expectRefused(new Map([[SECRET, 1]]), /Map/);
+  });
+
+  it('still stores empty objects and strings that look like them', () => {
+    for (const value of [{}, [{}], { a: {} }, '{}', { text: '{}' }]) {
+      expect(roundTrip(value, 'json')).toEqual(value);
+    }
+  });
+
+  it('gives a Date inside back as its ISO string, and a Buffer as { type, data }, as JSON does', () => {
+    fc.assert(
+      fc.property(fc.date({ noInvalidDate: true }), fc.uint8Array({ maxLength: 64 }), (date, bytes) => {
+        const decoded = roundTrip({ at: date, bytes: Buffer.from(bytes), list: [date] }, 'json');
+        expect(decoded).toEqual({
+          at: date.toISOString(),
+          bytes: { type: 'Buffer', data: Array.from(bytes) },
+          list: [date.toISOString()],
+        });
+      }),
+    );
+    // A top-level Date in a property declared json is a JSON value too.
+    const date = new Date(0);
+    expect(roundTrip(date, 'json')).toBe(date.toISOString());
+  });
+});
