@@ -154,7 +154,10 @@ function overrideColumnAccess(columns: EncryptedColumns, store: PropertyStateSto
     const sealed = store.currentSealed(entity, path, value);
     if (sealed) return sealed[role];
     /* Only where conditions ask for a transformed value of an object the library never saw. */
-    if (transform === true && !store.get(entity, path)) throw whereRefusal(columns);
+    if (transform === true && !store.get(entity, path)) {
+      if (isNullTest(value)) return value; // null-ness is not encrypted: IsNull() and Not(IsNull())
+      throw whereRefusal(columns);
+    }
     return role === 'ciphertext' ? new PendingPlaintext(value) : PENDING_SIDECAR;
   };
 
@@ -209,6 +212,14 @@ function overrideColumnAccess(columns: EncryptedColumns, store: PropertyStateSto
 const PARTIAL_WRITE =
   'a write would change only some of the columns of an encrypted value, which would make the row ' +
   'unreadable; it was refused';
+
+/** `IsNull()` or `Not(IsNull())`. */
+function isNullTest(value: unknown): boolean {
+  const operator = value as { '@instanceof'?: symbol; type?: string; child?: unknown; value?: unknown };
+  if (operator?.['@instanceof'] !== Symbol.for('FindOperator')) return false;
+  if (operator.type === 'isNull') return true;
+  return operator.type === 'not' && isNullTest(operator.child ?? operator.value);
+}
 
 function whereRefusal(columns: EncryptedColumns): UnsupportedOperationError {
   return new UnsupportedOperationError(

@@ -1,6 +1,16 @@
 import 'reflect-metadata';
 import { randomUUID } from 'node:crypto';
-import { AfterLoad, Column, DataSource, Entity, PrimaryColumn, PrimaryGeneratedColumn } from 'typeorm';
+import {
+  AfterLoad,
+  Column,
+  DataSource,
+  Entity,
+  In,
+  IsNull,
+  Not,
+  PrimaryColumn,
+  PrimaryGeneratedColumn,
+} from 'typeorm';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { Encrypted, EnvelopeEncryption, IntegrityError, UnsupportedOperationError } from '../../../src';
 import { rewrapDataKeys } from '../../../src/rotation/rewrap';
@@ -278,6 +288,22 @@ describe('updates through the query builder and repository.update()', () => {
       expect((error as UnsupportedOperationError).entity).toBe('Note');
       expect(['secret', 'title']).toContain((error as UnsupportedOperationError).column);
     }
+  });
+
+  it('IsNull() in update/delete criteria and query-builder object where tests null-ness', async () => {
+    const [nulled, kept] = (await notes().save([
+      { secret: null, title: 'null-test', counter: 0 },
+      { secret: 'not null', title: 'null-test', counter: 0 },
+    ])) as [Note, Note];
+    await notes().update({ secret: IsNull(), id: In([nulled.id, kept.id]) }, { counter: 5 });
+    const qb = await notes()
+      .createQueryBuilder('n')
+      .where({ secret: Not(IsNull()), id: In([nulled.id, kept.id]) })
+      .getMany();
+    expect(qb.map((n) => [n.id, n.secret])).toEqual([[kept.id, 'not null']]);
+    await notes().delete({ secret: IsNull(), id: In([nulled.id, kept.id]) });
+    const left = (await rows('note')).filter((r) => r.id === nulled.id || r.id === kept.id);
+    expect(left.map((r) => [r.id, r.counter])).toEqual([[kept.id, 0]]);
   });
 
   it('ordering by an encrypted property is refused', async () => {
