@@ -233,6 +233,7 @@ describe('the two migrations that encrypt an existing column of a populated tabl
       expect(first.up).not.toMatch(new RegExp(`"${column}" (bytea|integer) NOT NULL`));
     }
     expect(first.up).not.toMatch(/DROP COLUMN "iban"/);
+    expect(first.up).toMatch(/ALTER COLUMN "iban" DROP NOT NULL/);
     await runMigration(migrating.make, migrating.encryption, first.migration);
     const added = await rawQuery<{ column_name: string; is_nullable: string }>(
       schema.url,

@@ -243,7 +243,9 @@ describe('reencryptColumns beside live writers', () => {
       [stale.id],
     );
     expect(row?.visits).toBe(1);
-    expect(jobRow?.email_ciphertext).toBeInstanceOf(Buffer);
+    // Saving the other column does not put back the value under the data key the job replaced.
+    expect((row?.email_ciphertext as Buffer).equals(jobRow?.email_ciphertext as Buffer)).toBe(true);
+    expect((row?.email_wrapped_key as Buffer).equals(jobRow?.email_wrapped_key as Buffer)).toBe(true);
   });
 
   it('loses nothing while several writers update random rows throughout the job', async () => {
