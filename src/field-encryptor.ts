@@ -56,7 +56,7 @@ export class FieldEncryptor {
     let plaintext: Buffer | undefined;
     try {
       plaintext = await this.cache.withDecryptionKey(sealed.keyVersion, sealed.wrappedKey, (key) =>
-        gcmOpen(key, sealed.iv, body, aad),
+        this.#gcmOpen(key, sealed, body, aad, binding),
       );
     } catch (error) {
       throw withErrorContext(error, { ...context, keyVersion: sealed.keyVersion });
@@ -68,9 +68,24 @@ export class FieldEncryptor {
   tryOpen(sealed: SealedValue, binding: ValueBinding, context: ErrorContext = {}): unknown {
     const { body, aad } = this.#parse(sealed, binding, context);
     const plaintext = this.cache.tryWithDecryptionKey(sealed.keyVersion, sealed.wrappedKey, (key) =>
-      gcmOpen(key, sealed.iv, body, aad),
+      this.#gcmOpen(key, sealed, body, aad, binding),
     );
     return plaintext === NOT_CACHED ? NOT_CACHED : this.#decode(plaintext, sealed, context);
+  }
+
+  /**
+   * Opens under the binding's column, then under each of its former columns (a renamed
+   * property), so that rows written before the rename still read until they are re-encrypted.
+   */
+  #gcmOpen(key: Buffer, sealed: SealedValue, body: Buffer, aad: Buffer, binding: ValueBinding) {
+    const opened = gcmOpen(key, sealed.iv, body, aad);
+    if (opened !== undefined || !binding.formerColumns?.length) return opened;
+    const header = sealed.ciphertext.subarray(0, HEADER_BYTES);
+    for (const column of binding.formerColumns) {
+      const former = gcmOpen(key, sealed.iv, body, associatedData(header, { ...binding, column }));
+      if (former !== undefined) return former;
+    }
+    return undefined;
   }
 
   #withPlaintext<T>(value: unknown, declared: ValueType | undefined, fn: (plaintext: Buffer) => T): T {

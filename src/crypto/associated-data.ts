@@ -13,8 +13,13 @@ export interface ValueBinding {
    * a header flag records so; values sealed without it are read as bound to `table` alone.
    */
   schema?: string;
-  /** Database column name of the value. */
+  /** The value's name within its table (the TypeORM integration uses the property path). */
   column: string;
+  /**
+   * Names `column` had before a rename. A value that does not authenticate under `column` is
+   * tried under each of these when it is opened; new values are always sealed under `column`.
+   */
+  formerColumns?: readonly string[];
   /**
    * The row's primary key as text, when known before the value is written. A value sealed without
    * it is bound to table and column only; a flag in the ciphertext header records which.

@@ -34,6 +34,14 @@ export interface EncryptedOptions {
    * (client-assigned keys, and every update). Default `true`.
    */
   bindPrimaryKey?: boolean;
+  /**
+   * Former names of this property, after a rename that kept its columns (with `name`). Values are
+   * bound to the property name, so rows written under a former name would no longer decrypt:
+   * they are opened under each former name in turn, and `reencryptColumns` rewrites them under
+   * the current one, after which this option can be removed. New values always use the current
+   * name.
+   */
+  renamedFrom?: string | readonly string[];
   /** How {@link maskEntity} shows this property: a built-in mask or a function. */
   mask?: Mask;
   /**
@@ -62,6 +70,8 @@ export interface EncryptedPropertyDefinition {
   type?: ValueType;
   nullable: boolean;
   bindPrimaryKey: boolean;
+  /** Names the property had before a rename (see `renamedFrom`). */
+  formerNames: readonly string[];
   mask?: Mask;
   /** Base of the default sidecar column names. */
   baseName: string;
@@ -102,6 +112,12 @@ export function Encrypted(options: EncryptedOptions = {}): PropertyDecorator {
       type: options.type ?? typeFromDesign(Reflect.getMetadata?.('design:type', prototype, property)),
       nullable: options.nullable ?? false,
       bindPrimaryKey: options.bindPrimaryKey ?? true,
+      formerNames:
+        options.renamedFrom === undefined
+          ? []
+          : typeof options.renamedFrom === 'string'
+            ? [options.renamedFrom]
+            : [...options.renamedFrom],
       mask: options.mask,
       baseName,
       columns: {

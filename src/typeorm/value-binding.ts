@@ -13,10 +13,14 @@ export function valueBinding(
   column: EncryptedColumns,
   primaryKey: string | undefined,
 ): ValueBinding {
+  const path = column.main.propertyPath;
+  const former = column.definition.formerNames;
+  const prefix = path.slice(0, path.length - column.definition.propertyName.length);
   return {
     table: metadata.tableName,
     schema: metadata.schema || 'public',
-    column: column.main.propertyPath,
+    column: path,
     primaryKey,
+    ...(former.length ? { formerColumns: former.map((name) => prefix + name) } : {}),
   };
 }
