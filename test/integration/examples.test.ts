@@ -60,3 +60,32 @@ describe('examples/aws-kms (npm run example:aws-kms)', () => {
     expect(output).toMatch(/read after purgeCache\(\) -> KeyAccessDeniedError: .*disabled/);
   }, 240_000);
 });
+
+describe('examples/nestjs (npm run example:nestjs)', () => {
+  it('runs a NestJS application context whose TypeORM DataSource encrypts, and exits 0', () => {
+    const run = spawnSync('npm', ['run', '--silent', 'example:nestjs'], {
+      cwd: root,
+      encoding: 'utf8',
+      timeout: 180_000,
+      env: { ...process.env, NO_COLOR: '1' },
+      shell: process.platform === 'win32',
+    });
+    const output = `${run.stdout ?? ''}\n${run.stderr ?? ''}`;
+    expect(run.error, output).toBeUndefined();
+    expect(run.status, output).toBe(0);
+
+    // The service reads back what it saved, the changed email included.
+    for (const email of ['alice@example.org', 'bob@example.org', 'carol@example.net']) {
+      expect(output).toContain(email);
+    }
+    expect(output).toContain("changed customer 1's email");
+    // The database holds ciphertext only, under key version 1.
+    expect(output).toMatch(
+      /^\s*1\s+01[0-9a-f]+… \(\d+ B\)\s+[0-9a-f]+… \(12 B\)\s+[0-9a-f]+… \(61 B\)\s+1\s+pro$/m,
+    );
+    expect(output).toContain('plaintext email or city anywhere in the stored rows: no');
+    // The start-up validation and the writes went through the attached EnvelopeEncryption.
+    expect(output).toMatch(/Key-provider calls: [1-9]\d* data key\(s\) generated/);
+    expect(output).not.toMatch(/(?<![A-Za-z0-9+/])[A-Za-z0-9+/]{43}=/);
+  }, 240_000);
+});
