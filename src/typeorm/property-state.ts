@@ -114,6 +114,18 @@ export class PropertyStateStore {
   }
 }
 
+/**
+ * JSON text of a value, or `undefined` for one JSON cannot hold (a cycle, a bigint): such a value
+ * never equals a snapshot, so the write goes on to the codec, which refuses it with a typed error.
+ */
+function jsonOf(value: unknown): string | undefined {
+  try {
+    return JSON.stringify(value);
+  } catch {
+    return undefined;
+  }
+}
+
 /** A JSON value's snapshot; a class of its own so that it never equals a string value. */
 class JsonSnapshot {
   constructor(readonly json: string | undefined) {}
@@ -126,7 +138,7 @@ class JsonSnapshot {
 function snapshotOf(value: unknown): unknown {
   if (value instanceof Date) return new Date(value.getTime());
   if (value instanceof Uint8Array) return Buffer.from(value);
-  if (typeof value === 'object' && value !== null) return new JsonSnapshot(JSON.stringify(value));
+  if (typeof value === 'object' && value !== null) return new JsonSnapshot(jsonOf(value));
   return value;
 }
 
@@ -137,7 +149,8 @@ function sameSnapshot(snapshot: unknown, value: unknown): boolean {
     return Buffer.isBuffer(snapshot) && snapshot.equals(value);
   }
   if (typeof value === 'object' && value !== null) {
-    return snapshot instanceof JsonSnapshot && snapshot.json === JSON.stringify(value);
+    const json = jsonOf(value);
+    return json !== undefined && snapshot instanceof JsonSnapshot && snapshot.json === json;
   }
   return Object.is(snapshot, value);
 }

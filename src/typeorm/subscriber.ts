@@ -174,9 +174,20 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
         continue;
       }
       const binding = valueBinding(metadata, column, bindPrimaryKey ? primaryKey : undefined);
-      const sealed = this.encryptor.trySeal(value, binding, type);
+      const context = { entity: metadata.name, column: path };
+      let sealed: SealedValue | typeof NOT_CACHED;
+      try {
+        sealed = this.encryptor.trySeal(value, binding, type);
+      } catch (error) {
+        throw withErrorContext(error, context);
+      }
       if (sealed !== NOT_CACHED) record(sealed);
-      else pending.push(this.encryptor.seal(value, binding, type).then(record));
+      else
+        pending.push(
+          this.encryptor.seal(value, binding, type).then(record, (error: unknown) => {
+            throw withErrorContext(error, context);
+          }),
+        );
     }
     return pending.length ? Promise.all(pending).then(() => undefined) : undefined;
   }
