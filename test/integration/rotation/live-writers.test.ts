@@ -244,8 +244,8 @@ describe('reencryptColumns beside live writers', () => {
     );
     expect(row?.visits).toBe(1);
     // Saving the other column does not put back the value under the data key the job replaced.
-    expect((row?.email_ciphertext as Buffer).equals(jobRow?.email_ciphertext as Buffer)).toBe(true);
-    expect((row?.email_wrapped_key as Buffer).equals(jobRow?.email_wrapped_key as Buffer)).toBe(true);
+    expect(row?.email_ciphertext).toEqual(jobRow?.email_ciphertext);
+    expect(row?.email_wrapped_key).toEqual(jobRow?.email_wrapped_key);
   });
 
   it('loses nothing while several writers update random rows throughout the job', async () => {

@@ -97,6 +97,8 @@ describe('json values in JSON form', () => {
       `SELECT settings_ciphertext FROM ${table()} WHERE id = $1`,
       [saved.id],
     );
-    expect((row?.settings_ciphertext as Buffer).toString('latin1')).not.toContain('json-form-secret');
+    expect(Buffer.from(row?.settings_ciphertext as Buffer).toString('latin1')).not.toContain(
+      'json-form-secret',
+    );
   });
 });
