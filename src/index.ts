@@ -15,6 +15,7 @@ export {
   EnvelopeEncryption,
   type EnvelopeEncryptionOptions,
   type KeyValidation,
+  type RegistryCheck,
 } from './envelope-encryption';
 export {
   ConfigError,
@@ -28,7 +29,14 @@ export {
   ValueTypeError,
 } from './errors';
 export type { SealedValue } from './field-encryptor';
-export { AwsKmsKeyProvider, type AwsKmsKeyProviderOptions } from './keys/aws-kms-key-provider';
+export {
+  AwsKmsKeyProvider,
+  type AwsKmsKeyProviderOptions,
+  type KmsClient,
+  type KmsClientConfig,
+  type KmsMiddleware,
+  type KmsMiddlewareOptions,
+} from './keys/aws-kms-key-provider';
 export type { DataKeyCacheOptions } from './keys/data-key-cache';
 export {
   type EncryptionContext,
