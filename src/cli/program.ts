@@ -171,10 +171,11 @@ export function buildProgram(): Command {
               ? `run \`typeorm-envelope activate ${toVersion}\` first`
               : `make it active first (activeVersion: ${toVersion} in the EnvelopeEncryption configuration, or \`typeorm-envelope activate ${toVersion}\` with the key registry)`;
             const problem = `key version ${toVersion} is not the active version (${active}): new values are still written under version ${active}`;
-            if (!options.force) {
+            // A dry run changes nothing: it only warns.
+            if (!options.force && !options.dryRun) {
               throw new ConfigError(`${problem}; ${howToActivate}, or pass --force to re-wrap anyway`);
             }
-            process.stderr.write(`typeorm-envelope: warning: ${problem} (--force)\n`);
+            process.stderr.write(`typeorm-envelope: warning: ${problem}\n`);
           }
           const progress = new Progress(!global.json);
           const result = await rewrapDataKeys(dataSource, encryption, {

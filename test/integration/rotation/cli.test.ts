@@ -120,7 +120,7 @@ describe('typeorm-envelope CLI', () => {
       [1, 'retired'],
       [2, 'active'],
     ]);
-  });
+  }, 240_000);
 
   it('verify decrypts everything, and names the rows that fail without printing plaintext', async () => {
     const clean = runCli(['verify'], env);
@@ -272,6 +272,13 @@ describe('typeorm-envelope CLI without the key registry', () => {
     expect(refused.stderr).toContain('--force');
     expect(await storedVersions()).toEqual([{ v: 1, n: 12 }]);
 
+    // A dry run only warns.
+    const dry = runCli(['rotate', '--to', '2', '--dry-run'], plainEnv);
+    expect(dry.status, dry.stderr).toBe(0);
+    expect(dry.stderr).toContain('warning: key version 2 is not the active version (1)');
+    expect(dry.stdout).toContain('would re-wrap to key version 2');
+    expect(await storedVersions()).toEqual([{ v: 1, n: 12 }]);
+
     const forced = runCli(['rotate', '--to', '2', '--force'], plainEnv);
     expect(forced.status, forced.stderr).toBe(0);
     expect(forced.stderr).toContain('warning: key version 2 is not the active version (1)');
@@ -279,7 +286,7 @@ describe('typeorm-envelope CLI without the key registry', () => {
     expect(await storedVersions()).toEqual([{ v: 2, n: 12 }]);
     // Re-wrapping leaves every value readable.
     expect(runCli(['verify'], plainEnv).stdout).toContain('12 values checked, 0 failed');
-  });
+  }, 240_000);
 
   it('-d loads an ES module data source with top-level await', () => {
     const run = runCliWith(esmDataSource, ['--json', 'status'], plainEnv);
