@@ -1,8 +1,9 @@
 import { execFileSync } from 'node:child_process';
-import { mkdirSync, mkdtempSync, readdirSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { packPackage } from '../support/packed-package';
 
 const root = resolve(__dirname, '../..');
 const tsc = join(root, 'node_modules/typescript/bin/tsc');
@@ -110,11 +111,7 @@ function compile(dir: string): { status: number; output: string } {
 
 beforeAll(() => {
   work = mkdtempSync(join(tmpdir(), 'typeorm-envelope-types-'));
-  execFileSync('npm', ['run', 'build'], { cwd: root, stdio: 'pipe' });
-  execFileSync('npm', ['pack', '--pack-destination', work, '--silent'], { cwd: root, stdio: 'pipe' });
-  const packed = readdirSync(work).find((file) => file.endsWith('.tgz'));
-  if (!packed) throw new Error('npm pack made no tarball');
-  tarball = join(work, packed);
+  tarball = packPackage(work);
 }, 180_000);
 afterAll(() => {
   if (work) rmSync(work, { recursive: true, force: true });
