@@ -65,6 +65,7 @@ export function buildProgram(): Command {
               property: p.property,
               ...byVersion(p.rowsByVersion),
               null: p.nullRows,
+              'pending backfill': p.pendingBackfill,
             })),
           ),
         ];
@@ -287,7 +288,8 @@ export function buildProgram(): Command {
           p.failures.map((f) => ({ entity: p.entity, property: p.property, ...f })),
         );
         return [
-          `${result.rowsChecked} values checked, ${result.failed} failed`,
+          `${result.rowsChecked} values checked, ${result.failed} failed` +
+            (result.pendingBackfill ? ` (${result.pendingBackfill} pending backfill)` : ''),
           ...(failures.length ? [table(failures)] : []),
         ].join('\n');
       })(),

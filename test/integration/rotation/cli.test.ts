@@ -5,7 +5,7 @@ import { join, resolve } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { runCli } from '../../support/cli';
 import { createCliProject } from '../../support/cli-project';
-import { rawQuery, type TestSchema } from '../../support/database';
+import { createTestSchema, rawQuery, type TestSchema } from '../../support/database';
 
 const root = resolve(__dirname, '../../..');
 
@@ -306,4 +306,43 @@ describe('typeorm-envelope CLI without the key registry', () => {
     expect(run.status).toBe(1);
     expect(run.stderr).toContain('top-level await');
   });
+});
+
+describe('typeorm-envelope CLI while a plaintext column waits for its backfill', () => {
+  const fixture = resolve(root, 'test/fixtures/backfill-project.ts');
+  let backfillSchema: TestSchema;
+  let backfillEnv: Record<string, string>;
+
+  beforeAll(async () => {
+    backfillSchema = await createTestSchema('cli_backfill');
+    backfillEnv = { ...env, TEST_SCHEMA: backfillSchema.schema };
+    await rawQuery(
+      backfillSchema.url,
+      `CREATE TABLE "${backfillSchema.schema}".member (id serial PRIMARY KEY, email varchar, plan varchar NOT NULL);
+       INSERT INTO "${backfillSchema.schema}".member (email, plan)
+         SELECT 'm' || i || '@example.com', 'p' FROM generate_series(1, 12) AS i`,
+    );
+  });
+  afterAll(() => backfillSchema?.drop());
+
+  it('status and verify report the rows pending backfill until backfill has run', async () => {
+    const status = runCliWith(fixture, ['status'], backfillEnv);
+    expect(status.status).toBe(0);
+    expect(status.stdout).toMatch(/pending backfill/);
+    expect(status.stdout).toMatch(/\b12\b/);
+    const before = runCliWith(fixture, ['verify'], backfillEnv);
+    expect(before.status).not.toBe(0);
+    expect(before.stdout).toMatch(/12 pending backfill/);
+    expect(`${before.stdout}${before.stderr}`).not.toMatch(/m\d+@example\.com/);
+
+    expect(runCliWith(fixture, ['backfill'], backfillEnv).status).toBe(0);
+    const after = runCliWith(fixture, ['verify'], backfillEnv);
+    expect(after.status).toBe(0);
+    expect(after.stdout).toMatch(/12 values checked, 0 failed/);
+    const rows = await rawQuery<{ email_ciphertext: Buffer | null }>(
+      backfillSchema.url,
+      `SELECT email_ciphertext FROM "${backfillSchema.schema}".member`,
+    );
+    expect(rows.every((r) => Buffer.isBuffer(r.email_ciphertext))).toBe(true);
+  }, 120_000);
 });
