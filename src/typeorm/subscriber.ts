@@ -88,15 +88,18 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
 
   /**
    * TypeORM runs an entity's own `@AfterLoad()` listeners before subscribers: each listener of
-   * `metadata` is made to wait for the decryption, so it sees plaintext.
+   * `metadata` is made to wait for the decryption, so it sees plaintext. TypeORM calls this
+   * subscriber's `afterLoad` in the same synchronous pass, right after the listeners, so the
+   * listener waits one microtask and then joins the decryption `afterLoad` started, which knows
+   * the query runner (a partial select inside a transaction reads its sidecars there).
    */
   openBeforeListeners(metadata: EntityMetadata, columns: readonly EncryptedColumns[]): void {
     for (const listener of metadata.afterLoadListeners) {
       const execute = listener.execute.bind(listener);
-      listener.execute = (entity: ObjectLiteral) => {
-        const opening = this.open(metadata, columns, entity);
-        return opening ? opening.then(() => execute(entity)) : execute(entity);
-      };
+      listener.execute = (entity: ObjectLiteral) =>
+        Promise.resolve()
+          .then(() => this.open(metadata, columns, entity))
+          .then(() => execute(entity));
     }
   }
 

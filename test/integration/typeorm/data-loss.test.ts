@@ -322,6 +322,17 @@ describe('reads', () => {
     expect(found.seenInHook).toBe('hooked');
   });
 
+  it('an @AfterLoad hook after a partial select inside a transaction sees the uncommitted value', async () => {
+    await db.dataSource.transaction(async (manager) => {
+      const repo = manager.getRepository(Hooked);
+      const saved = await repo.save({ secret: 'uncommitted' });
+      db.encryption.purgeCache();
+      const [found] = await repo.find({ select: { id: true, secret: true }, where: { id: saved.id } });
+      expect(found?.secret).toBe('uncommitted');
+      expect(found?.seenInHook).toBe('uncommitted');
+    });
+  });
+
   it('a partial select over more rows than PostgreSQL takes parameters', async () => {
     const seed = await notes().save({ secret: 'many', title: 'many', counter: 7 });
     await rawQuery(
