@@ -1,6 +1,6 @@
 import { LRUCache } from 'lru-cache';
 import { gcmForgetKey } from '../crypto/aes-gcm';
-import { ConfigError, KeyProviderError, withErrorContext } from '../errors';
+import { ConfigError, withErrorContext } from '../errors';
 import type { Keyring } from './keyring';
 
 /** Bounds of the in-memory data-key cache. */
@@ -33,8 +33,6 @@ const MINUTE = 60_000;
 /** Returned by the `try…` methods when the key is not in the cache. */
 export const NOT_CACHED: unique symbol = Symbol('not cached');
 
-/** A fetch can lose a race with eviction or `purge()`; it is retried this many times. */
-const MAX_ATTEMPTS = 3;
 const DEFAULTS = {
   dataKeyMaxAge: 30 * MINUTE,
   dataKeyMaxUses: 1_000_000,
@@ -136,6 +134,8 @@ export class DataKeyCache {
   readonly #encrypting: LRUCache<number, CachedDataKey>;
   readonly #unwrapped: LRUCache<string, CachedDataKey>;
   readonly #pending = new Map<string, PendingUnwrap>();
+  /** The encrypting-key generation in flight, by version (dropped by `purge()` and renewal). */
+  readonly #generating = new Map<number, Promise<CachedDataKey | undefined>>();
   /** Incremented by `purge()`: a provider call that started before it caches nothing. */
   #epoch = 0;
   /** Provider calls made through this cache, by kind. */
@@ -166,12 +166,6 @@ export class DataKeyCache {
       ttl: o.dataKeyMaxAge,
       ttlAutopurge: true,
       dispose,
-      fetchMethod: async (version, _stale, { signal }) => {
-        const dataKey = await this.#generate(version);
-        /* An aborted fetch's result is dropped by lru-cache: zero it here, nobody else will. */
-        if (signal.aborted) dataKey.destroy();
-        return dataKey;
-      },
       ...perf,
     });
     this.#unwrapped = new LRUCache<string, CachedDataKey>({
@@ -188,30 +182,55 @@ export class DataKeyCache {
    * The key that reaches its maximum uses is evicted (and zeroed) after `fn` returns.
    */
   async withEncryptionKey<T>(fn: (key: Buffer, dataKey: CachedDataKey) => T): Promise<T> {
-    for (let aborted = 0; ; ) {
+    /* Each turn either returns or follows an event that made progress or undid it: another caller
+       used the key up, or purge()/renewEncryptionKey() dropped the generation this one waited on.
+       A caller retries only while such events keep happening, never a fixed number of times. */
+    for (;;) {
       const result = this.tryWithEncryptionKey(fn);
       if (result !== NOT_CACHED) return result;
+      this.#refuseWrites();
       const version = this.#keyring.activeVersion;
-      const status: LRUCache.Status<number, CachedDataKey> = {};
-      const dataKey = await this.#encrypting.fetch(version, { status }).catch((error: unknown) => {
-        /* A purge aborted the fetch (lru-cache rejects with a plain Error): try again. */
-        if (status.fetchAborted) return undefined;
-        throw error;
-      });
-      if (!dataKey) {
-        if (++aborted > MAX_ATTEMPTS) {
-          throw new KeyProviderError('no data key could be obtained', { keyVersion: version });
-        }
-        continue;
-      }
-      /* Concurrent callers used the key up while this one waited (progress was made): fetch again. */
-      if (dataKey.destroyed) continue;
-      return this.#useEncryptionKey(version, dataKey, fn);
+      const dataKey = await this.#sharedGeneration(version);
+      if (dataKey && !dataKey.destroyed) return this.#useEncryptionKey(version, dataKey, fn);
     }
+  }
+
+  /**
+   * The generation of `version`'s encrypting key that callers arriving now share: one provider
+   * call for all of them. Resolves to the key once it is cached, or to `undefined` when a purge or
+   * renewal dropped this generation meanwhile (its key is zeroed; the caller asks again).
+   */
+  #sharedGeneration(version: number): Promise<CachedDataKey | undefined> {
+    const inFlight = this.#generating.get(version);
+    if (inFlight) return inFlight;
+    const started: Promise<CachedDataKey | undefined> = this.#generate(version).then(
+      (dataKey) => {
+        if (this.#generating.get(version) !== started) {
+          dataKey.destroy();
+          return undefined;
+        }
+        this.#generating.delete(version);
+        this.#encrypting.set(version, dataKey);
+        return dataKey;
+      },
+      (error: unknown) => {
+        if (this.#generating.get(version) === started) this.#generating.delete(version);
+        throw error;
+      },
+    );
+    this.#generating.set(version, started);
+    return started;
+  }
+
+  /** Throws the keyring's refusal of writes, if it has one (the key registry and configuration disagree). */
+  #refuseWrites(): void {
+    const refusal = this.#keyring.writeRefusal;
+    if (refusal) throw refusal;
   }
 
   /** Like {@link withEncryptionKey}, but only when the key is cached: never calls a provider. */
   tryWithEncryptionKey<T>(fn: (key: Buffer, dataKey: CachedDataKey) => T): T | typeof NOT_CACHED {
+    if (this.#keyring.writeRefusal) return NOT_CACHED; // the asynchronous path throws it
     const version = this.#keyring.activeVersion;
     const dataKey = this.#encrypting.get(version);
     if (!dataKey || dataKey.destroyed) return NOT_CACHED;
@@ -323,13 +342,17 @@ export class DataKeyCache {
 
   /** Drops the active version's encrypting data key, so the next value is sealed under a fresh one. */
   renewEncryptionKey(): void {
-    this.#encrypting.delete(this.#keyring.activeVersion);
+    const version = this.#keyring.activeVersion;
+    /* A generation already in flight may predate the renewal: its callers ask again. */
+    this.#generating.delete(version);
+    this.#encrypting.delete(version);
   }
 
   /** Drops and zeroes every cached key: the next use asks the key provider again. */
   purge(): void {
     this.#epoch += 1;
     this.#pending.clear();
+    this.#generating.clear();
     this.#lastUnwrapped = undefined;
     this.#encrypting.clear();
     this.#unwrapped.clear();

@@ -21,6 +21,7 @@ export class Keyring {
   readonly #checks = new Map<number, { reference: string; check: Promise<void> }>();
   #registryRead = false;
   #active: number;
+  #writeRefusal: ConfigError | undefined;
   /** The encryption context bound into every wrapped data key of this keyring. */
   readonly context: EncryptionContext;
 
@@ -56,9 +57,23 @@ export class Keyring {
     return [...this.#providers.keys()].sort((a, b) => a - b);
   }
 
-  /** Makes `version` the active one (it must be configured). */
+  /** Makes `version` the active one (it must be configured); lifts a refusal of writes. */
   activate(version: number): void {
     this.#active = this.#checkedVersion(version, 'version to activate');
+    this.#writeRefusal = undefined;
+  }
+
+  /**
+   * Refuses every new encryption with `error` (reads keep working) until a version is activated:
+   * set when no configured version is one the other instances can read (see the registry watch).
+   */
+  refuseWrites(error: ConfigError): void {
+    this.#writeRefusal = error;
+  }
+
+  /** Why new encryptions are refused, if they are (see {@link refuseWrites}). */
+  get writeRefusal(): ConfigError | undefined {
+    return this.#writeRefusal;
   }
 
   /** Whether `version` is configured. */

@@ -3,7 +3,7 @@ import { randomBytes } from 'node:crypto';
 import { resolve } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { ConfigError, IntegrityError } from '../../../src/errors';
-import { DataKeyCache, type DataKeyCacheOptions } from '../../../src/keys/data-key-cache';
+import { type CachedDataKey, DataKeyCache, type DataKeyCacheOptions } from '../../../src/keys/data-key-cache';
 import type { EncryptionContext, GeneratedDataKey } from '../../../src/keys/key-provider';
 import { Keyring } from '../../../src/keys/keyring';
 import { LocalKeyProvider } from '../../../src/keys/local-key-provider';
@@ -315,6 +315,25 @@ describe('DataKeyCache purge during a generation', () => {
     expect(provider.generated).toBe(2);
     // The key generated before the purge serves no decryption either: only the fresh one is cached.
     expect(cache.unwrappedKeyCount).toBe(1);
+  });
+
+  it('serves every caller that joined the purged generation, through repeated purges and renewals', async () => {
+    const { provider, cache } = setup({ dataKeyMaxUses: 2 });
+    const waiting = Array.from({ length: 30 }, () => encryptionKey(cache));
+    for (let i = 0; i < 10; i++) {
+      await Promise.resolve();
+      if (i % 2) cache.purge();
+      else cache.renewEncryptionKey();
+    }
+    const settled = await Promise.allSettled(waiting);
+    expect(settled.filter((s) => s.status === 'rejected')).toEqual([]);
+    const keys = settled.flatMap((s) => (s.status === 'fulfilled' ? [s.value] : []));
+    expect(keys).toHaveLength(30);
+    // A data key never serves more than dataKeyMaxUses values, and only fresh (not zeroed) keys served.
+    const uses = new Map<CachedDataKey, number>();
+    for (const { dataKey } of keys) uses.set(dataKey, (uses.get(dataKey) ?? 0) + 1);
+    expect(Math.max(...uses.values())).toBeLessThanOrEqual(2);
+    expect(provider.generated).toBeGreaterThanOrEqual(15);
   });
 });
 
