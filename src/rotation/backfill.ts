@@ -1,5 +1,6 @@
 import type { EnvelopeEncryption } from '../envelope-encryption';
 import type { SealedValue } from '../field-encryptor';
+import { legacyValue } from '../typeorm/legacy-value';
 import { primaryKeyOfRow } from '../typeorm/primary-key';
 import { valueBinding } from '../typeorm/value-binding';
 import { describeError } from './describe-error';
@@ -86,7 +87,7 @@ export async function backfillEncryptedColumns(
             const primaryKey = primaryKeyOfRow(column.metadata, key) as string;
             try {
               const sealed = await encryption.encryptor.seal(
-                row.plaintext,
+                legacyValue(row.plaintext, definition.type),
                 valueBinding(
                   column.metadata,
                   column.columns,

@@ -94,6 +94,32 @@ function refuseUnreadableShapes(columns: EncryptedColumns): void {
       );
     }
   }
+  if (definition.bindPrimaryKey) {
+    const cascading = entity.relations.find(
+      (r) => r.onUpdate === 'CASCADE' && r.joinColumns.some((c) => c.isPrimary),
+    );
+    if (cascading) {
+      throw new ConfigError(
+        `relation "${cascading.propertyPath}" updates part of the primary key ON UPDATE CASCADE, which would ` +
+          'leave values bound to the old key unreadable; drop onUpdate: CASCADE or set bindPrimaryKey: false',
+        context,
+      );
+    }
+  }
+  const prefix = main.propertyPath.slice(0, main.propertyPath.length - definition.propertyName.length);
+  for (const former of definition.formerNames) {
+    const live = entity.columns.find(
+      (c) =>
+        c !== main && c.propertyPath === prefix + former && encryptedDefinition(c.target, c.propertyName),
+    );
+    if (live) {
+      throw new ConfigError(
+        `renamedFrom names "${former}", which is another encrypted property of this entity: its values would ` +
+          'decrypt here too',
+        context,
+      );
+    }
+  }
   const own = new Set<ColumnMetadata>([main, ...Object.values(sidecars)]);
   const constraints = [...entity.uniques, ...entity.indices.filter((index) => index.isUnique)];
   if (constraints.some((constraint) => constraint.columns.some((c) => own.has(c)))) {
@@ -158,7 +184,7 @@ function overrideColumnAccess(columns: EncryptedColumns, store: PropertyStateSto
       if (isNullTest(value)) return value; // null-ness is not encrypted: IsNull() and Not(IsNull())
       throw whereRefusal(columns);
     }
-    return role === 'ciphertext' ? new PendingPlaintext(value) : PENDING_SIDECAR;
+    return role === 'ciphertext' ? new PendingPlaintext(value, context()) : PENDING_SIDECAR;
   };
 
   main.getEntityValue = (entity: object, transform?: boolean) => partOf(entity, 'ciphertext', transform);

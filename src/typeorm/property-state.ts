@@ -1,5 +1,5 @@
 import { inspect } from 'node:util';
-import { UnsupportedOperationError } from '../errors';
+import { type ErrorContext, UnsupportedOperationError } from '../errors';
 import type { SealedValue } from '../field-encryptor';
 
 /**
@@ -156,9 +156,10 @@ function sameSnapshot(snapshot: unknown, value: unknown): boolean {
 }
 
 const REFUSED =
-  'a plaintext value reached an encrypted column without being encrypted, and was refused: either a ' +
-  'write bypassed the encryption subscriber (listeners disabled), or the value was used in a where ' +
-  'condition, which encrypted properties do not support (values are encrypted with random IVs)';
+  'a plaintext value reached an encrypted column without being encrypted, and was refused: either the ' +
+  'write bypassed the encryption subscriber (listeners: false, callListeners(false)), or the value was ' +
+  'changed after it was encrypted (by an async listener or by a subscriber awaiting something before ' +
+  'it changed the value; make such changes synchronously, or before saving)';
 
 /**
  * Stands for a plaintext value that is not encrypted yet. TypeORM sees it as the value of the
@@ -167,9 +168,11 @@ const REFUSED =
  */
 export class PendingPlaintext {
   readonly #value: unknown;
+  readonly #context: ErrorContext;
 
-  constructor(value: unknown) {
+  constructor(value: unknown, context: ErrorContext = {}) {
     this.#value = value;
+    this.#context = context;
   }
 
   get value(): unknown {
@@ -177,7 +180,7 @@ export class PendingPlaintext {
   }
 
   toPostgres(): never {
-    throw new UnsupportedOperationError(REFUSED);
+    throw new UnsupportedOperationError(REFUSED, this.#context);
   }
 
   toJSON(): string {

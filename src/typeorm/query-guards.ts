@@ -2,6 +2,7 @@ import {
   type EntityMetadata,
   InsertQueryBuilder,
   type ObjectLiteral,
+  QueryBuilder,
   SelectQueryBuilder,
   UpdateQueryBuilder,
 } from 'typeorm';
@@ -12,8 +13,9 @@ import { primaryKeyOf } from './primary-key';
 
 /**
  * Query-builder steps that decide what reaches an encrypted column before any subscriber event
- * can see it: an update's SET map, an upsert's ON CONFLICT column list, an ORDER BY. They are
- * adjusted or refused here, for entities this library installed, and left alone for all others.
+ * can see it: an update's SET map, an upsert's ON CONFLICT column list, a SELECT's columns and
+ * ORDER BY. They are adjusted or refused here, for entities this library installed, and left
+ * alone for all others.
  */
 
 /** The encrypted columns of each installed entity (built metadata), for the guards below. */
@@ -59,7 +61,7 @@ function installGuards(): void {
   guardsInstalled = true;
   guardSetMaps();
   guardUpsertColumns();
-  guardOrdering();
+  guardSelects();
 }
 
 /**
@@ -87,6 +89,15 @@ function guardSetMaps(): void {
       },
     });
     return set.call(this, copy);
+  };
+  /* `createQueryBuilder().update(Entity, values)` sets the map without calling `set()`. */
+  const base = QueryBuilder.prototype as unknown as Record<string, (...args: unknown[]) => unknown>;
+  const update = base.update as (this: unknown, ...args: unknown[]) => unknown;
+  base.update = function (this: unknown, ...args: unknown[]) {
+    const builder = update.apply(this, args) as { set(values: unknown): unknown };
+    const values = args.length > 1 ? args[1] : undefined;
+    if (values && typeof values === 'object') builder.set(values);
+    return builder;
   };
   const whereInIds = proto.whereInIds as (this: unknown, ids: unknown) => unknown;
   proto.whereInIds = function (this: unknown, ids: unknown) {
@@ -131,9 +142,48 @@ function guardUpsertColumns(): void {
     if (columns && onUpdate) {
       if (Array.isArray(onUpdate.overwrite)) onUpdate.overwrite = completed(onUpdate.overwrite, columns);
       if (Array.isArray(onUpdate.columns)) onUpdate.columns = completed(onUpdate.columns, columns);
+      refuseUpsertOfAnotherRow(map, columns);
     }
     return getQuery.call(this);
   };
+}
+
+/**
+ * Values of a client-assigned key are bound to the key given in the INSERT. When the conflict is
+ * found on another column (a natural key), the row that is updated has another primary key, or
+ * gets the given one written over its own while its other values stay bound to the old one:
+ * either way a row that cannot be read. Such an upsert is refused when it would write encrypted
+ * values or a primary key.
+ */
+function refuseUpsertOfAnotherRow(map: ExpressionMap, columns: readonly EncryptedColumns[]): void {
+  const metadata = map.mainAlias?.metadata as EntityMetadata;
+  const onUpdate = map.onUpdate as {
+    overwrite?: unknown;
+    columns?: unknown;
+    conflict?: unknown;
+    conflict_target?: unknown;
+  };
+  const bound = columns.filter((c) => c.definition.bindPrimaryKey);
+  if (!bound.length || metadata.primaryColumns.some((c) => c.isGenerated)) return;
+  const names = (value: unknown) =>
+    (Array.isArray(value) ? value : typeof value === 'string' ? [value] : []).map(String);
+  const target = new Set(
+    names(onUpdate.conflict ?? onUpdate.conflict_target).map((n) => n.replace(/"/g, '')),
+  );
+  const keyNames = metadata.primaryColumns.flatMap((c) => [c.databaseName, c.propertyPath]);
+  const onKey =
+    target.size === metadata.primaryColumns.length &&
+    metadata.primaryColumns.every((c) => target.has(c.databaseName) || target.has(c.propertyPath));
+  if (onKey) return;
+  const written = new Set([...names(onUpdate.overwrite), ...names(onUpdate.columns)]);
+  const encrypted = bound.flatMap((c) => [c.main, ...SIDECAR_ROLES.map((role) => c.sidecars[role])]);
+  if (!keyNames.some((n) => written.has(n)) && !encrypted.some((c) => written.has(c.databaseName))) return;
+  const first = bound[0] as EncryptedColumns;
+  throw new UnsupportedOperationError(
+    'an upsert whose conflict target is not the primary key would update a row whose encrypted values are ' +
+      'bound to another primary key; upsert on the primary key, or set bindPrimaryKey: false on the property',
+    { entity: metadata.name, column: first.main.propertyPath },
+  );
 }
 
 function completed(names: readonly string[], columns: readonly EncryptedColumns[]): string[] {
@@ -150,38 +200,64 @@ function completed(names: readonly string[], columns: readonly EncryptedColumns[
   return result;
 }
 
-/** Ciphertexts sort by random bytes: an ORDER BY an encrypted property is refused, not obeyed. */
-function guardOrdering(): void {
+/**
+ * Two adjustments to SELECTs, made when the query is built (by then every join of a `find` has its
+ * alias): a selection naming an encrypted property also selects its sidecar columns, so a partial
+ * `select` reads the four columns of each value in one statement, in the same snapshot (and from
+ * the query result cache when it hits); an ORDER BY an encrypted property is refused, since
+ * ciphertexts sort by random bytes.
+ */
+function guardSelects(): void {
   const proto = SelectQueryBuilder.prototype as unknown as Record<string, (...args: unknown[]) => unknown>;
-  for (const method of ['orderBy', 'addOrderBy'] as const) {
-    const original = proto[method] as (this: unknown, ...args: unknown[]) => unknown;
-    proto[method] = function (this: unknown, ...args: unknown[]) {
-      const [sort] = args;
-      const keys =
-        typeof sort === 'string' ? [sort] : sort && typeof sort === 'object' ? Object.keys(sort) : [];
-      for (const key of keys) refuseEncryptedSort(this, key);
-      return original.apply(this, args);
-    };
+  const getQuery = proto.getQuery as (this: unknown) => string;
+  proto.getQuery = function (this: unknown) {
+    const map = (this as { expressionMap: SelectExpressionMap }).expressionMap;
+    completeSelections(map);
+    for (const key of Object.keys(map.orderBys ?? {})) refuseEncryptedSort(map, key);
+    return getQuery.call(this);
+  };
+}
+
+interface SelectExpressionMap {
+  aliases: Array<{ name: string; hasMetadata: boolean; metadata: EntityMetadata }>;
+  selects: Array<{ selection: unknown; aliasName?: string }>;
+  orderBys?: Record<string, unknown>;
+}
+
+/** The encrypted property a `alias.path` reference names, if any. */
+function encryptedReference(map: SelectExpressionMap, reference: string) {
+  const dot = reference.indexOf('.');
+  if (dot < 0) return undefined;
+  const alias = map.aliases.find((a) => a.name === reference.slice(0, dot));
+  if (!alias?.hasMetadata) return undefined;
+  const path = reference.slice(dot + 1);
+  const column = installed.get(alias.metadata)?.find((c) => c.main.propertyPath === path);
+  return column && { alias, column };
+}
+
+function completeSelections(map: SelectExpressionMap): void {
+  for (const select of [...map.selects]) {
+    if (typeof select.selection !== 'string' || select.aliasName) continue;
+    const found = encryptedReference(map, select.selection);
+    if (!found) continue;
+    const { alias, column } = found;
+    const others = [
+      ...SIDECAR_ROLES.map((role) => column.sidecars[role]),
+      ...(column.plaintext ? [column.plaintext] : []),
+    ];
+    for (const other of others) {
+      const selection = `${alias.name}.${other.propertyPath}`;
+      if (!map.selects.some((s) => s.selection === selection)) map.selects.push({ selection });
+    }
   }
 }
 
-function refuseEncryptedSort(builder: unknown, key: string): void {
-  const dot = key.indexOf('.');
-  if (dot < 0) return;
-  const aliasName = key.slice(0, dot);
-  const path = key.slice(dot + 1);
-  const aliases = (
-    builder as {
-      expressionMap: { aliases: Array<{ name: string; hasMetadata: boolean; metadata: EntityMetadata }> };
-    }
-  ).expressionMap.aliases;
-  const alias = aliases.find((a) => a.name === aliasName);
-  if (!alias?.hasMetadata) return;
-  const column = installed.get(alias.metadata)?.find((c) => c.main.propertyPath === path);
-  if (!column) return;
+function refuseEncryptedSort(map: SelectExpressionMap, key: string): void {
+  const found = encryptedReference(map, key);
+  if (!found) return;
   throw new UnsupportedOperationError(
     'results cannot be ordered by an encrypted property (the database would sort random ciphertext); ' +
       'sort in the application after loading',
-    { entity: alias.metadata.name, column: path },
+    { entity: found.alias.metadata.name, column: found.column.main.propertyPath },
   );
 }

@@ -18,6 +18,7 @@ import {
 import type { FieldEncryptor, SealedValue } from '../field-encryptor';
 import { NOT_CACHED } from '../keys/data-key-cache';
 import type { EncryptedColumns } from './encrypted-columns';
+import { legacyValue } from './legacy-value';
 import { primaryKeyOf } from './primary-key';
 import type { LoadedColumns, PropertyStateStore } from './property-state';
 import { setMapOf } from './query-guards';
@@ -52,21 +53,28 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
   beforeInsert(event: InsertEvent<object>): Promise<void> | undefined {
     const columns = this.lookup(event.metadata);
     if (!columns || !event.entity) return undefined;
+    const entity = event.entity;
     const primaryKey = event.metadata.primaryColumns.some((c) => c.isGenerated)
       ? undefined // TypeORM leaves generated keys to the database, even when one is given
-      : primaryKeyOf(event.metadata, event.entity);
-    return this.#seal(event.metadata, columns, event.entity, undefined, primaryKey, false);
+      : primaryKeyOf(event.metadata, entity);
+    return this.#afterLaterSubscribers(event, 'beforeInsert', () =>
+      this.#seal(event.metadata, columns, entity, undefined, primaryKey, false),
+    );
   }
 
   beforeUpdate(event: UpdateEvent<object>): Promise<void> | undefined {
     const columns = this.lookup(event.metadata);
     if (!columns || !event.entity) return undefined;
     const entity = event.entity as object;
-    if (event.databaseEntity) {
-      const primaryKey = primaryKeyOf(event.metadata, event.databaseEntity);
-      return this.#seal(event.metadata, columns, entity, event.databaseEntity, primaryKey, false);
+    const databaseEntity = event.databaseEntity;
+    if (databaseEntity) {
+      const primaryKey = primaryKeyOf(event.metadata, databaseEntity);
+      return this.#afterLaterSubscribers(event, 'beforeUpdate', () =>
+        this.#seal(event.metadata, columns, entity, databaseEntity, primaryKey, false),
+      );
     }
     /* Without a database copy this is a query-builder update: `entity` is its SET map. */
+    refuseKeyChange(event.metadata, columns, entity);
     const setMap = setMapOf(entity);
     if (!setMap) {
       if (!columns.some((c) => definedIn(c, entity))) return undefined;
@@ -76,7 +84,24 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
         { entity: event.metadata.name },
       );
     }
-    return this.#seal(event.metadata, columns, entity, undefined, setMap.primaryKey(), true);
+    return this.#afterLaterSubscribers(event, 'beforeUpdate', () =>
+      this.#seal(event.metadata, columns, entity, undefined, setMap.primaryKey(), true),
+    );
+  }
+
+  /**
+   * Subscribers registered after this one (for example pushed onto `dataSource.subscribers` after
+   * `initialize()`) run after it and may still change a value, such as normalising an email:
+   * sealing then waits one microtask, after their synchronous changes.
+   */
+  #afterLaterSubscribers(
+    event: InsertEvent<object> | UpdateEvent<object>,
+    hook: 'beforeInsert' | 'beforeUpdate',
+    seal: () => Promise<void> | undefined,
+  ): Promise<void> | undefined {
+    const subscribers = event.connection.subscribers;
+    const later = subscribers.slice(subscribers.indexOf(this) + 1).some((s) => typeof s[hook] === 'function');
+    return later ? Promise.resolve().then(seal) : seal();
   }
 
   afterLoad(entity: object, event?: LoadEvent<object>): Promise<void> | undefined {
@@ -153,6 +178,14 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
       const holder = column.holderOf(entity, false);
       const value = holder?.[property];
       if (!holder || value === undefined) continue;
+      if (Object.hasOwn(holder, column.definition.sidecarProperties.iv)) {
+        /* Only TypeORM's own column access, on a DataSource without this library, puts them there. */
+        throw new UnsupportedOperationError(
+          'this object was loaded through a DataSource without encryption attached, so it holds ciphertext, ' +
+            'not plaintext; load it through a DataSource with encryption attached before saving it',
+          { entity: metadata.name, column: path },
+        );
+      }
       if (value === null) {
         if (column.definition.nullable) continue;
         throw new ValueTypeError('null is not allowed: the encrypted property is not nullable', {
@@ -206,7 +239,7 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
     entity: object,
   ): unknown {
     if (legacy === undefined || legacy === null) return null;
-    if (column.definition.plaintext?.fallback) return legacy;
+    if (column.definition.plaintext?.fallback) return legacyValue(legacy, column.definition.type);
     throw new UnsupportedOperationError(
       'this row holds a plaintext value that is not encrypted yet; run the backfill ' +
         '(typeorm-envelope backfill) or set readPlaintextFallback on the property while it runs',
@@ -290,6 +323,26 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
     holder[column.definition.propertyName] = value;
     this.store.seal(entity, column.main.propertyPath, value, sealed);
   }
+}
+
+/**
+ * A query-builder update that writes a primary key would leave the row's bound values bound to
+ * the key it had: refused for entities with bound values.
+ */
+function refuseKeyChange(
+  metadata: EntityMetadata,
+  columns: readonly EncryptedColumns[],
+  setMap: object,
+): void {
+  const bound = columns.find((c) => c.definition.bindPrimaryKey);
+  if (!bound) return;
+  const key = metadata.primaryColumns.find((c) => c.getEntityValue(setMap) !== undefined);
+  if (!key) return;
+  throw new UnsupportedOperationError(
+    `changing primary-key column "${key.propertyPath}" would leave this row's encrypted values bound to ` +
+      'its old key, unreadable; insert a new row and delete the old one, or set bindPrimaryKey: false',
+    { entity: metadata.name, column: bound.main.propertyPath },
+  );
 }
 
 /** Whether `entity` (a SET map) names the encrypted property of `column`. */

@@ -4,9 +4,11 @@ import type { EncryptedColumns } from './encrypted-columns';
 
 /**
  * The place a value is bound to: schema, table, the property's path and, when given, the row's
- * primary key. The schema is PostgreSQL's (`public` unless the entity or the DataSource names
- * another), so that a row copied between two schemas with the same table does not decrypt there.
- * Two databases are told apart by their keys or `keyringId`, not by the binding.
+ * primary key. The schema is the one the table lives in (the entity's, else the DataSource's,
+ * else the connection's `current_schema()`), so that a row copied between two schemas with the
+ * same table does not decrypt there, and two DataSources reaching one table, one through its
+ * `schema` option and one through `search_path`, bind alike. Two databases are told apart by
+ * their keys or `keyringId`, not by the binding.
  */
 export function valueBinding(
   metadata: EntityMetadata,
@@ -18,9 +20,15 @@ export function valueBinding(
   const prefix = path.slice(0, path.length - column.definition.propertyName.length);
   return {
     table: metadata.tableName,
-    schema: metadata.schema || 'public',
+    schema: schemaOf(metadata),
     column: path,
     primaryKey,
     ...(former.length ? { formerColumns: former.map((name) => prefix + name) } : {}),
   };
+}
+
+function schemaOf(metadata: EntityMetadata): string {
+  /* TypeORM's postgres driver sets `schema` to the connection's current_schema() when none is given. */
+  const driver = metadata.connection.driver as { schema?: string };
+  return metadata.schema || driver.schema || 'public';
 }

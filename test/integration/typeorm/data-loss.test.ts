@@ -290,6 +290,12 @@ describe('updates through the query builder and repository.update()', () => {
     }
   });
 
+  it('ordering by an encrypted property of a relation is refused', async () => {
+    const error = await rejectionOf(members().find({ order: { contact: { phone: 'ASC' } } as never }));
+    expect(error).toBeInstanceOf(UnsupportedOperationError);
+    expect((error as UnsupportedOperationError).column).toBe('contact.phone');
+  });
+
   it('IsNull() in update/delete criteria and query-builder object where tests null-ness', async () => {
     const [nulled, kept] = (await notes().save([
       { secret: null, title: 'null-test', counter: 0 },

@@ -197,6 +197,77 @@ describe("TypeORM's query result cache", () => {
   });
 });
 
+describe('a partial select', () => {
+  it('reads the four columns of each value in the same statement, also from the query result cache', async () => {
+    const { dataSource, encryption, logger, schema } = await open([Patient], { cache: true });
+    const repo = dataSource.getRepository(Patient);
+    const saved = await repo.save({ name: 'Partial One', phone: '+1 555 0111', ward: 'w1' });
+    logger.lines.length = 0;
+    const first = await repo.find({
+      select: { id: true, phone: true },
+      where: { id: saved.id },
+      cache: 60_000,
+    });
+    expect(first[0]).toMatchObject({ id: saved.id, phone: '+1 555 0111' });
+    expect(first[0]?.name).toBeUndefined();
+    const selects = logger.lines.filter((l) => l.startsWith('SELECT') && !l.includes('query_cache'));
+    expect(selects).toHaveLength(1);
+    expect(selects[0]).toMatch(/phone_iv/);
+    await repo.update(saved.id, { phone: '+1 555 0222' });
+    await repo.delete(saved.id);
+    encryption.purgeCache();
+    logger.lines.length = 0;
+    const hit = await repo.find({
+      select: { id: true, phone: true },
+      where: { id: saved.id },
+      cache: 60_000,
+    });
+    expect(hit[0]).toMatchObject({ id: saved.id, phone: '+1 555 0111' });
+    expect(logger.lines.filter((l) => l.startsWith('SELECT') && !l.includes('query_cache'))).toEqual([]);
+    expect(
+      await rawQuery(schema.url, `SELECT * FROM "${schema.schema}".patient WHERE id = $1`, [saved.id]),
+    ).toEqual([]);
+  });
+
+  it('without the primary key, and through a query builder', async () => {
+    const { dataSource, encryption } = await open([Patient]);
+    const repo = dataSource.getRepository(Patient);
+    await repo.save({ name: 'No Key', phone: '+1 555 0333', ward: 'nokey' });
+    encryption.purgeCache();
+    const qb = await repo
+      .createQueryBuilder('p')
+      .select(['p.phone'])
+      .where('p.ward = :w', { w: 'nokey' })
+      .getMany();
+    expect(qb.map((p) => p.phone)).toEqual(['+1 555 0333']);
+  });
+});
+
+describe('one table reached through search_path and through the schema option', () => {
+  it('binds values to the same schema', async () => {
+    const first = await open([Patient]);
+    const { id } = await first.dataSource.getRepository(Patient).save({ name: 'Search Path' });
+    const logger = new RecordingLogger();
+    const second = new DataSource({
+      type: 'postgres',
+      url: first.schema.url,
+      entities: [Patient],
+      extra: { options: `-c search_path=${first.schema.schema}` },
+      logging: true,
+      logger,
+    });
+    first.encryption.attach(second);
+    opened.push({ dataSource: second, schema: first.schema });
+    await second.initialize();
+    expect((await second.getRepository(Patient).findOneByOrFail({ id })).name).toBe('Search Path');
+    const { id: other } = await second.getRepository(Patient).save({ name: 'Written Unqualified' });
+    first.encryption.purgeCache();
+    expect((await first.dataSource.getRepository(Patient).findOneByOrFail({ id: other })).name).toBe(
+      'Written Unqualified',
+    );
+  });
+});
+
 describe('a primary key given as upper-case text in a composite-free uuid table', () => {
   it('is refused by nothing and reads back after update()', async () => {
     @Entity({ name: `uuid_${randomUUID().slice(0, 8)}` })

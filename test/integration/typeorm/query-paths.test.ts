@@ -109,6 +109,42 @@ describe('where on an encrypted property is refused, not silently empty', () => 
   });
 });
 
+describe('ordering by an encrypted property is refused, not sorted by ciphertext', () => {
+  it.each([
+    ['its own', () => customers().find({ order: { email: 'ASC' } })],
+    [
+      'of a relation (find options)',
+      () =>
+        db.dataSource
+          .getRepository(Order)
+          .find({ relations: { customer: true }, order: { customer: { email: 'ASC' } } }),
+    ],
+    [
+      'of an inverse relation (find options)',
+      () => customers().find({ relations: { orders: true }, order: { orders: { cardNumber: 'DESC' } } }),
+    ],
+    [
+      'of a joined alias (query builder)',
+      () =>
+        db.dataSource
+          .getRepository(Order)
+          .createQueryBuilder('o')
+          .leftJoinAndSelect('o.customer', 'c')
+          .orderBy('c.email')
+          .getMany(),
+    ],
+  ])('%s', async (_name, run) => {
+    const error = await Promise.resolve()
+      .then(run as () => Promise<unknown>)
+      .then(
+        () => undefined,
+        (e: unknown) => e,
+      );
+    expect(error).toBeInstanceOf(UnsupportedOperationError);
+    expect(['email', 'cardNumber']).toContain((error as UnsupportedOperationError).column);
+  });
+});
+
 describe('bytes at rest', () => {
   it('no table holds plaintext', async () => {
     const dump = await rawQuery<Record<string, unknown>>(
