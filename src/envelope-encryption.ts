@@ -21,7 +21,9 @@ export interface EnvelopeEncryptionOptions {
   activeVersion: number;
   /**
    * Names this keyring in every wrapped data key (the KMS encryption context), so a wrapped key
-   * taken from another application's keyring does not unwrap here. Default `'default'`.
+   * taken from another application's keyring does not unwrap here. A non-empty string; default
+   * `'default'`. Changing it makes every stored value unreadable (its data keys were wrapped under
+   * the old id).
    */
   keyringId?: string;
   /** Bounds of the in-memory data-key cache. */

@@ -7,7 +7,8 @@ import type { Keyring } from './keyring';
 export interface DataKeyCacheOptions {
   /**
    * How long one data key encrypts new values before a fresh one is generated, in ms.
-   * Default 30 minutes. Must be finite: a key cannot be cached forever.
+   * Default 30 minutes. Must be finite (a key cannot be cached forever) and at most 2^31 - 1 ms
+   * (about 24.8 days), the longest a timer can wait.
    */
   dataKeyMaxAge?: number;
   /**
@@ -19,17 +20,25 @@ export interface DataKeyCacheOptions {
   /** How many values one data key encrypts before a fresh one is generated. Default 1,000,000. */
   dataKeyMaxUses?: number;
   /**
-   * How long an unwrapped data key stays in memory after it was unwrapped, in ms. Default 30 minutes.
-   * This bounds how long a revoked master key can still decrypt: `purgeCache()` ends it at once.
+   * How long an unwrapped data key stays in memory after it was unwrapped, in ms. Default 30 minutes,
+   * at most 2^31 - 1 ms (about 24.8 days), the longest a timer can wait. This bounds how long a
+   * revoked master key can still decrypt: `purgeCache()` ends it at once.
    */
   unwrappedKeyTtl?: number;
-  /** How many unwrapped data keys are kept at most. Default 1,000. */
+  /**
+   * How many unwrapped data keys are kept at most. Default 1,000, at most 1,000,000 (the cache
+   * allocates its index for this many up front).
+   */
   maxUnwrappedKeys?: number;
   /** The clock the cache ages entries by (ms). For tests; defaults to `performance`. */
   clock?: { now(): number };
 }
 
 const MINUTE = 60_000;
+/** The longest delay `setTimeout` takes (2^31 - 1 ms); a longer TTL would fire at once, warning each time. */
+export const MAX_TIMER_DELAY = 2 ** 31 - 1;
+/** The largest `maxUnwrappedKeys`: lru-cache allocates its index for `max` entries at construction. */
+export const MAX_UNWRAPPED_KEYS = 1_000_000;
 /** Returned by the `try…` methods when the key is not in the cache. */
 export const NOT_CACHED: unique symbol = Symbol('not cached');
 
@@ -145,9 +154,22 @@ export class DataKeyCache {
     const o = { ...DEFAULTS, ...definedOptions(options) };
     /* Precondition: You can not cache something forever. */
     requirePositive('dataKeyMaxAge', o.dataKeyMaxAge);
+    requireAtMost(
+      'dataKeyMaxAge',
+      o.dataKeyMaxAge,
+      MAX_TIMER_DELAY,
+      '2147483647 ms (2^31 - 1, the longest a timer waits)',
+    );
     requirePositive('unwrappedKeyTtl', o.unwrappedKeyTtl);
+    requireAtMost(
+      'unwrappedKeyTtl',
+      o.unwrappedKeyTtl,
+      MAX_TIMER_DELAY,
+      '2147483647 ms (2^31 - 1, the longest a timer waits)',
+    );
     requirePositiveInteger('dataKeyMaxUses', o.dataKeyMaxUses);
     requirePositiveInteger('maxUnwrappedKeys', o.maxUnwrappedKeys);
+    requireAtMost('maxUnwrappedKeys', o.maxUnwrappedKeys, MAX_UNWRAPPED_KEYS, '1,000,000');
     this.#keyring = keyring;
     this.#maxUses = o.dataKeyMaxUses;
     const refreshAhead = options.refreshAhead ?? Math.min(MINUTE, o.dataKeyMaxAge / 10);
@@ -419,6 +441,11 @@ function requirePositiveInteger(name: string, value: number): void {
   if (!Number.isSafeInteger(value)) {
     throw new ConfigError(`cache option ${name} must be a positive integer (a count), got ${String(value)}`);
   }
+}
+
+function requireAtMost(name: string, value: number, max: number, shown: string): void {
+  if (value > max)
+    throw new ConfigError(`cache option ${name} must be at most ${shown}, got ${String(value)}`);
 }
 
 function definedOptions(options: DataKeyCacheOptions): Partial<typeof DEFAULTS> {

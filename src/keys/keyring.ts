@@ -33,7 +33,16 @@ export class Keyring {
     if (!Array.isArray(entries) || entries.length === 0) {
       throw new ConfigError('the keyring needs at least one key version');
     }
-    for (const { version, provider } of entries) {
+    if (typeof keyringId !== 'string' || keyringId === '') {
+      throw new ConfigError(`keyringId must be a non-empty string, got ${describeValue(keyringId)}`);
+    }
+    for (const [index, entry] of entries.entries()) {
+      if (!entry || typeof entry !== 'object' || Array.isArray(entry)) {
+        throw new ConfigError(
+          `key version entry ${index + 1} must be an object { version, provider }, got ${describeValue(entry)}`,
+        );
+      }
+      const { version, provider } = entry;
       if (!Number.isSafeInteger(version) || version < 1) {
         throw new ConfigError(`key version must be a positive integer, got ${String(version)}`);
       }
@@ -141,6 +150,14 @@ export class Keyring {
     }
     return version;
   }
+}
+
+/** A short description of a misconfigured value: its type, never its contents (it may be a key). */
+function describeValue(value: unknown): string {
+  if (value === null) return 'null';
+  if (Array.isArray(value)) return 'an array';
+  if (value === '') return 'an empty string';
+  return typeof value === 'object' ? 'an object' : `a ${typeof value}`;
 }
 
 async function compareReference(version: number, provider: KeyProvider, recorded: string): Promise<void> {

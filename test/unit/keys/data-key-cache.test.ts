@@ -361,6 +361,40 @@ describe('DataKeyCache options', () => {
     });
   }
 
+  it.each([1_000_001, 2 ** 31, Number.MAX_SAFE_INTEGER])(
+    'refuses maxUnwrappedKeys = %s, above 1,000,000, instead of allocating for it',
+    (value) => {
+      expect(() => setup({ maxUnwrappedKeys: value })).toThrow(ConfigError);
+      expect(() => setup({ maxUnwrappedKeys: value })).toThrow(/maxUnwrappedKeys must be at most 1,000,000/);
+    },
+  );
+
+  it('accepts maxUnwrappedKeys = 1,000,000', () => {
+    expect(() => setup({ maxUnwrappedKeys: 1_000_000 })).not.toThrow();
+  });
+
+  for (const name of ['dataKeyMaxAge', 'unwrappedKeyTtl'] as const) {
+    it.each([2 ** 31, 40 * 24 * 3_600_000])(
+      `refuses ${name} = %s ms, beyond what a timer can wait`,
+      (value) => {
+        expect(() => setup({ [name]: value })).toThrow(ConfigError);
+        expect(() => setup({ [name]: value })).toThrow(new RegExp(`${name} must be at most 2147483647`));
+      },
+    );
+
+    it(`accepts ${name} = 2^31 - 1 ms without a timer warning`, () => {
+      const warnings: string[] = [];
+      const listener = (warning: Error) => warnings.push(warning.name);
+      process.on('warning', listener);
+      try {
+        expect(() => setup({ [name]: 2 ** 31 - 1 })).not.toThrow();
+      } finally {
+        process.off('warning', listener);
+      }
+      expect(warnings).toEqual([]);
+    });
+  }
+
   it('accepts undefined options as the defaults', () => {
     expect(() => setup({ dataKeyMaxAge: undefined, maxUnwrappedKeys: undefined })).not.toThrow();
   });

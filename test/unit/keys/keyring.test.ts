@@ -1,5 +1,6 @@
 import { randomBytes } from 'node:crypto';
 import { describe, expect, it } from 'vitest';
+import { EnvelopeEncryption } from '../../../src/envelope-encryption';
 import { ConfigError, UnknownKeyVersionError } from '../../../src/errors';
 import type { KeyProvider } from '../../../src/keys/key-provider';
 import { Keyring } from '../../../src/keys/keyring';
@@ -48,6 +49,28 @@ describe('Keyring', () => {
       expect(() => new Keyring([{ version, provider: provider() }], version)).toThrow(ConfigError);
     },
   );
+
+  it.each([null, undefined, 5, 'v1', [1]])('refuses the keyring entry %s with a ConfigError', (entry) => {
+    const entries = [entry] as unknown as [];
+    expect(() => new Keyring(entries, 1)).toThrow(ConfigError);
+    expect(() => new Keyring(entries, 1)).toThrow(/key version entry 1 must be an object/);
+    expect(() => new EnvelopeEncryption({ keys: entries, activeVersion: 1 })).toThrow(ConfigError);
+  });
+
+  it.each([null, 123, '', {}])('refuses the keyringId %s: it must be a non-empty string', (keyringId) => {
+    const entries = [{ version: 1, provider: provider() }];
+    const id = keyringId as unknown as string;
+    expect(() => new Keyring(entries, 1, id)).toThrow(ConfigError);
+    expect(() => new Keyring(entries, 1, id)).toThrow(/keyringId must be a non-empty string/);
+    expect(() => new EnvelopeEncryption({ keys: entries, activeVersion: 1, keyringId: id })).toThrow(
+      ConfigError,
+    );
+  });
+
+  it("uses 'default' when no keyringId is given", () => {
+    expect(new Keyring([{ version: 1, provider: provider() }], 1).keyringId).toBe('default');
+    expect(new Keyring([{ version: 1, provider: provider() }], 1, undefined).keyringId).toBe('default');
+  });
 
   it('refuses a version configured twice', () => {
     const entries = [
