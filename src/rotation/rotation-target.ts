@@ -62,16 +62,26 @@ export function encryptedColumnsSql(
   if (entities && selected.length === 0) {
     throw new ConfigError(`none of the entities ${entities.map(nameOf).join(', ')} has encrypted properties`);
   }
+  /* Entities of one single-table inheritance share a table and its inherited columns: each stored
+     column is worked on once. */
+  const seen = new Set<string>();
   return selected.flatMap(({ metadata, columns }) => {
     if (metadata.primaryColumns.length === 0) {
       throw new ConfigError('rotation needs a primary key', { entity: metadata.name });
     }
-    return columns.map((c) => ({
+    const table = metadata.tablePath.split('.').map(quote).join('.');
+    const unseen = columns.filter((c) => {
+      const id = `${table}.${quote(c.main.databaseName)}`;
+      if (seen.has(id)) return false;
+      seen.add(id);
+      return true;
+    });
+    return unseen.map((c) => ({
       entity: metadata.name,
       property: c.main.propertyPath,
       metadata,
       columns: c,
-      table: metadata.tablePath.split('.').map(quote).join('.'),
+      table,
       primaryKey: metadata.primaryColumns.map((p) => quote(p.databaseName)),
       ciphertext: quote(c.main.databaseName),
       iv: quote(c.sidecars.iv.databaseName),
