@@ -511,7 +511,8 @@ function mapKmsError(error: unknown, operation: string, context: ErrorContext): 
   if (INTEGRITY_ERRORS.has(name) && (operation === 'Decrypt' || operation === 'ReEncrypt')) {
     return new IntegrityError(
       `KMS could not unwrap the data key: it was altered, or wrapped under another key or encryption context; ` +
-        `the master key configured for its version may not be the one that wrapped it (${name})`,
+        `the master key configured for its version may not be the one that wrapped it, ` +
+        `or keyringId differs from the one that wrapped it (${name})`,
       context,
       { cause: error },
     );

@@ -71,7 +71,8 @@ export class LocalKeyProvider extends KeyProvider {
     if (opened === undefined) {
       throw new IntegrityError(
         'wrapped data key failed authentication: it was altered, or the master key configured for its ' +
-          'version is not the one that wrapped it (the master key of that version may be wrong)',
+          'version is not the one that wrapped it (the master key of that version may be wrong, ' +
+          'or keyringId differs from the one that wrapped it)',
         this.errorContext(),
       );
     }
