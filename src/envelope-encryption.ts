@@ -6,7 +6,11 @@ import { FieldEncryptor, type SealedValue } from './field-encryptor';
 import { DataKeyCache, type DataKeyCacheOptions } from './keys/data-key-cache';
 import { Keyring, type KeyringEntry } from './keys/keyring';
 import { KeyRegistry } from './rotation/key-registry';
-import { type RegistryWatchOptions, watchRegistry } from './rotation/registry-watcher';
+import {
+  checkRegistryWatchOptions,
+  type RegistryWatchOptions,
+  watchRegistry,
+} from './rotation/registry-watcher';
 import { type EncryptedColumns, installEncryptedColumns } from './typeorm/encrypted-columns';
 import { PropertyStateStore } from './typeorm/property-state';
 import { guardEntity } from './typeorm/query-guards';
@@ -30,8 +34,11 @@ export interface EnvelopeEncryptionOptions {
   cache?: DataKeyCacheOptions;
   /**
    * Follow the key registry (the `TypeormEnvelopeKeyRegistry` migration's tables), when they exist:
-   * the registry's active version wins over `activeVersion`, re-read every `refreshInterval`.
-   * Without the tables, `activeVersion` decides.
+   * the registry's active version wins over `activeVersion`, re-read every `refreshInterval` (a
+   * finite number of ms, at least 1,000; default 60,000). An instance not configured with the
+   * registry's active version writes with its newest version that the registry records and has not
+   * retired, or, with none, refuses writes (`ConfigError`) until the two agree. Without the tables,
+   * `activeVersion` decides.
    */
   registry?: RegistryWatchOptions | boolean;
 }
@@ -108,6 +115,7 @@ export class EnvelopeEncryption {
     this.cache = new DataKeyCache(this.keyring, options.cache);
     this.#encryptor = new FieldEncryptor(this.cache);
     this.#registry = options.registry === true ? {} : options.registry || undefined;
+    if (this.#registry) checkRegistryWatchOptions(this.#registry);
   }
 
   /**

@@ -12,7 +12,7 @@ import {
 import { KeyRegistry } from '../../../src/rotation/key-registry';
 import { rewrapDataKeys } from '../../../src/rotation/rewrap';
 import { CountingKeyProvider } from '../../support/counting-key-provider';
-import { rawQuery } from '../../support/database';
+import { createTestSchema, rawQuery, type TestSchema } from '../../support/database';
 import { Customer, Order } from '../../support/entities';
 import { type EncryptedTestDatabase, encryptedDatabase } from '../../support/typeorm';
 
@@ -106,7 +106,7 @@ describe('key registry and audit log', () => {
           { version: 1, provider: db.provider },
           { version: 2, provider: v2 },
         ],
-        registry: { refreshInterval: 20, warn: (m) => warnings.push(m) },
+        registry: { refreshInterval: 1_000, warn: (m) => warnings.push(m) },
       },
     });
     try {
@@ -324,5 +324,156 @@ describe('master keys that differ from the ones the registry recorded', () => {
     } finally {
       await good.close();
     }
+  });
+});
+
+describe('registry watch options', () => {
+  const keys = () => [{ version: 1, provider: new CountingKeyProvider() }];
+  it.each([0, -5, 999, Number.NaN, Number.POSITIVE_INFINITY, '60000' as unknown as number])(
+    'refuses refreshInterval = %s at construction: it must be finite and at least 1,000 ms',
+    (refreshInterval) => {
+      const make = () =>
+        new EnvelopeEncryption({ keys: keys(), activeVersion: 1, registry: { refreshInterval } });
+      expect(make).toThrow(ConfigError);
+      expect(make).toThrow(/refreshInterval must be a finite number of ms, at least 1000/);
+    },
+  );
+
+  it('accepts refreshInterval = 1,000 ms', () => {
+    expect(
+      () => new EnvelopeEncryption({ keys: keys(), activeVersion: 1, registry: { refreshInterval: 1_000 } }),
+    ).not.toThrow();
+  });
+});
+
+describe('an instance whose configuration lacks the registry active version', () => {
+  const k1 = new CountingKeyProvider();
+  const k2 = new CountingKeyProvider();
+  const k3 = new CountingKeyProvider();
+  let schema: TestSchema;
+  const open: EncryptedTestDatabase[] = [];
+  /** An instance on the shared tables; `registry` makes it follow the registry. */
+  const instance = async (
+    keys: Array<{ version: number; provider: CountingKeyProvider }>,
+    activeVersion: number,
+    registry?: { warn: (m: string) => void },
+  ) => {
+    const started = await encryptedDatabase([Customer, Order], {
+      schema,
+      migrations: [TypeormEnvelopeKeyRegistry1764300000000],
+      encryption: {
+        keys,
+        activeVersion,
+        ...(registry ? { registry: { refreshInterval: 1_000, ...registry } } : {}),
+      },
+    });
+    open.push(started);
+    return started;
+  };
+  const versionsOf = (plan: string) =>
+    rawQuery<{ email: string; version: number }>(
+      schema.url,
+      `SELECT encode(email_ciphertext, 'hex') AS email, email_key_version AS version
+       FROM "${schema.schema}".customer WHERE plan = $1 ORDER BY id`,
+      [plan],
+    );
+  const save = (db: EncryptedTestDatabase, email: string, plan: string) => {
+    const repo = db.dataSource.getRepository(Customer);
+    return repo.save(repo.create({ email, plan, address: null }));
+  };
+
+  beforeAll(async () => {
+    schema = await createTestSchema('registry_fallback');
+  });
+  afterAll(async () => {
+    for (const db of open.reverse()) await db.close();
+    await schema?.drop();
+  });
+
+  it('writes with a configured version the registry records, not with an unrecorded newer one', async () => {
+    const a = await instance(
+      [
+        { version: 1, provider: k1 },
+        { version: 2, provider: k2 },
+      ],
+      1,
+    );
+    const registryA = new KeyRegistry(a.dataSource, a.encryption);
+    await registryA.sync();
+    await registryA.activate(2);
+    // Version 3 is staged in this deployment but recorded nowhere; version 2 is missing from it.
+    const warnings: string[] = [];
+    const b = await instance(
+      [
+        { version: 1, provider: k1 },
+        { version: 3, provider: k3 },
+      ],
+      1,
+      { warn: (m) => warnings.push(m) },
+    );
+    expect(b.encryption.keyring.activeVersion).toBe(1);
+    expect(warnings).toEqual([expect.stringMatching(/names version 2 active.*writing with version 1/)]);
+    const { id } = await save(b, 'from-b@example.com', 'fallback');
+    expect((await versionsOf('fallback')).map((r) => r.version)).toEqual([1]);
+    expect(JSON.stringify(await versionsOf('fallback'))).not.toContain(
+      Buffer.from('from-b@example.com').toString('hex'),
+    );
+    // The instance that has the registry's versions reads the row.
+    expect((await a.dataSource.getRepository(Customer).findOneByOrFail({ id })).email).toBe(
+      'from-b@example.com',
+    );
+  });
+
+  it('refuses writes (reads keep working) while none of its versions is recorded and not retired, then writes once one is', async () => {
+    const a = open[0] as EncryptedTestDatabase;
+    const registryA = new KeyRegistry(a.dataSource, a.encryption);
+    expect((await rewrapDataKeys(a.dataSource, a.encryption)).error).toBeUndefined();
+    await registryA.retire(1);
+    // An instance that follows no registry writes a row under version 3, recorded nowhere yet.
+    const w = await instance(
+      [
+        { version: 2, provider: k2 },
+        { version: 3, provider: k3 },
+      ],
+      3,
+    );
+    const { id: underThree } = await save(w, 'under-three@example.com', 'refused');
+
+    const onlyRetired = await instance([{ version: 1, provider: k1 }], 1, { warn: () => undefined });
+    const retiredWrite = await save(onlyRetired, 'retired@example.com', 'refused').catch((e: unknown) => e);
+    expect(retiredWrite).toBeInstanceOf(ConfigError);
+    expect(String((retiredWrite as Error).message)).toMatch(/version 1 is retired/);
+
+    const warnings: string[] = [];
+    const c = await instance(
+      [
+        { version: 1, provider: k1 },
+        { version: 3, provider: k3 },
+      ],
+      1,
+      { warn: (m) => warnings.push(m) },
+    );
+    const before = await versionsOf('refused');
+    const refused = await save(c, 'refused@example.com', 'refused').catch((e: unknown) => e);
+    expect(refused).toBeInstanceOf(ConfigError);
+    expect(refused).toMatchObject({ entity: 'Customer', column: 'email' });
+    const message = String((refused as Error).message);
+    expect(message).toContain('writes are refused');
+    expect(message).toContain('names version 2 active');
+    expect(message).toContain('version 1 is retired');
+    expect(message).toContain('version 3 is not recorded');
+    expect(warnings).toEqual([expect.stringContaining('writes are refused')]);
+    expect(await versionsOf('refused')).toEqual(before);
+    expect(before.map((r) => r.version)).toEqual([3]);
+    // Reads keep working.
+    expect((await c.dataSource.getRepository(Customer).findOneByOrFail({ id: underThree })).email).toBe(
+      'under-three@example.com',
+    );
+
+    // Version 3 gets recorded: at its next registry read the instance writes with it.
+    await new KeyRegistry(w.dataSource, w.encryption).sync();
+    await vi.waitFor(() => expect(c.encryption.keyring.writeRefusal).toBeUndefined(), { timeout: 10_000 });
+    await save(c, 'after@example.com', 'refused');
+    expect((await versionsOf('refused')).map((r) => r.version)).toEqual([3, 3]);
   });
 });
