@@ -246,6 +246,14 @@ export class EnvelopeEncryption {
     return [...installed].map(([metadata, columns]) => ({ metadata, columns }));
   }
 
+  /**
+   * Whether {@link attach} was called with `dataSource` on this EnvelopeEncryption (initialized or
+   * not yet). For tools handed several DataSources, such as a read replica beside the primary.
+   */
+  isAttachedTo(dataSource: DataSource): boolean {
+    return this.#installed.has(dataSource);
+  }
+
   /** The field encryptor, for rotation and maintenance tools. */
   get encryptor(): FieldEncryptor {
     return this.#encryptor;

@@ -25,26 +25,68 @@ export interface Project {
 export async function loadProject(file: string, options: { initialize?: boolean } = {}): Promise<Project> {
   const path = resolve(file);
   if (!existsSync(path)) throw new ConfigError(`data source file not found: ${path}`);
-  const loaded = (await loadModule(path, file)) as Record<string, unknown>;
+  const loaded = (await settledBeforeExit(loadModule(path, file), file)) as Record<string, unknown>;
   const exported = [
     ...Object.entries(loaded),
     ...Object.entries((loaded.default as Record<string, unknown>) ?? {}),
   ];
-  const dataSource =
-    exported.map(([, v]) => v).find((v): v is DataSource => v instanceof DataSource) ??
-    (loaded.default instanceof DataSource ? loaded.default : undefined);
-  const encryptionEntry =
-    exported.find(([, v]) => v instanceof EnvelopeEncryption) ??
-    (loaded.default instanceof EnvelopeEncryption ? ['default', loaded.default] : undefined);
-  if (!dataSource) throw new ConfigError(`${file} exports no DataSource`);
-  if (!encryptionEntry) throw new ConfigError(`${file} exports no EnvelopeEncryption`);
+  if (loaded.default instanceof DataSource || loaded.default instanceof EnvelopeEncryption) {
+    exported.push(['default', loaded.default]);
+  }
+  const dataSources = [...new Set(exported.map(([, v]) => v).filter((v) => v instanceof DataSource))];
+  const encryptions = exported.filter(
+    (entry): entry is [string, EnvelopeEncryption] => entry[1] instanceof EnvelopeEncryption,
+  );
+  if (!dataSources.length) throw new ConfigError(`${file} exports no DataSource`);
+  if (!encryptions.length) throw new ConfigError(`${file} exports no EnvelopeEncryption`);
+  /* A file may export other DataSources (a read replica): use the one the encryption is attached to. */
+  let chosen: { dataSource: DataSource; entry: [string, EnvelopeEncryption] } | undefined;
+  for (const entry of encryptions) {
+    const dataSource = dataSources.find((candidate) => entry[1].isAttachedTo(candidate));
+    if (dataSource) {
+      chosen = { dataSource, entry };
+      break;
+    }
+  }
+  if (!chosen) {
+    throw new ConfigError(
+      `the EnvelopeEncryption that ${file} exports is not attached to any DataSource it exports: ` +
+        'call encryption.attach(dataSource) in that file, before the DataSource is initialized',
+    );
+  }
+  const { dataSource, entry } = chosen;
   if (options.initialize !== false && !dataSource.isInitialized) await dataSource.initialize();
-  return {
-    dataSource,
-    encryption: encryptionEntry[1] as EnvelopeEncryption,
-    file: path,
-    encryptionExport: encryptionEntry[0],
-  };
+  return { dataSource, encryption: entry[1], file: path, encryptionExport: entry[0] };
+}
+
+/**
+ * Rejects when the process would exit before `loading` settles: an ES module whose top-level
+ * `await` never settles leaves nothing for Node to run, and the CLI would otherwise end with
+ * status 0 and no output.
+ */
+function settledBeforeExit<T>(loading: Promise<T>, file: string): Promise<T> {
+  return new Promise<T>((resolvePromise, reject) => {
+    const onBeforeExit = () => {
+      process.off('beforeExit', onBeforeExit);
+      reject(
+        new ConfigError(
+          `${file} never finished loading: its top-level await waits on a promise that never settles ` +
+            '(nothing is left for it to wait on), so it exports nothing yet',
+        ),
+      );
+    };
+    process.on('beforeExit', onBeforeExit);
+    loading.then(
+      (value) => {
+        process.off('beforeExit', onBeforeExit);
+        resolvePromise(value);
+      },
+      (error: unknown) => {
+        process.off('beforeExit', onBeforeExit);
+        reject(error);
+      },
+    );
+  });
 }
 
 /*

@@ -110,3 +110,43 @@ describe('validate() and the key registry', () => {
     }
   });
 });
+
+describe('isAttachedTo()', () => {
+  it('tells the DataSource attach() was called with from another one, before and after initialize()', async () => {
+    // A schema of its own: the other tests leave a key registry that records other keys.
+    const own = await createTestSchema('attached_to');
+    const inOwn = () =>
+      new DataSource({
+        type: 'postgres',
+        url: own.url,
+        schema: own.schema,
+        entities: [Customer, Order],
+        synchronize: true,
+      });
+    const encryption = encryptionWith();
+    const attached = inOwn();
+    const replica = inOwn();
+    expect(encryption.isAttachedTo(attached)).toBe(false);
+    encryption.attach(attached);
+    expect(encryption.isAttachedTo(attached)).toBe(true);
+    expect(encryption.isAttachedTo(replica)).toBe(false);
+    expect(encryptionWith().isAttachedTo(attached)).toBe(false);
+    await attached.initialize();
+    try {
+      expect(encryption.isAttachedTo(attached)).toBe(true);
+      const repo = attached.getRepository(Customer);
+      const { id } = await repo.save(
+        repo.create({ email: 'attached@example.com', plan: 'attached', address: null }),
+      );
+      const [row] = await rawQuery<{ ct: Buffer }>(
+        own.url,
+        `SELECT email_ciphertext AS ct FROM "${own.schema}".customer WHERE id = $1`,
+        [id],
+      );
+      expect(row?.ct.includes(Buffer.from('attached@example.com'))).toBe(false);
+    } finally {
+      await attached.destroy();
+      await own.drop();
+    }
+  });
+});

@@ -346,3 +346,52 @@ describe('typeorm-envelope CLI while a plaintext column waits for its backfill',
     expect(rows.every((r) => Buffer.isBuffer(r.email_ciphertext))).toBe(true);
   }, 120_000);
 });
+
+describe('typeorm-envelope -d with unusual data source files', () => {
+  let loadSchema: TestSchema;
+  let loadEnv: Record<string, string>;
+  beforeAll(async () => {
+    const project = await createCliProject({
+      prefix: 'cli_load',
+      rows: 3,
+      maxUses: 2,
+      customer: (i) => ({ email: `load${i}@example.com`, plan: 'load', address: null }),
+    });
+    loadSchema = project.schema;
+    loadEnv = { ...project.env, TEST_ACTIVE_VERSION: '1' };
+  });
+  afterAll(() => loadSchema?.drop());
+
+  it('a file whose top-level await never settles exits non-zero and says so', () => {
+    const run = runCliWith(resolve(root, 'test/fixtures/unsettled-data-source.mjs'), ['status'], loadEnv);
+    expect(run.status).toBe(1);
+    expect(run.stdout).toBe('');
+    expect(run.stderr).toContain('never finished loading');
+    expect(run.stderr).toContain('top-level await');
+  });
+
+  it('uses the DataSource the EnvelopeEncryption is attached to, even when another is exported first', async () => {
+    const run = runCliWith(
+      resolve(root, 'test/fixtures/replica-data-source.ts'),
+      ['--json', 'status'],
+      loadEnv,
+    );
+    expect(run.status, run.stderr).toBe(0);
+    expect(JSON.parse(run.stdout).properties).toContainEqual(
+      expect.objectContaining({ entity: 'Customer', property: 'email', rowsByVersion: { '1': 3 } }),
+    );
+    const [row] = await rawQuery<{ n: number }>(
+      loadSchema.url,
+      `SELECT count(*)::int AS n FROM "${loadSchema.schema}".customer WHERE email_key_version = 1`,
+    );
+    expect(row?.n).toBe(3);
+  });
+
+  it('a file whose EnvelopeEncryption is attached to none of its DataSources is refused', () => {
+    const run = runCliWith(resolve(root, 'test/fixtures/unattached-data-source.ts'), ['status'], loadEnv);
+    expect(run.status).toBe(1);
+    expect(run.stdout).toBe('');
+    expect(run.stderr).toContain('ConfigError');
+    expect(run.stderr).toContain('not attached to any DataSource it exports');
+  });
+});
