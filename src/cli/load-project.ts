@@ -20,7 +20,10 @@ export interface Project {
  * export included), like TypeORM's CLI `-d`. ES modules (top-level `await` included) and CommonJS
  * modules are loaded with `import()`. TypeScript files are compiled to CommonJS on the fly (by a
  * hook already registered, such as ts-node's, else with the `typescript` package); one with
- * top-level await needs a TypeScript loader for ES modules (`node --import tsx`). The DataSource is initialized unless `initialize` is false.
+ * top-level await needs a TypeScript loader for ES modules (`node --import tsx`). Of several exported
+ * DataSources (a read replica beside the primary) the one the EnvelopeEncryption is attached to is
+ * used; none attached is a `ConfigError`, and so is a top-level await that never settles. The
+ * DataSource is initialized unless `initialize` is false.
  */
 export async function loadProject(file: string, options: { initialize?: boolean } = {}): Promise<Project> {
   const path = resolve(file);
