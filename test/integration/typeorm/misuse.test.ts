@@ -3,6 +3,7 @@ import { randomUUID } from 'node:crypto';
 import {
   Column,
   DataSource,
+  type DataSourceOptions,
   Entity,
   type EntitySubscriberInterface,
   type InsertEvent,
@@ -104,6 +105,22 @@ const failureOf = (fn: () => unknown) =>
       () => undefined,
       (e: unknown) => e,
     );
+/** What `initialize()` of a DataSource with encryption attached and `entities` fails with. */
+async function startUpFailure(prefix: string, entities: DataSourceOptions['entities']): Promise<unknown> {
+  const schema = await createTestSchema(prefix);
+  const encryption = new EnvelopeEncryption({
+    keys: [{ version: 1, provider: new CountingKeyProvider() }],
+    activeVersion: 1,
+  });
+  const dataSource = new DataSource({ type: 'postgres', url: schema.url, schema: schema.schema, entities });
+  encryption.attach(dataSource);
+  try {
+    return await failureOf(() => dataSource.initialize());
+  } finally {
+    if (dataSource.isInitialized) await dataSource.destroy();
+    await schema.drop();
+  }
+}
 const table = (name: string) => `"${db.schema.schema}".${name}`;
 const accounts = () => db.dataSource.getRepository(MAccount);
 
@@ -174,26 +191,9 @@ describe('writes that would leave values bound to another primary key are refuse
   });
 
   it('a relation that updates part of a bound primary key ON UPDATE CASCADE is refused at start-up', async () => {
-    const schema = await createTestSchema('misuse_cascade');
-    const encryption = new EnvelopeEncryption({
-      keys: [{ version: 1, provider: new CountingKeyProvider() }],
-      activeVersion: 1,
-    });
-    const dataSource = new DataSource({
-      type: 'postgres',
-      url: schema.url,
-      schema: schema.schema,
-      entities: [MInvoice, MLine],
-    });
-    encryption.attach(dataSource);
-    try {
-      const error = await failureOf(() => dataSource.initialize());
-      expect(error).toBeInstanceOf(ConfigError);
-      expect(error).toMatchObject({ entity: 'MLine', column: 'item' });
-    } finally {
-      if (dataSource.isInitialized) await dataSource.destroy();
-      await schema.drop();
-    }
+    const error = await startUpFailure('misuse_cascade', [MInvoice, MLine]);
+    expect(error).toBeInstanceOf(ConfigError);
+    expect(error).toMatchObject({ entity: 'MLine', column: 'item' });
   });
 });
 
@@ -246,26 +246,9 @@ describe('backfilling bigint and numeric plaintext columns', () => {
 
 describe('renamedFrom naming another live encrypted property', () => {
   it('is refused at start-up', async () => {
-    const schema = await createTestSchema('misuse_renamed');
-    const encryption = new EnvelopeEncryption({
-      keys: [{ version: 1, provider: new CountingKeyProvider() }],
-      activeVersion: 1,
-    });
-    const dataSource = new DataSource({
-      type: 'postgres',
-      url: schema.url,
-      schema: schema.schema,
-      entities: [MRenamed],
-    });
-    encryption.attach(dataSource);
-    try {
-      const error = await failureOf(() => dataSource.initialize());
-      expect(error).toBeInstanceOf(ConfigError);
-      expect(error).toMatchObject({ entity: 'MRenamed', column: 'backupEmail' });
-    } finally {
-      if (dataSource.isInitialized) await dataSource.destroy();
-      await schema.drop();
-    }
+    const error = await startUpFailure('misuse_renamed', [MRenamed]);
+    expect(error).toBeInstanceOf(ConfigError);
+    expect(error).toMatchObject({ entity: 'MRenamed', column: 'backupEmail' });
   });
 });
 
