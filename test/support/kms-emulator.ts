@@ -8,6 +8,35 @@ export interface KmsEmulatorOptions {
   region?: string;
   /** Account id used in ARNs. Default `111122223333`. */
   accountId?: string;
+  /**
+   * Who signed a request, from the access key id of its SigV4 `Authorization` header (the STS
+   * emulator's `principalOf` fits). When set, unknown keys are refused (`UnrecognizedClientException`),
+   * expired ones too (`ExpiredTokenException`), and every key's policy is enforced. When not set,
+   * any signed request is accepted and policies are ignored (as before policies existed).
+   */
+  principalOf?: (accessKeyId: string) => KmsPrincipal | undefined;
+}
+
+/** The caller of a request, as {@link KmsEmulatorOptions.principalOf} reports it. */
+export interface KmsPrincipal {
+  /** The account the credentials act in. */
+  account: string;
+  /** The caller's ARN (an IAM user, or an STS assumed-role session). */
+  arn: string;
+  /** For an assumed-role session: the role's ARN, which a key policy names. */
+  roleArn?: string;
+  /** For temporary credentials: when they stop working. */
+  expiration?: Date;
+}
+
+/**
+ * One statement of a key policy: `principals` (account ids, `arn:aws:iam::<account>:root`, role or
+ * user ARNs, `*`) may call `actions` (`kms:Decrypt`, `kms:ReEncryptFrom`, `kms:*`, `*`) on the key.
+ * Only `Allow` statements exist: what no statement allows is denied.
+ */
+export interface KeyPolicyStatement {
+  principals: string[];
+  actions: string[];
 }
 
 /** Key metadata exactly as the emulator puts it on the wire (dates are epoch seconds). */
@@ -38,6 +67,13 @@ export interface CreateKeyOptions {
   /** `ENCRYPT_DECRYPT` (default, as in real KMS) or `SIGN_VERIFY`. */
   keyUsage?: string;
   description?: string;
+  /** Account that owns the key (its ARN names it). Default: the emulator's `accountId`. */
+  accountId?: string;
+  /**
+   * The key policy. Default, as KMS's default key policy: the owning account (any of its
+   * principals) may do everything. Enforced only with {@link KmsEmulatorOptions.principalOf}.
+   */
+  policy?: KeyPolicyStatement[];
 }
 
 /** One request seen by the emulator. */
@@ -47,6 +83,8 @@ export interface KmsCall {
   keyId?: string;
   /** `EncryptionContext` (or `DestinationEncryptionContext` for ReEncrypt) as sent. */
   encryptionContext?: Record<string, string>;
+  /** The caller's ARN, when {@link KmsEmulatorOptions.principalOf} identified it. */
+  principal?: string;
 }
 
 /** A fault to inject: the next `times` calls (of `operation`, or of any operation) fail with `error`. */
@@ -93,6 +131,7 @@ const KEY_SPECS: Record<string, { encrypt?: string[]; sign?: string[] }> = {
   ECC_NIST_P256: { sign: ['ECDSA_SHA_256'] },
   ECC_NIST_P384: { sign: ['ECDSA_SHA_384'] },
 };
+const KMS_ARN = /^arn:aws[a-z-]*:kms:([^:]+):(\d{12}):((?:key|alias)\/.+)$/;
 const UUID_RE = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
 const BLOB_VERSION = 1;
 const HEADER_LEN = 1 + 36;
@@ -105,6 +144,7 @@ interface KeyRecord {
   meta: EmulatedKeyMetadata;
   /** 32 bytes for symmetric keys; asymmetric keys are metadata only. */
   material?: Buffer;
+  policy: KeyPolicyStatement[];
 }
 interface AliasRecord {
   target: string;
@@ -210,6 +250,9 @@ export class KmsEmulator {
   private readonly faultQueue: FaultSpec[] = [];
   private outage: string | null = null;
   private latencyMs = 0;
+  /** The caller and operation of the request being handled (handlers run synchronously, one at a time). */
+  private caller: KmsPrincipal | undefined;
+  private operation = '';
   private readonly server: Server = createServer((req, res) => {
     this.handle(req, res).catch(() => res.destroy());
   });
@@ -219,11 +262,16 @@ export class KmsEmulator {
     readonly region: string,
     /** Account id used in ARNs. */
     readonly accountId: string,
+    private readonly principalOf?: (accessKeyId: string) => KmsPrincipal | undefined,
   ) {}
 
   /** @internal Use {@link startKmsEmulator}. */
   static async start(options: KmsEmulatorOptions = {}): Promise<KmsEmulator> {
-    const emulator = new KmsEmulator(options.region ?? 'us-east-1', options.accountId ?? '111122223333');
+    const emulator = new KmsEmulator(
+      options.region ?? 'us-east-1',
+      options.accountId ?? '111122223333',
+      options.principalOf,
+    );
     await new Promise<void>((resolve, reject) => {
       emulator.server.once('error', reject);
       emulator.server.listen(0, '127.0.0.1', resolve);
@@ -261,11 +309,13 @@ export class KmsEmulator {
     if (!(encrypt ? algorithms.encrypt : keyUsage === 'SIGN_VERIFY' && algorithms.sign)) {
       fail('ValidationException', `KeyUsage ${keyUsage} does not fit KeySpec ${keySpec}`);
     }
+    const account = options.accountId ?? this.accountId;
+    if (!/^\d{12}$/.test(account)) fail('ValidationException', `accountId must be 12 digits, got ${account}`);
     const keyId = randomUUID();
     const meta: EmulatedKeyMetadata = {
-      AWSAccountId: this.accountId,
+      AWSAccountId: account,
       KeyId: keyId,
-      Arn: `${this.arnPrefix()}key/${keyId}`,
+      Arn: `${this.arnPrefix(account)}key/${keyId}`,
       CreationDate: nowSeconds(),
       Enabled: true,
       Description: options.description ?? '',
@@ -278,8 +328,22 @@ export class KmsEmulator {
       ...(encrypt ? { EncryptionAlgorithms: algorithms.encrypt } : { SigningAlgorithms: algorithms.sign }),
       MultiRegion: false,
     };
-    this.keys.set(keyId, { meta, ...(keySpec === 'SYMMETRIC_DEFAULT' ? { material: randomBytes(32) } : {}) });
+    const policy = structuredClone(options.policy ?? [{ principals: [account], actions: ['kms:*'] }]);
+    const material = keySpec === 'SYMMETRIC_DEFAULT' ? { material: randomBytes(32) } : {};
+    this.keys.set(keyId, { meta, policy, ...material });
     return structuredClone(meta);
+  }
+
+  /** Replaces a key's policy (PutKeyPolicy); takes effect on the next request. */
+  putKeyPolicy(keyId: string, policy: KeyPolicyStatement[]): EmulatedKeyMetadata {
+    const key = this.resolve(keyId);
+    key.policy = structuredClone(policy);
+    return structuredClone(key.meta);
+  }
+
+  /** A copy of a key's policy. */
+  keyPolicy(keyId: string): KeyPolicyStatement[] {
+    return structuredClone(this.resolve(keyId).policy);
   }
 
   /** Points `alias` (must start with `alias/`) at a key; returns the key's metadata. */
@@ -328,6 +392,7 @@ export class KmsEmulator {
   private readonly handlers: Record<string, (body: Body) => object> = {
     CreateKey: (b) => ({
       KeyMetadata: this.createKey({
+        ...(this.caller ? { accountId: this.caller.account } : {}),
         keySpec: optStr(b, 'KeySpec') ?? optStr(b, 'CustomerMasterKeySpec'),
         keyUsage: optStr(b, 'KeyUsage'),
         description: optStr(b, 'Description'),
@@ -361,7 +426,7 @@ export class KmsEmulator {
     ReEncrypt: (b) => {
       const algorithm = optStr(b, 'SourceEncryptionAlgorithm');
       const source = this.open(b, 'CiphertextBlob', 'SourceEncryptionContext', 'SourceKeyId', algorithm);
-      const dest = this.useKey(reqStr(b, 'DestinationKeyId'));
+      const dest = this.useKey(reqStr(b, 'DestinationKeyId'), 'kms:ReEncryptTo');
       const material = this.material(dest, 'ReEncrypt', optStr(b, 'DestinationEncryptionAlgorithm'));
       const context = optContext(b, 'DestinationEncryptionContext');
       const blob = seal(dest.meta.KeyId, material, source.plaintext, context);
@@ -413,13 +478,34 @@ export class KmsEmulator {
     }
     const operation = target.slice('TrentService.'.length);
     const body = parseBody(raw);
-    this.record(operation, body);
-    const fault = this.takeFault(operation);
-    if (fault) {
-      this.faults[operation] = (this.faults[operation] ?? 0) + 1;
-      fail(fault, `Injected ${fault} (kms-emulator)`);
+    this.caller = this.principalOf && this.identify(String(req.headers.authorization));
+    this.operation = operation;
+    try {
+      this.record(operation, body);
+      const fault = this.takeFault(operation);
+      if (fault) {
+        this.faults[operation] = (this.faults[operation] ?? 0) + 1;
+        fail(fault, `Injected ${fault} (kms-emulator)`);
+      }
+      if (this.principalOf) this.checkCredentials(this.caller);
+      return (this.handlers[operation] ?? fail('UnknownOperationException', `Unknown ${operation}`))(body);
+    } finally {
+      this.caller = undefined;
     }
-    return (this.handlers[operation] ?? fail('UnknownOperationException', `Unknown ${operation}`))(body);
+  }
+
+  /** The principal of the SigV4 `Credential=<access key id>/…` of the request, if known. */
+  private identify(authorization: string): KmsPrincipal | undefined {
+    const accessKeyId = /Credential=([^/,\s]+)\//.exec(authorization)?.[1];
+    return accessKeyId === undefined ? undefined : this.principalOf?.(accessKeyId);
+  }
+
+  private checkCredentials(caller: KmsPrincipal | undefined): void {
+    if (!caller)
+      fail('UnrecognizedClientException', 'The security token included in the request is invalid.');
+    if (caller.expiration && caller.expiration.getTime() <= Date.now()) {
+      fail('ExpiredTokenException', 'The security token included in the request is expired');
+    }
   }
 
   private record(operation: string, body: Body): void {
@@ -432,6 +518,7 @@ export class KmsEmulator {
       operation,
       ...(typeof keyId === 'string' ? { keyId } : {}),
       ...(context && typeof context === 'object' ? { encryptionContext: { ...context } } : {}),
+      ...(this.caller ? { principal: this.caller.arn } : {}),
     });
   }
 
@@ -444,31 +531,55 @@ export class KmsEmulator {
     return fault.error;
   }
 
-  private arnPrefix(): string {
-    return `arn:aws:kms:${this.region}:${this.accountId}:`;
+  private arnPrefix(account = this.accountId): string {
+    return `arn:aws:kms:${this.region}:${account}:`;
   }
 
-  /** Resolves a key id, key ARN, alias name or alias ARN; unknown → NotFoundException. */
+  /**
+   * Resolves a key id, key ARN (of any account), alias name or alias ARN (aliases live in the
+   * emulator's own account); unknown → NotFoundException.
+   */
   private resolve(identifier: string): KeyRecord {
-    const prefix = this.arnPrefix();
-    const local = identifier.startsWith(prefix) ? identifier.slice(prefix.length) : identifier;
-    const keyId = local.startsWith('alias/')
-      ? this.aliases.get(local)?.target
-      : local.startsWith('key/') && identifier !== local
-        ? local.slice('key/'.length)
-        : identifier;
+    const arn = KMS_ARN.exec(identifier);
+    const [, region, account, local] = arn ?? [undefined, this.region, undefined, identifier];
+    const keyId =
+      region !== this.region
+        ? undefined
+        : local?.startsWith('alias/')
+          ? account === undefined || account === this.accountId
+            ? this.aliases.get(local)?.target
+            : undefined
+          : arn && local?.startsWith('key/')
+            ? local.slice('key/'.length)
+            : identifier;
     const key = keyId === undefined ? undefined : this.keys.get(keyId);
-    return key ?? fail('NotFoundException', `Key '${identifier}' does not exist`);
+    const owned = key && (account === undefined || key.meta.AWSAccountId === account);
+    return (owned && key) || fail('NotFoundException', `Key '${identifier}' does not exist`);
   }
 
-  /** {@link resolve} plus the {@link denyAccess} check, for requests arriving over HTTP. */
-  private useKey(identifier: string): KeyRecord {
-    return this.checkAccess(this.resolve(identifier));
+  /** {@link resolve} plus the access checks, for requests arriving over HTTP. */
+  private useKey(identifier: string, action?: string): KeyRecord {
+    return this.checkAccess(this.resolve(identifier), action);
   }
 
-  private checkAccess(key: KeyRecord): KeyRecord {
-    if (!this.denied.has(key.meta.KeyId)) return key;
-    return fail('AccessDeniedException', `User is not authorized to use key ${key.meta.Arn}`);
+  /** The {@link denyAccess} switch, then (with `principalOf`) the key policy for `action`. */
+  private checkAccess(key: KeyRecord, action = `kms:${this.operation}`): KeyRecord {
+    if (this.denied.has(key.meta.KeyId)) {
+      fail('AccessDeniedException', `User is not authorized to use key ${key.meta.Arn}`);
+    }
+    const caller = this.caller;
+    if (!this.principalOf || !caller) return key;
+    const allowed = key.policy.some(
+      (statement) =>
+        statement.actions.some((a) => a === '*' || a === 'kms:*' || a === action) &&
+        statement.principals.some((entry) => principalMatches(entry, caller)),
+    );
+    if (allowed) return key;
+    return fail(
+      'AccessDeniedException',
+      `User: ${caller.arn} is not authorized to perform: ${action} on resource: ${key.meta.Arn} ` +
+        `because no resource-based policy allows the ${action} action`,
+    );
   }
 
   /** Checks state and usage for a cryptographic operation and returns the key material. */
@@ -483,13 +594,14 @@ export class KmsEmulator {
   }
 
   private open(body: Body, blobField: string, contextField: string, pinField: string, algorithm?: string) {
+    const action = pinField === 'SourceKeyId' ? 'kms:ReEncryptFrom' : 'kms:Decrypt';
     const blob = reqBlob(body, blobField);
     const pinnedId = optStr(body, pinField);
-    const pinned = pinnedId === undefined ? undefined : this.useKey(pinnedId);
+    const pinned = pinnedId === undefined ? undefined : this.useKey(pinnedId, action);
     const blobKey = blobKeyId(blob);
     const key = (blobKey && this.keys.get(blobKey)) || fail('InvalidCiphertextException', 'Bad ciphertext');
     if (pinned && pinned !== key) fail('IncorrectKeyException', 'The KeyId does not match the ciphertext');
-    const material = this.material(this.checkAccess(key), 'Decrypt', algorithm);
+    const material = this.material(this.checkAccess(key, action), 'Decrypt', algorithm);
     return { key, plaintext: unsealWith(material, blob, optContext(body, contextField)) };
   }
 
@@ -562,9 +674,18 @@ export class KmsEmulator {
   }
 }
 
+/** Whether `entry` of a key policy (`*`, an account id or root ARN, a role or user ARN) names `principal`. */
+function principalMatches(entry: string, principal: KmsPrincipal): boolean {
+  if (entry === '*') return true;
+  const root = /^(?:arn:aws[a-z-]*:iam::)?(\d{12})(?::root)?$/.exec(entry);
+  if (root) return root[1] === principal.account;
+  return entry === principal.arn || entry === principal.roleArn;
+}
+
 /**
  * Starts a KMS emulator on `127.0.0.1` (random port). SigV4 signatures are not verified, but an
- * `Authorization` header is required. Call {@link KmsEmulator.close} when done.
+ * `Authorization` header is required; with `principalOf`, its access key id identifies the caller
+ * and key policies apply. Call {@link KmsEmulator.close} when done.
  */
 export async function startKmsEmulator(options?: KmsEmulatorOptions): Promise<KmsEmulator> {
   return KmsEmulator.start(options);
