@@ -35,8 +35,6 @@ export const FLAG_PRIMARY_KEY_BOUND = 0x01;
 export const FLAG_SCHEMA_BOUND = 0x02;
 export const HEADER_BYTES = 2;
 
-/** Per schema-qualified table and column: for each header, the associated data without the key part. */
-const prefixes = new Map<string, Map<string, Map<number, { prefix: Buffer; unbound: Buffer }>>>();
 const MAX_TABLES = 10_000;
 const UNBOUND_KEY = lengthPrefixed('');
 
@@ -52,15 +50,30 @@ export function associatedData(header: Uint8Array, binding: ValueBinding): Buffe
     : Buffer.concat([cached.prefix, lengthPrefixed(binding.primaryKey ?? '')]);
 }
 
+type ByTable = Map<string, Map<string, Map<number, { prefix: Buffer; unbound: Buffer }>>>;
+/** Values bound to a table only (header flag 0x02 unset), by table. */
+const unschemed: ByTable = new Map();
+/** Values bound to schema and table, by schema then table (no key string built per value). */
+const bySchema = new Map<string, ByTable>();
+
 function cachedPrefix(header: Uint8Array, binding: ValueBinding, headerKey: number) {
   const schemaBound = ((header[1] ?? 0) & FLAG_SCHEMA_BOUND) !== 0;
   /* Without a schema to open it under, a schema-bound value simply fails authentication. */
-  const tableKey = schemaBound ? `${binding.schema ?? ''}\u0000${binding.table}` : binding.table;
-  let byColumn = prefixes.get(tableKey);
+  const schema = binding.schema ?? '';
+  let byTable = unschemed;
+  if (schemaBound) {
+    byTable = bySchema.get(schema) as ByTable;
+    if (!byTable) {
+      if (bySchema.size >= MAX_TABLES) bySchema.clear();
+      byTable = new Map();
+      bySchema.set(schema, byTable);
+    }
+  }
+  let byColumn = byTable.get(binding.table);
   if (!byColumn) {
-    if (prefixes.size >= MAX_TABLES) prefixes.clear();
+    if (byTable.size >= MAX_TABLES) byTable.clear();
     byColumn = new Map();
-    prefixes.set(tableKey, byColumn);
+    byTable.set(binding.table, byColumn);
   }
   let byHeader = byColumn.get(binding.column);
   if (!byHeader) {
@@ -73,7 +86,7 @@ function cachedPrefix(header: Uint8Array, binding: ValueBinding, headerKey: numb
       Buffer.from('typeorm-envelope', 'latin1'),
       header.subarray(0, HEADER_BYTES),
       lengthPrefixed(binding.table),
-      ...(schemaBound ? [lengthPrefixed(binding.schema ?? '')] : []),
+      ...(schemaBound ? [lengthPrefixed(schema)] : []),
       lengthPrefixed(binding.column),
     ]);
     cached = { prefix, unbound: Buffer.concat([prefix, UNBOUND_KEY]) };

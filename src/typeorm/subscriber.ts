@@ -210,18 +210,17 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
         continue;
       }
       const binding = valueBinding(metadata, column, bindPrimaryKey ? primaryKey : undefined);
-      const context = { entity: metadata.name, column: path };
       let sealed: SealedValue | typeof NOT_CACHED;
       try {
         sealed = this.encryptor.trySeal(value, binding, type);
       } catch (error) {
-        throw withErrorContext(error, context);
+        throw withErrorContext(error, { entity: metadata.name, column: path });
       }
       if (sealed !== NOT_CACHED) record(sealed);
       else
         pending.push(
           this.encryptor.seal(value, binding, type).then(record, (error: unknown) => {
-            throw withErrorContext(error, context);
+            throw withErrorContext(error, { entity: metadata.name, column: path });
           }),
         );
     }

@@ -15,17 +15,24 @@ export function valueBinding(
   column: EncryptedColumns,
   primaryKey: string | undefined,
 ): ValueBinding {
-  const path = column.main.propertyPath;
-  const former = column.definition.formerNames;
-  const prefix = path.slice(0, path.length - column.definition.propertyName.length);
-  return {
-    table: metadata.tableName,
-    schema: schemaOf(metadata),
-    column: path,
-    primaryKey,
-    ...(former.length ? { formerColumns: former.map((name) => prefix + name) } : {}),
-  };
+  let place = places.get(column);
+  if (!place) {
+    const path = column.main.propertyPath;
+    const former = column.definition.formerNames;
+    const prefix = path.slice(0, path.length - column.definition.propertyName.length);
+    place = Object.freeze({
+      table: metadata.tableName,
+      schema: schemaOf(metadata),
+      column: path,
+      ...(former.length ? { formerColumns: former.map((name) => prefix + name) } : {}),
+    });
+    places.set(column, place);
+  }
+  return primaryKey === undefined ? place : { ...place, primaryKey };
 }
+
+/** The unchanging part of each installed column's binding, built at its first use (after connect). */
+const places = new WeakMap<EncryptedColumns, ValueBinding>();
 
 function schemaOf(metadata: EntityMetadata): string {
   /* TypeORM's postgres driver sets `schema` to the connection's current_schema() when none is given. */
