@@ -77,6 +77,12 @@ export interface AwsKmsKeyProviderOptions {
   externalId?: string;
   /** The assumed-role session name, visible in CloudTrail. Default `typeorm-envelope`. Only with `roleArn`. */
   roleSessionName?: string;
+  /**
+   * A custom STS endpoint for `AssumeRole`: a regional or VPC interface endpoint, or an emulator in
+   * tests. Default: the SDK's resolution (`AWS_ENDPOINT_URL_STS`, the region's endpoint). Only with
+   * `roleArn`.
+   */
+  stsEndpoint?: string;
   /** A custom KMS endpoint: a VPC interface endpoint, or an emulator in tests. */
   endpoint?: string;
   /** Attempts per KMS call, first one included, with the SDK's standard retry strategy. Default 5. */
@@ -95,7 +101,9 @@ export interface AwsKmsKeyProviderOptions {
   requestTimeout?: number;
   /**
    * Extra `KMSClientConfig` (credentials, request handler, logger…); the options above take
-   * precedence. A `requestHandler` given here is used as it is, with its own timeouts.
+   * precedence. A `requestHandler` given here is used as it is, with its own timeouts. With
+   * `roleArn`, `credentials` here are the application's own: the ones that call STS `AssumeRole`
+   * (default: the SDK's credential chain); KMS is then called with the role's credentials.
    */
   clientConfig?: KmsClientConfig;
 }
@@ -130,6 +138,7 @@ const CLIENT_BUILDING_OPTIONS = [
   'roleArn',
   'externalId',
   'roleSessionName',
+  'stsEndpoint',
   'endpoint',
   'maxAttempts',
   'connectTimeout',
@@ -161,7 +170,9 @@ const INTEGRITY_ERRORS = new Set(['InvalidCiphertextException', 'IncorrectKeyExc
  * Needs the optional peer dependency `@aws-sdk/client-kms` (and `@aws-sdk/credential-providers` for
  * `roleArn`). Calls are retried by the SDK's standard retry strategy (`maxAttempts`, default 5).
  * KMS refusing the key (`AccessDeniedException`, `DisabledException`, `KMSInvalidStateException`,
- * `NotFoundException`) raises `KeyAccessDeniedError`; a wrapped key that KMS cannot open
+ * `NotFoundException`) raises `KeyAccessDeniedError`, and so does STS refusing to let the
+ * application assume `roleArn` (`AccessDenied`: a trust policy without the application's account,
+ * or a wrong or missing external id); a wrapped key that KMS cannot open
  * (`InvalidCiphertextException`, `IncorrectKeyException`) raises `IntegrityError`; anything else
  * (throttling after retries, internal errors, network) raises `KeyProviderError` with the original
  * error as `cause`.
@@ -405,11 +416,12 @@ function parseKeyId(keyId: unknown): string {
 }
 
 function clientConfigOf(options: AwsKmsKeyProviderOptions): KMSClientConfig {
-  const { region, roleArn, externalId, roleSessionName, endpoint, maxAttempts } = options;
+  const { region, roleArn, externalId, roleSessionName, stsEndpoint, endpoint, maxAttempts } = options;
   const requestHandler = requestHandlerOf(options);
   if (roleArn === undefined) {
-    const stray =
-      externalId !== undefined ? 'externalId' : roleSessionName !== undefined ? 'roleSessionName' : '';
+    const stray = (['externalId', 'roleSessionName', 'stsEndpoint'] as const).find(
+      (name) => options[name] !== undefined,
+    );
     if (stray) throw new ConfigError(`${stray} needs roleArn`);
   } else if (typeof roleArn !== 'string' || !roleArn.startsWith('arn:')) {
     throw new ConfigError('roleArn must be an IAM role ARN (arn:aws:iam::<account>:role/<name>)');
@@ -431,20 +443,58 @@ function clientConfigOf(options: AwsKmsKeyProviderOptions): KMSClientConfig {
       CREDENTIALS_PACKAGE,
       'AwsKmsKeyProvider with roleArn',
     );
-    config.credentials = fromTemporaryCredentials({
+    const ownCredentials = options.clientConfig?.credentials;
+    const assumeRole = fromTemporaryCredentials({
       params: {
         RoleArn: roleArn,
         ...(externalId !== undefined ? { ExternalId: externalId } : {}),
         RoleSessionName: roleSessionName ?? DEFAULT_ROLE_SESSION_NAME,
       },
+      /* The application's own credentials call STS; the role's credentials call KMS. */
+      ...(ownCredentials !== undefined ? { masterCredentials: ownCredentials } : {}),
       clientConfig: {
         ...(region !== undefined ? { region } : {}),
+        ...(stsEndpoint !== undefined ? { endpoint: stsEndpoint } : {}),
         /* STS gets the same timeouts: assuming the role is part of the first KMS call. */
         ...(requestHandler ? { requestHandler: requestHandlerOf(options) } : {}),
       },
     });
+    const context = { keyId: options.keyId };
+    /* The SDK refreshes through this function before the credentials expire; it only maps failures. */
+    config.credentials = async (properties?: Record<string, unknown>) => {
+      try {
+        return await assumeRole(properties);
+      } catch (error) {
+        throw mapStsError(error, roleArn, context);
+      }
+    };
   }
   return config;
+}
+
+/** STS errors meaning the role cannot be assumed by these credentials: the customer's side refuses. */
+const STS_ACCESS_ERRORS = new Set([
+  'AccessDenied',
+  'AccessDeniedException',
+  'InvalidClientTokenId',
+  'ExpiredToken',
+  'ExpiredTokenException',
+  'RegionDisabledException',
+]);
+
+/** Maps a failed `AssumeRole` to this library's errors, naming the role and the key (never credentials or the external id). */
+function mapStsError(failure: unknown, roleArn: string, context: ErrorContext): Error {
+  const error = withoutRawResponse(failure);
+  const name = awsErrorName(error);
+  if (STS_ACCESS_ERRORS.has(name)) {
+    return new KeyAccessDeniedError(
+      `STS refused to let the application assume ${roleArn} (${name}): the role's trust policy must ` +
+        `allow the application's account or role, with the external id this key was configured with`,
+      context,
+      { cause: error },
+    );
+  }
+  return new KeyProviderError(`STS AssumeRole of ${roleArn} failed (${name})`, context, { cause: error });
 }
 
 /**
@@ -504,7 +554,10 @@ function loadModule<T>(name: string, needer: string): T {
 }
 
 /** Maps a failed KMS call to this library's errors. Messages carry error names only, never key bytes or blobs. */
-function mapKmsError(error: unknown, operation: string, context: ErrorContext): Error {
+function mapKmsError(failure: unknown, operation: string, context: ErrorContext): Error {
+  /* Already mapped where it happened (assuming the role, before KMS was called). */
+  if (failure instanceof KeyProviderError) return failure;
+  const error = withoutRawResponse(failure);
   const name = awsErrorName(error);
   const access = ACCESS_ERRORS[name];
   if (access) return new KeyAccessDeniedError(`${access} (${name})`, context, { cause: error });
@@ -534,6 +587,18 @@ function mapKmsError(error: unknown, operation: string, context: ErrorContext): 
     );
   }
   return new KeyProviderError(`KMS ${operation} failed${after} (${name})`, context, { cause: error });
+}
+
+/**
+ * The SDK error without the raw HTTP exchange it carries (`$response`, hidden and read-only):
+ * through its socket that reaches the signed request's headers, `x-amz-security-token` included,
+ * which an `inspect(error, { showHidden: true })` of our error (its `cause`) would print. The copy
+ * is of the same class, with the same name, message, stack, `$metadata` and `$fault`.
+ */
+function withoutRawResponse(error: unknown): unknown {
+  if (typeof error !== 'object' || error === null || !Object.hasOwn(error, '$response')) return error;
+  const { $response: _dropped, ...rest } = Object.getOwnPropertyDescriptors(error);
+  return Object.create(Object.getPrototypeOf(error), rest);
 }
 
 /** The AWS error name (`ThrottlingException`…), or a network code (`ECONNREFUSED`), or the class name. */

@@ -246,6 +246,14 @@ export class StsEmulator {
     return [...this.sessions].filter(([, s]) => s.sessionToken !== undefined).map(([id]) => id);
   }
 
+  /** Every secret handed out (users' secret keys, sessions' secret keys and tokens): what must never be printed. */
+  issuedSecrets(): string[] {
+    return [...this.sessions.values()].flatMap((s) => [
+      s.secretAccessKey,
+      ...(s.sessionToken ? [s.sessionToken] : []),
+    ]);
+  }
+
   /** Makes the next `times` matching calls fail with `error`; queued specs are consumed in order. */
   injectFaults(fault: StsFaultSpec): void {
     if (fault.times > 0) this.faultQueue.push({ ...fault });
