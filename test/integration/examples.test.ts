@@ -4,18 +4,26 @@ import { describe, expect, it } from 'vitest';
 
 const root = resolve(__dirname, '../..');
 
+/** Runs `npm run <script>` as a newcomer would, asserts it exits 0, and returns what it printed. */
+function runScript(script: string, env: NodeJS.ProcessEnv = {}): string {
+  const run = spawnSync('npm', ['run', '--silent', script], {
+    cwd: root,
+    encoding: 'utf8',
+    timeout: 180_000,
+    env: Object.fromEntries(
+      Object.entries({ ...process.env, NO_COLOR: '1', ...env }).filter(([, value]) => value !== undefined),
+    ),
+    shell: process.platform === 'win32',
+  });
+  const output = `${run.stdout ?? ''}\n${run.stderr ?? ''}`;
+  expect(run.error, output).toBeUndefined();
+  expect(run.status, output).toBe(0);
+  return output;
+}
+
 describe('examples/quickstart (npm run demo)', () => {
   it('runs end to end on embedded PostgreSQL and exits 0', () => {
-    const run = spawnSync('npm', ['run', '--silent', 'demo'], {
-      cwd: root,
-      encoding: 'utf8',
-      timeout: 180_000,
-      env: { ...process.env, NO_COLOR: '1' },
-      shell: process.platform === 'win32',
-    });
-    const output = `${run.stdout ?? ''}\n${run.stderr ?? ''}`;
-    expect(run.error, output).toBeUndefined();
-    expect(run.status, output).toBe(0);
+    const output = runScript('demo');
 
     // The application side shows the plaintext.
     for (const email of ['alice@example.com', 'bob@example.org', 'carol@example.net']) {
@@ -34,18 +42,7 @@ describe('examples/quickstart (npm run demo)', () => {
 
 describe('examples/aws-kms (npm run example:aws-kms)', () => {
   it('runs end to end on the KMS emulator, shows one GenerateDataKey and revocation, and exits 0', () => {
-    const env: NodeJS.ProcessEnv = { ...process.env, NO_COLOR: '1' };
-    delete env.KMS_KEY_ID; // the emulator, never real AWS
-    const run = spawnSync('npm', ['run', '--silent', 'example:aws-kms'], {
-      cwd: root,
-      encoding: 'utf8',
-      timeout: 180_000,
-      env,
-      shell: process.platform === 'win32',
-    });
-    const output = `${run.stdout ?? ''}\n${run.stderr ?? ''}`;
-    expect(run.error, output).toBeUndefined();
-    expect(run.status, output).toBe(0);
+    const output = runScript('example:aws-kms', { KMS_KEY_ID: undefined }); // the emulator, never real AWS
 
     for (const email of ['alice@example.com', 'bob@example.org', 'carol@example.net']) {
       expect(output).toContain(email);
@@ -63,16 +60,7 @@ describe('examples/aws-kms (npm run example:aws-kms)', () => {
 
 describe('examples/nestjs (npm run example:nestjs)', () => {
   it('runs a NestJS application context whose TypeORM DataSource encrypts, and exits 0', () => {
-    const run = spawnSync('npm', ['run', '--silent', 'example:nestjs'], {
-      cwd: root,
-      encoding: 'utf8',
-      timeout: 180_000,
-      env: { ...process.env, NO_COLOR: '1' },
-      shell: process.platform === 'win32',
-    });
-    const output = `${run.stdout ?? ''}\n${run.stderr ?? ''}`;
-    expect(run.error, output).toBeUndefined();
-    expect(run.status, output).toBe(0);
+    const output = runScript('example:nestjs');
 
     // The service reads back what it saved, the changed email included.
     for (const email of ['alice@example.org', 'bob@example.org', 'carol@example.net']) {
