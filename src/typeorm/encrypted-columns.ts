@@ -10,6 +10,7 @@ import {
 } from './encrypted-decorator';
 import { unbindableKeyColumns } from './primary-key';
 import { PENDING_SIDECAR, PendingPlaintext, type PropertyStateStore } from './property-state';
+import { formerPaths } from './value-binding';
 
 /** The four columns of one encrypted property in one entity's built metadata. */
 export interface EncryptedColumns {
@@ -106,11 +107,9 @@ function refuseUnreadableShapes(columns: EncryptedColumns): void {
       );
     }
   }
-  const prefix = main.propertyPath.slice(0, main.propertyPath.length - definition.propertyName.length);
-  for (const former of definition.formerNames) {
+  for (const former of formerPaths(columns)) {
     const live = entity.columns.find(
-      (c) =>
-        c !== main && c.propertyPath === prefix + former && encryptedDefinition(c.target, c.propertyName),
+      (c) => c !== main && c.propertyPath === former && encryptedDefinition(c.target, c.propertyName),
     );
     if (live) {
       throw new ConfigError(

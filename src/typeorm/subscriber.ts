@@ -100,8 +100,10 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
     seal: () => Promise<void> | undefined,
   ): Promise<void> | undefined {
     const subscribers = event.connection.subscribers;
-    const later = subscribers.slice(subscribers.indexOf(this) + 1).some((s) => typeof s[hook] === 'function');
-    return later ? Promise.resolve().then(seal) : seal();
+    for (let i = subscribers.indexOf(this) + 1; i < subscribers.length; i++) {
+      if (typeof subscribers[i]?.[hook] === 'function') return Promise.resolve().then(seal);
+    }
+    return seal();
   }
 
   afterLoad(entity: object, event?: LoadEvent<object>): Promise<void> | undefined {

@@ -17,14 +17,12 @@ export function valueBinding(
 ): ValueBinding {
   let place = places.get(column);
   if (!place) {
-    const path = column.main.propertyPath;
-    const former = column.definition.formerNames;
-    const prefix = path.slice(0, path.length - column.definition.propertyName.length);
+    const former = formerPaths(column);
     place = Object.freeze({
       table: metadata.tableName,
       schema: schemaOf(metadata),
-      column: path,
-      ...(former.length ? { formerColumns: former.map((name) => prefix + name) } : {}),
+      column: column.main.propertyPath,
+      ...(former.length ? { formerColumns: former } : {}),
     });
     places.set(column, place);
   }
@@ -33,6 +31,13 @@ export function valueBinding(
 
 /** The unchanging part of each installed column's binding, built at its first use (after connect). */
 const places = new WeakMap<EncryptedColumns, ValueBinding>();
+
+/** The property paths a renamed property had (`renamedFrom`), inside the same embedded objects. */
+export function formerPaths(column: EncryptedColumns): string[] {
+  const path = column.main.propertyPath;
+  const prefix = path.slice(0, path.length - column.definition.propertyName.length);
+  return column.definition.formerNames.map((name) => prefix + name);
+}
 
 function schemaOf(metadata: EntityMetadata): string {
   /* TypeORM's postgres driver sets `schema` to the connection's current_schema() when none is given. */
