@@ -4,18 +4,47 @@ import type { ValueType } from './crypto/codec';
 import { ConfigError, withErrorContext } from './errors';
 import { FieldEncryptor, type SealedValue } from './field-encryptor';
 import { DataKeyCache, type DataKeyCacheOptions } from './keys/data-key-cache';
+import type { KeyScope } from './keys/key-scope';
 import { Keyring, type KeyringEntry } from './keys/keyring';
+import {
+  type AwsKmsTenantOptions,
+  awsKmsKeyFactory,
+  customerKeyFactory,
+  TenantKeyFactories,
+  type TenantKeyFactory,
+} from './keys/tenant-key-factories';
+import { type TenantKeyRecord, TenantKeyrings, type TenantRecord } from './keys/tenant-keyrings';
 import { KeyRegistry } from './rotation/key-registry';
 import {
   checkRegistryWatchOptions,
   type RegistryWatchOptions,
   watchRegistry,
 } from './rotation/registry-watcher';
+import { TenantAdmin } from './tenants/tenant-admin';
+import { TenantRegistry } from './tenants/tenant-registry';
 import { type EncryptedColumns, installEncryptedColumns } from './typeorm/encrypted-columns';
 import { PropertyStateStore } from './typeorm/property-state';
 import { guardEntity } from './typeorm/query-guards';
 import { SidecarLoader } from './typeorm/sidecar-loader';
 import { EncryptionSubscriber } from './typeorm/subscriber';
+
+/** Options of tenant keys (see `encryption.tenants` and `@EncryptionTenant()`). */
+export interface TenantKeysOptions {
+  /**
+   * How this application reaches KMS and STS for tenants' `aws-kms` keys (endpoint, credentials
+   * that call `AssumeRole`, timeouts…). The key, role, External ID and region come from each
+   * tenant's record.
+   */
+  awsKms?: AwsKmsTenantOptions;
+  /** Factories of further key kinds (or replacements of the built-in `customer-key` and `aws-kms`). */
+  factories?: readonly TenantKeyFactory[];
+  /**
+   * How often the tenant registry is read again, in ms (at least 1,000). Default: the `registry`
+   * option's `refreshInterval`, else 60,000. A tenant key added, activated or offboarded by another
+   * instance is used here within this time.
+   */
+  refreshInterval?: number;
+}
 
 /** Options of {@link EnvelopeEncryption}. */
 export interface EnvelopeEncryptionOptions {
@@ -41,6 +70,12 @@ export interface EnvelopeEncryptionOptions {
    * `activeVersion` decides.
    */
   registry?: RegistryWatchOptions | boolean;
+  /**
+   * Tenant keys: rows of entities with an `@EncryptionTenant()` column are sealed under their
+   * tenant's own key when the tenant registry records one (see {@link EnvelopeEncryption.tenants}),
+   * else under this keyring, with the tenant bound in either way.
+   */
+  tenantKeys?: TenantKeysOptions;
 }
 
 /** Options of {@link EnvelopeEncryption.attach}. */
@@ -104,18 +139,36 @@ export interface EncryptedEntity {
  */
 export class EnvelopeEncryption {
   readonly keyring: Keyring;
+  /** Every tenant's keys, as the tenant registry records them. */
+  readonly tenantKeyrings: TenantKeyrings;
   readonly cache: DataKeyCache;
   readonly #encryptor: FieldEncryptor;
   readonly #installed = new WeakMap<DataSource, Map<EntityMetadata, EncryptedColumns[]>>();
   readonly #registry: RegistryWatchOptions | undefined;
+  readonly #tenantRefreshInterval: number;
+  /** The first DataSource attached: the one `tenants` works on. */
+  #primary: DataSource | undefined;
 
   constructor(options: EnvelopeEncryptionOptions) {
     if (!options || typeof options !== 'object') throw new ConfigError('EnvelopeEncryption needs options');
     this.keyring = new Keyring(options.keys, options.activeVersion, options.keyringId);
     this.cache = new DataKeyCache(this.keyring, options.cache);
-    this.#encryptor = new FieldEncryptor(this.cache);
+    const tenantKeys = options.tenantKeys ?? {};
+    this.tenantKeyrings = new TenantKeyrings(
+      this.keyring,
+      new TenantKeyFactories([
+        customerKeyFactory(),
+        awsKmsKeyFactory(tenantKeys.awsKms),
+        ...(tenantKeys.factories ?? []),
+      ]),
+    );
+    this.#encryptor = new FieldEncryptor(this.cache, (tenant) =>
+      tenant === undefined ? undefined : this.tenantKeyrings.scope(tenant),
+    );
     this.#registry = options.registry === true ? {} : options.registry || undefined;
     if (this.#registry) checkRegistryWatchOptions(this.#registry);
+    this.#tenantRefreshInterval = tenantKeys.refreshInterval ?? this.#registry?.refreshInterval ?? 60_000;
+    checkRegistryWatchOptions({ refreshInterval: this.#tenantRefreshInterval });
   }
 
   /**
@@ -141,6 +194,7 @@ export class EnvelopeEncryption {
       );
     }
     attached.add(dataSource);
+    this.#primary ??= dataSource;
     const encryption = this;
     const store = new PropertyStateStore();
     const columns = new Map<EntityMetadata, EncryptedColumns[]>();
@@ -171,20 +225,75 @@ export class EnvelopeEncryption {
       install();
       /* Recorded references first: validation and every first use compare the keys with them. */
       await new KeyRegistry(dataSource, encryption).loadReferences();
+      await encryption.#followTenants(dataSource);
       if (validate) await encryption.validate();
-      if (encryption.#registry) await encryption.#watch(dataSource, encryption.#registry);
+      if (encryption.#registry)
+        encryption.#onDestroy(dataSource, await watchRegistry(dataSource, encryption, encryption.#registry));
     };
     return this;
   }
 
-  /** Follows the registry's active version until the DataSource is destroyed. */
-  async #watch(dataSource: DataSource, options: RegistryWatchOptions): Promise<void> {
-    const stop = await watchRegistry(dataSource, this, options);
+  /** Runs `stop` when the DataSource is destroyed. */
+  #onDestroy(dataSource: DataSource, stop: () => void): void {
     const destroy = dataSource.destroy;
     dataSource.destroy = function (this: DataSource) {
       stop();
       return destroy.call(this);
     };
+  }
+
+  /**
+   * Reads the tenant registry (when its tables exist) and follows it: every `refreshInterval`, and
+   * at once for a key version this instance has not seen (another instance added it).
+   */
+  async #followTenants(dataSource: DataSource): Promise<void> {
+    if (dataSource !== this.#primary) return;
+    const registry = new TenantRegistry(dataSource, this);
+    const admin = new TenantAdmin(dataSource, this);
+    await admin.refresh();
+    this.tenantKeyrings.resolver = async (version) =>
+      dataSource.isInitialized && (await registry.exists()) ? registry.readVersion(version) : undefined;
+    const timer = setInterval(() => {
+      if (dataSource.isInitialized) admin.refresh().catch(() => undefined); // a failed read keeps what this instance has
+    }, this.#tenantRefreshInterval);
+    timer.unref();
+    this.#onDestroy(dataSource, () => clearInterval(timer));
+  }
+
+  /**
+   * Tenant keys at run time: add, validate, activate, list, offboard (see {@link TenantAdmin}).
+   * Works on the first DataSource attached; needs the tenant registry's tables.
+   */
+  get tenants(): TenantAdmin {
+    if (!this.#primary) throw new ConfigError('encryption.tenants needs a DataSource: attach() one first');
+    return new TenantAdmin(this.#primary, this);
+  }
+
+  /** The tenant API working on `dataSource` (for tools given several DataSources). */
+  tenantsOf(dataSource: DataSource): TenantAdmin {
+    return new TenantAdmin(dataSource, this);
+  }
+
+  /** The key scope of a tenant's values (`undefined` or `null`: the application keyring's own). */
+  keyScope(tenant?: string | null): KeyScope {
+    return tenant === undefined || tenant === null ? this.keyring : this.tenantKeyrings.scope(tenant);
+  }
+
+  /**
+   * Takes tenant records as the registry holds them (all, or one tenant's with `onlyTenant`); the
+   * cached keys of tenants that were offboarded, or whose keys changed, are dropped and zeroed.
+   */
+  applyTenantRecords(
+    tenants: readonly TenantRecord[],
+    keys: readonly TenantKeyRecord[],
+    onlyTenant?: string,
+  ): void {
+    const before = new Map(this.tenantKeyrings.tenants.map((t) => [t.tenantId, t]));
+    this.tenantKeyrings.update(tenants, keys, onlyTenant);
+    for (const tenant of tenants) {
+      const previous = before.get(tenant.tenantId);
+      if (tenant.state === 'offboarded' && previous?.state !== 'offboarded') this.purgeCache(tenant.tenantId);
+    }
   }
 
   /**
@@ -270,11 +379,18 @@ export class EnvelopeEncryption {
   }
 
   /**
-   * Drops and zeroes every cached data key, so a revoked master key stops decrypting at once
-   * instead of when the cached keys expire.
+   * Drops and zeroes every cached data key (with `tenantId`, only that tenant's, and the
+   * customer-provided key unwrapped for it), so a revoked master key stops decrypting at once
+   * instead of when the cached keys expire. Other tenants' cached keys are left alone.
    */
-  purgeCache(): void {
-    this.cache.purge();
+  purgeCache(tenantId?: string): void {
+    if (tenantId === undefined) {
+      this.cache.purge();
+      this.tenantKeyrings.forget();
+      return;
+    }
+    this.cache.purge(TenantKeyrings.cachePrefix(tenantId));
+    this.tenantKeyrings.forget(tenantId);
   }
 
   /** Key-provider calls made so far: data keys generated and unwrapped. */

@@ -17,6 +17,8 @@ export interface ErrorContext {
   primaryKey?: string;
   /** A printable reference to a master key: a KMS key id/ARN or a key fingerprint. */
   keyId?: string;
+  /** The tenant whose key or row is concerned (see `@EncryptionTenant()`). */
+  tenant?: string;
 }
 
 /** Base class of every error this library throws. */
@@ -28,6 +30,7 @@ export class EnvelopeError extends Error {
   readonly keyVersion?: number;
   readonly primaryKey?: string;
   readonly keyId?: string;
+  readonly tenant?: string;
   /** The message without the context suffix. */
   readonly detail: string;
 
@@ -39,8 +42,8 @@ export class EnvelopeError extends Error {
 
   /** The context fields this error carries. */
   get context(): ErrorContext {
-    const { entity, table, column, keyVersion, primaryKey, keyId } = this;
-    return definedOnly({ entity, table, column, keyVersion, primaryKey, keyId });
+    const { entity, table, column, keyVersion, primaryKey, keyId, tenant } = this;
+    return definedOnly({ entity, table, column, keyVersion, primaryKey, keyId, tenant });
   }
 }
 
@@ -86,6 +89,14 @@ export class KeyAccessDeniedError extends KeyProviderError {
   override name = 'KeyAccessDeniedError';
 }
 
+/**
+ * The tenant was offboarded: what the application held of its key was destroyed, so its rows are
+ * unreadable by design and writes for it are refused.
+ */
+export class TenantOffboardedError extends KeyAccessDeniedError {
+  override name = 'TenantOffboardedError';
+}
+
 /** A value cannot be encoded: its type is not supported or not the declared one. */
 export class ValueTypeError extends EnvelopeError {
   override name = 'ValueTypeError';
@@ -101,6 +112,7 @@ export class UnsupportedOperationError extends EnvelopeError {
 
 function withContext(message: string, context: ErrorContext): string {
   const parts: string[] = [];
+  if (context.tenant !== undefined) parts.push(`tenant ${context.tenant}`);
   if (context.entity) parts.push(`entity ${context.entity}`);
   if (context.column) parts.push(`column ${context.column}`);
   if (context.primaryKey !== undefined) parts.push(`primary key ${context.primaryKey}`);

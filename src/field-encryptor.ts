@@ -3,6 +3,7 @@ import {
   associatedData,
   FLAG_PRIMARY_KEY_BOUND,
   FLAG_SCHEMA_BOUND,
+  FLAG_TENANT_BOUND,
   FORMAT_V1,
   HEADER_BYTES,
   type ValueBinding,
@@ -11,6 +12,13 @@ import { decodeValue, encodeValue, type ValueType } from './crypto/codec';
 import { IvPool } from './crypto/iv-pool';
 import { type ErrorContext, IntegrityError, withErrorContext } from './errors';
 import { type CachedDataKey, type DataKeyCache, NOT_CACHED } from './keys/data-key-cache';
+import type { KeyScope } from './keys/key-scope';
+
+/**
+ * The key scope of a value's tenant (`undefined`: the value is not a tenant's): which master keys
+ * seal and open it. Without one, every value uses the cache's keyring.
+ */
+export type KeyScopeResolver = (tenant: string | undefined) => KeyScope | undefined;
 
 /** The four stored parts of one encrypted value. */
 export interface SealedValue {
@@ -31,19 +39,28 @@ export interface SealedValue {
 export class FieldEncryptor {
   readonly #ivs = new IvPool();
 
-  constructor(private readonly cache: DataKeyCache) {}
+  constructor(
+    private readonly cache: DataKeyCache,
+    private readonly scopeOf: KeyScopeResolver = () => undefined,
+  ) {}
 
   /** Encrypts a non-null value for the place `binding` names. */
   async seal(value: unknown, binding: ValueBinding, declared?: ValueType): Promise<SealedValue> {
     return this.#withPlaintext(value, declared, (plaintext) =>
-      this.cache.withEncryptionKey((key, dataKey) => this.#seal(key, dataKey, plaintext, binding)),
+      this.cache.withEncryptionKey(
+        (key, dataKey) => this.#seal(key, dataKey, plaintext, binding),
+        this.scopeOf(binding.tenant),
+      ),
     );
   }
 
   /** Like {@link seal}, synchronously, when the encrypting data key is cached; else `NOT_CACHED`. */
   trySeal(value: unknown, binding: ValueBinding, declared?: ValueType): SealedValue | typeof NOT_CACHED {
     return this.#withPlaintext(value, declared, (plaintext) =>
-      this.cache.tryWithEncryptionKey((key, dataKey) => this.#seal(key, dataKey, plaintext, binding)),
+      this.cache.tryWithEncryptionKey(
+        (key, dataKey) => this.#seal(key, dataKey, plaintext, binding),
+        this.scopeOf(binding.tenant),
+      ),
     );
   }
 
@@ -55,22 +72,30 @@ export class FieldEncryptor {
     const { body, aad } = this.#parse(sealed, binding, context);
     let plaintext: Buffer | undefined;
     try {
-      plaintext = await this.cache.withDecryptionKey(sealed.keyVersion, sealed.wrappedKey, (key) =>
-        this.#gcmOpen(key, sealed, body, aad, binding),
+      plaintext = await this.cache.withDecryptionKey(
+        sealed.keyVersion,
+        sealed.wrappedKey,
+        (key) => this.#gcmOpen(key, sealed, body, aad, binding),
+        this.scopeOf(binding.tenant),
       );
     } catch (error) {
-      throw withErrorContext(error, { ...context, keyVersion: sealed.keyVersion });
+      throw withErrorContext(error, { ...context, keyVersion: sealed.keyVersion, ...tenantOf(binding) });
     }
-    return this.#decode(plaintext, sealed, context);
+    return this.#decode(plaintext, sealed, { ...context, ...tenantOf(binding) });
   }
 
   /** Like {@link open}, synchronously, when the data key is cached; else `NOT_CACHED`. */
   tryOpen(sealed: SealedValue, binding: ValueBinding, context: ErrorContext = {}): unknown {
     const { body, aad } = this.#parse(sealed, binding, context);
-    const plaintext = this.cache.tryWithDecryptionKey(sealed.keyVersion, sealed.wrappedKey, (key) =>
-      this.#gcmOpen(key, sealed, body, aad, binding),
+    const plaintext = this.cache.tryWithDecryptionKey(
+      sealed.keyVersion,
+      sealed.wrappedKey,
+      (key) => this.#gcmOpen(key, sealed, body, aad, binding),
+      this.scopeOf(binding.tenant),
     );
-    return plaintext === NOT_CACHED ? NOT_CACHED : this.#decode(plaintext, sealed, context);
+    return plaintext === NOT_CACHED
+      ? NOT_CACHED
+      : this.#decode(plaintext, sealed, { ...context, ...tenantOf(binding) });
   }
 
   /**
@@ -107,7 +132,8 @@ export class FieldEncryptor {
   #seal(key: Buffer, dataKey: CachedDataKey, plaintext: Buffer, binding: ValueBinding): SealedValue {
     const flags =
       (binding.primaryKey === undefined ? 0 : FLAG_PRIMARY_KEY_BOUND) |
-      (binding.schema === undefined ? 0 : FLAG_SCHEMA_BOUND);
+      (binding.schema === undefined ? 0 : FLAG_SCHEMA_BOUND) |
+      (binding.tenant === undefined ? 0 : FLAG_TENANT_BOUND);
     const header = Buffer.of(FORMAT_V1, flags);
     const iv = this.#ivs.next();
     return {
@@ -120,7 +146,7 @@ export class FieldEncryptor {
 
   #parse(sealed: SealedValue, binding: ValueBinding, context: ErrorContext) {
     const header = sealed.ciphertext.subarray(0, HEADER_BYTES);
-    const knownFlags = FLAG_PRIMARY_KEY_BOUND | FLAG_SCHEMA_BOUND;
+    const knownFlags = FLAG_PRIMARY_KEY_BOUND | FLAG_SCHEMA_BOUND | FLAG_TENANT_BOUND;
     if (
       sealed.ciphertext.length < HEADER_BYTES ||
       header[0] !== FORMAT_V1 ||
@@ -128,6 +154,14 @@ export class FieldEncryptor {
     ) {
       throw new IntegrityError('ciphertext has an unknown format', {
         ...context,
+        keyVersion: sealed.keyVersion,
+      });
+    }
+    if (binding.tenant !== undefined && ((header[1] ?? 0) & FLAG_TENANT_BOUND) === 0) {
+      /* A tenant's row holds only values bound to its tenant: any other was put there from elsewhere. */
+      throw new IntegrityError('encrypted value is not bound to the tenant of its row', {
+        ...context,
+        tenant: binding.tenant,
         keyVersion: sealed.keyVersion,
       });
     }
@@ -149,4 +183,8 @@ export class FieldEncryptor {
       plaintext.fill(0);
     }
   }
+}
+
+function tenantOf(binding: ValueBinding): { tenant?: string } {
+  return binding.tenant === undefined ? {} : { tenant: binding.tenant };
 }

@@ -8,6 +8,12 @@ export {
   KEY_VERSIONS_TABLE,
   TypeormEnvelopeKeyRegistry1764300000000,
 } from '../migrations/1764300000000-TypeormEnvelopeKeyRegistry';
+export {
+  TENANT_KEY_VERSION_SEQUENCE,
+  TENANT_KEYS_TABLE,
+  TENANTS_TABLE,
+  TypeormEnvelopeTenantKeys1764400000000,
+} from '../migrations/1764400000000-TypeormEnvelopeTenantKeys';
 export type { ValueBinding } from './crypto/associated-data';
 export type { ValueType } from './crypto/codec';
 export {
@@ -16,6 +22,7 @@ export {
   type EnvelopeEncryptionOptions,
   type KeyValidation,
   type RegistryCheck,
+  type TenantKeysOptions,
 } from './envelope-encryption';
 export {
   ConfigError,
@@ -24,6 +31,7 @@ export {
   IntegrityError,
   KeyAccessDeniedError,
   KeyProviderError,
+  TenantOffboardedError,
   UnknownKeyVersionError,
   UnsupportedOperationError,
   ValueTypeError,
@@ -44,13 +52,26 @@ export {
   type KeyDescription,
   KeyProvider,
 } from './keys/key-provider';
-export type { KeyringEntry } from './keys/keyring';
+export type { KeyScope } from './keys/key-scope';
+export { FIRST_TENANT_KEY_VERSION, type KeyringEntry } from './keys/keyring';
 export { LocalKeyProvider, type LocalKeyProviderOptions } from './keys/local-key-provider';
+export {
+  type AwsKmsKeyDescriptor,
+  type AwsKmsTenantOptions,
+  awsKmsKeyFactory,
+  type CustomerKeyDescriptor,
+  customerKeyFactory,
+  type TenantKeyDescriptor,
+  type TenantKeyFactory,
+  type TenantKeyFactoryContext,
+} from './keys/tenant-key-factories';
+export type { TenantKeyRecord, TenantKeyState, TenantRecord } from './keys/tenant-keyrings';
 export { type Mask, maskValue } from './masking';
 export { type BackfillOptions, type BackfillResult, backfillEncryptedColumns } from './rotation/backfill';
 export {
   type AuditEntry,
   type AuditEvent,
+  type AuditFilter,
   currentActor,
   KeyRegistry,
   type KeyState,
@@ -73,5 +94,15 @@ export {
   type VerifyResult,
   verifyEncryptedColumns,
 } from './rotation/verify';
+export {
+  type OffboardResult,
+  TenantAdmin,
+  type TenantJobOptions,
+  type TenantKeyResult,
+  type TenantKeySummary,
+  type TenantStatus,
+} from './tenants/tenant-admin';
+export type { TenantJob, TenantJobState } from './tenants/tenant-registry';
 export { Encrypted, type EncryptedOptions, type SidecarColumnNames } from './typeorm/encrypted-decorator';
+export { EncryptionTenant } from './typeorm/encryption-tenant';
 export { maskEntity } from './typeorm/mask-entity';

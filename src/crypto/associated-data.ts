@@ -25,6 +25,12 @@ export interface ValueBinding {
    * it is bound to table and column only; a flag in the ciphertext header records which.
    */
   primaryKey?: string;
+  /**
+   * The tenant the row belongs to (the entity's `@EncryptionTenant()` property, as text). When
+   * given, the value is bound to it and a header flag records so: a value copied into a row of
+   * another tenant does not decrypt there.
+   */
+  tenant?: string;
 }
 
 /** Ciphertext format version, first byte of the stored ciphertext. */
@@ -33,6 +39,8 @@ export const FORMAT_V1 = 1;
 export const FLAG_PRIMARY_KEY_BOUND = 0x01;
 /** Header flag: the schema is part of the associated data. */
 export const FLAG_SCHEMA_BOUND = 0x02;
+/** Header flag: the tenant is part of the associated data. */
+export const FLAG_TENANT_BOUND = 0x04;
 export const HEADER_BYTES = 2;
 
 const MAX_TABLES = 10_000;
@@ -45,9 +53,13 @@ const UNBOUND_KEY = lengthPrefixed('');
 export function associatedData(header: Uint8Array, binding: ValueBinding): Buffer {
   const flags = header[1] ?? 0;
   const cached = cachedPrefix(header, binding, ((header[0] ?? 0) << 8) | flags);
-  return (flags & FLAG_PRIMARY_KEY_BOUND) === 0
-    ? cached.unbound
-    : Buffer.concat([cached.prefix, lengthPrefixed(binding.primaryKey ?? '')]);
+  /* Without a tenant to open it under, a tenant-bound value simply fails authentication. */
+  const tenant = (flags & FLAG_TENANT_BOUND) === 0 ? undefined : lengthPrefixed(binding.tenant ?? '');
+  if ((flags & FLAG_PRIMARY_KEY_BOUND) === 0) {
+    return tenant ? Buffer.concat([cached.prefix, tenant, UNBOUND_KEY]) : cached.unbound;
+  }
+  const key = lengthPrefixed(binding.primaryKey ?? '');
+  return Buffer.concat(tenant ? [cached.prefix, tenant, key] : [cached.prefix, key]);
 }
 
 type ByTable = Map<string, Map<string, Map<number, { prefix: Buffer; unbound: Buffer }>>>;

@@ -1,6 +1,7 @@
 import { LRUCache } from 'lru-cache';
 import { gcmForgetKey } from '../crypto/aes-gcm';
 import { ConfigError, withErrorContext } from '../errors';
+import type { KeyScope } from './key-scope';
 import type { Keyring } from './keyring';
 
 /** Bounds of the in-memory data-key cache. */
@@ -30,6 +31,12 @@ export interface DataKeyCacheOptions {
    * allocates its index for this many up front).
    */
   maxUnwrappedKeys?: number;
+  /**
+   * How many encrypting data keys are kept at most: one per tenant that is writing (and per key
+   * version). Default 1,000, at most 1,000,000. The least recently used tenant's key leaves first,
+   * zeroed; its next write generates a fresh one.
+   */
+  maxEncryptingKeys?: number;
   /** The clock the cache ages entries by (ms). For tests; defaults to `performance`. */
   clock?: { now(): number };
 }
@@ -47,6 +54,7 @@ const DEFAULTS = {
   dataKeyMaxUses: 1_000_000,
   unwrappedKeyTtl: 30 * MINUTE,
   maxUnwrappedKeys: 1_000,
+  maxEncryptingKeys: 1_000,
 };
 
 /**
@@ -68,6 +76,8 @@ export class CachedDataKey {
     plaintext: Buffer,
     /** When the key was generated or unwrapped, on the cache's clock. */
     readonly createdAt = 0,
+    /** The cache partition (keyring and tenant) the key belongs to. */
+    readonly scopeId = '',
   ) {
     this.#plaintext = plaintext;
   }
@@ -138,13 +148,13 @@ export class DataKeyCache {
   readonly #unwrappedTtl: number;
   /** The unwrapped key used last (it is also in the cache; never kept past its TTL or eviction). */
   #lastUnwrapped: CachedDataKey | undefined;
-  /** The background renewal of the active data key, while one runs. */
-  #renewing: Promise<void> | undefined;
-  readonly #encrypting: LRUCache<number, CachedDataKey>;
+  /** Background renewals of encrypting data keys, by scope and version, while they run. */
+  readonly #renewing = new Map<string, Promise<void>>();
+  readonly #encrypting: LRUCache<string, CachedDataKey>;
   readonly #unwrapped: LRUCache<string, CachedDataKey>;
   readonly #pending = new Map<string, PendingUnwrap>();
-  /** The encrypting-key generation in flight, by version (dropped by `purge()` and renewal). */
-  readonly #generating = new Map<number, Promise<CachedDataKey | undefined>>();
+  /** The encrypting-key generation in flight, by scope and version (dropped by `purge()` and renewal). */
+  readonly #generating = new Map<string, Promise<CachedDataKey | undefined>>();
   /** Incremented by `purge()`: a provider call that started before it caches nothing. */
   #epoch = 0;
   /** Provider calls made through this cache, by kind. */
@@ -170,6 +180,8 @@ export class DataKeyCache {
     requirePositiveInteger('dataKeyMaxUses', o.dataKeyMaxUses);
     requirePositiveInteger('maxUnwrappedKeys', o.maxUnwrappedKeys);
     requireAtMost('maxUnwrappedKeys', o.maxUnwrappedKeys, MAX_UNWRAPPED_KEYS, '1,000,000');
+    requirePositiveInteger('maxEncryptingKeys', o.maxEncryptingKeys);
+    requireAtMost('maxEncryptingKeys', o.maxEncryptingKeys, MAX_UNWRAPPED_KEYS, '1,000,000');
     this.#keyring = keyring;
     this.#maxUses = o.dataKeyMaxUses;
     const refreshAhead = options.refreshAhead ?? Math.min(MINUTE, o.dataKeyMaxAge / 10);
@@ -183,8 +195,8 @@ export class DataKeyCache {
        given clock, every reading must come from it, or an advance is ignored for that long. */
     const perf = options.clock ? { perf: options.clock, ttlResolution: 0 } : {};
     const dispose = (value: CachedDataKey) => value.destroy();
-    this.#encrypting = new LRUCache<number, CachedDataKey>({
-      max: 64,
+    this.#encrypting = new LRUCache<string, CachedDataKey>({
+      max: o.maxEncryptingKeys,
       ttl: o.dataKeyMaxAge,
       ttlAutopurge: true,
       dispose,
@@ -203,17 +215,21 @@ export class DataKeyCache {
    * Runs `fn` synchronously with the active version's current data key, and counts one use.
    * The key that reaches its maximum uses is evicted (and zeroed) after `fn` returns.
    */
-  async withEncryptionKey<T>(fn: (key: Buffer, dataKey: CachedDataKey) => T): Promise<T> {
+  async withEncryptionKey<T>(
+    fn: (key: Buffer, dataKey: CachedDataKey) => T,
+    scope: KeyScope = this.#keyring,
+  ): Promise<T> {
     /* Each turn either returns or follows an event that made progress or undid it: another caller
        used the key up, or purge()/renewEncryptionKey() dropped the generation this one waited on.
        A caller retries only while such events keep happening, never a fixed number of times. */
     for (;;) {
-      const result = this.tryWithEncryptionKey(fn);
+      const result = this.tryWithEncryptionKey(fn, scope);
       if (result !== NOT_CACHED) return result;
-      this.#refuseWrites();
-      const version = this.#keyring.activeVersion;
-      const dataKey = await this.#sharedGeneration(version);
-      if (dataKey && !dataKey.destroyed) return this.#useEncryptionKey(version, dataKey, fn);
+      const refusal = scope.writeRefusal;
+      if (refusal) throw refusal;
+      const id = encryptingId(scope, scope.activeVersion);
+      const dataKey = await this.#sharedGeneration(scope, id);
+      if (dataKey && !dataKey.destroyed) return this.#useEncryptionKey(id, dataKey, fn);
     }
   }
 
@@ -222,42 +238,39 @@ export class DataKeyCache {
    * call for all of them. Resolves to the key once it is cached, or to `undefined` when a purge or
    * renewal dropped this generation meanwhile (its key is zeroed; the caller asks again).
    */
-  #sharedGeneration(version: number): Promise<CachedDataKey | undefined> {
-    const inFlight = this.#generating.get(version);
+  #sharedGeneration(scope: KeyScope, id: string): Promise<CachedDataKey | undefined> {
+    const inFlight = this.#generating.get(id);
     if (inFlight) return inFlight;
-    const started: Promise<CachedDataKey | undefined> = this.#generate(version).then(
+    const started: Promise<CachedDataKey | undefined> = this.#generate(scope, scope.activeVersion).then(
       (dataKey) => {
-        if (this.#generating.get(version) !== started) {
+        if (this.#generating.get(id) !== started) {
           dataKey.destroy();
           return undefined;
         }
-        this.#generating.delete(version);
-        this.#encrypting.set(version, dataKey);
+        this.#generating.delete(id);
+        this.#encrypting.set(id, dataKey);
         return dataKey;
       },
       (error: unknown) => {
-        if (this.#generating.get(version) === started) this.#generating.delete(version);
+        if (this.#generating.get(id) === started) this.#generating.delete(id);
         throw error;
       },
     );
-    this.#generating.set(version, started);
+    this.#generating.set(id, started);
     return started;
   }
 
-  /** Throws the keyring's refusal of writes, if it has one (the key registry and configuration disagree). */
-  #refuseWrites(): void {
-    const refusal = this.#keyring.writeRefusal;
-    if (refusal) throw refusal;
-  }
-
   /** Like {@link withEncryptionKey}, but only when the key is cached: never calls a provider. */
-  tryWithEncryptionKey<T>(fn: (key: Buffer, dataKey: CachedDataKey) => T): T | typeof NOT_CACHED {
-    if (this.#keyring.writeRefusal) return NOT_CACHED; // the asynchronous path throws it
-    const version = this.#keyring.activeVersion;
-    const dataKey = this.#encrypting.get(version);
+  tryWithEncryptionKey<T>(
+    fn: (key: Buffer, dataKey: CachedDataKey) => T,
+    scope: KeyScope = this.#keyring,
+  ): T | typeof NOT_CACHED {
+    if (scope.writeRefusal) return NOT_CACHED; // the asynchronous path throws it
+    const id = encryptingId(scope, scope.activeVersion);
+    const dataKey = this.#encrypting.get(id);
     if (!dataKey || dataKey.destroyed) return NOT_CACHED;
-    if (this.#clock.now() - dataKey.createdAt >= this.#renewAfter) this.#renew(version, dataKey);
-    return this.#useEncryptionKey(version, dataKey, fn);
+    if (this.#clock.now() - dataKey.createdAt >= this.#renewAfter) this.#renew(scope, id, dataKey);
+    return this.#useEncryptionKey(id, dataKey, fn);
   }
 
   /**
@@ -265,14 +278,19 @@ export class DataKeyCache {
    * Concurrent callers of one wrapped key share one provider call; each gets the key, whatever
    * the number of distinct keys in flight.
    */
-  async withDecryptionKey<T>(version: number, wrappedKey: Buffer, fn: (key: Buffer) => T): Promise<T> {
-    const cached = this.tryWithDecryptionKey(version, wrappedKey, fn);
+  async withDecryptionKey<T>(
+    version: number,
+    wrappedKey: Buffer,
+    fn: (key: Buffer) => T,
+    scope: KeyScope = this.#keyring,
+  ): Promise<T> {
+    const cached = this.tryWithDecryptionKey(version, wrappedKey, fn, scope);
     if (cached !== NOT_CACHED) return cached;
-    const id = cacheId(version, wrappedKey);
+    const id = cacheId(scope, version, wrappedKey);
     let pending = this.#pending.get(id);
     if (!pending) {
       const started: PendingUnwrap = { callers: 0, promise: Promise.resolve() as never };
-      started.promise = this.#unwrapShared(id, version, wrappedKey, started);
+      started.promise = this.#unwrapShared(id, scope, version, wrappedKey, started);
       this.#pending.set(id, started);
       pending = started;
     }
@@ -292,13 +310,14 @@ export class DataKeyCache {
    */
   async #unwrapShared(
     id: string,
+    scope: KeyScope,
     version: number,
     wrappedKey: Buffer,
     pending: PendingUnwrap,
   ): Promise<CachedDataKey> {
     const epoch = this.#epoch;
     try {
-      const dataKey = await this.#unwrap(version, wrappedKey);
+      const dataKey = await this.#unwrap(scope, version, wrappedKey);
       dataKey.hold(pending.callers);
       /* After a purge, serve the callers that asked before it, but cache nothing. */
       if (epoch === this.#epoch) this.#unwrapped.set(id, dataKey);
@@ -314,6 +333,7 @@ export class DataKeyCache {
     version: number,
     wrappedKey: Buffer,
     fn: (key: Buffer) => T,
+    scope: KeyScope = this.#keyring,
   ): T | typeof NOT_CACHED {
     /* Rows of one result mostly share a data key: compare bytes before building a lookup string. */
     const last = this.#lastUnwrapped;
@@ -321,12 +341,13 @@ export class DataKeyCache {
       last &&
       !last.destroyed &&
       last.version === version &&
+      last.scopeId === scope.cacheId &&
       last.wrappedKey.equals(wrappedKey) &&
       this.#clock.now() - last.createdAt < this.#unwrappedTtl
     ) {
       return last.use(fn);
     }
-    const dataKey = this.#unwrapped.get(cacheId(version, wrappedKey));
+    const dataKey = this.#unwrapped.get(cacheId(scope, version, wrappedKey));
     if (!dataKey || dataKey.destroyed) return NOT_CACHED;
     this.#lastUnwrapped = dataKey;
     return dataKey.use(fn);
@@ -336,48 +357,76 @@ export class DataKeyCache {
    * Generates the next data key while the current one still serves. A failure is left for the
    * next fetch to report: the current key keeps working until its maximum age.
    */
-  #renew(version: number, current: CachedDataKey): void {
-    if (this.#renewing) return;
-    this.#renewing = this.#generate(version)
+  #renew(scope: KeyScope, id: string, current: CachedDataKey): void {
+    if (this.#renewing.has(id)) return;
+    const renewal = this.#generate(scope, current.version)
       .then((next) => {
-        if (this.#encrypting.peek(version) === current) this.#encrypting.set(version, next);
+        if (this.#encrypting.peek(id) === current) this.#encrypting.set(id, next);
         else next.destroy();
       })
       .catch(() => undefined)
       .finally(() => {
-        this.#renewing = undefined;
+        if (this.#renewing.get(id) === renewal) this.#renewing.delete(id);
       });
+    this.#renewing.set(id, renewal);
   }
 
   #useEncryptionKey<T>(
-    version: number,
+    id: string,
     dataKey: CachedDataKey,
     fn: (key: Buffer, dataKey: CachedDataKey) => T,
   ): T {
     const result = dataKey.use((key) => fn(key, dataKey));
     dataKey.uses += 1;
-    if (dataKey.uses >= this.#maxUses && this.#encrypting.peek(version) === dataKey) {
-      this.#encrypting.delete(version);
+    if (dataKey.uses >= this.#maxUses && this.#encrypting.peek(id) === dataKey) {
+      this.#encrypting.delete(id);
     }
     return result;
   }
 
-  /** Drops the active version's encrypting data key, so the next value is sealed under a fresh one. */
-  renewEncryptionKey(): void {
-    const version = this.#keyring.activeVersion;
+  /**
+   * Drops the encrypting data key of `scope` (default: of every scope, tenants included), so the
+   * next value is sealed under a fresh one.
+   */
+  renewEncryptionKey(scope?: KeyScope): void {
+    if (!scope) {
+      this.#generating.clear();
+      this.#encrypting.clear();
+      return;
+    }
+    const id = encryptingId(scope, scope.activeVersion);
     /* A generation already in flight may predate the renewal: its callers ask again. */
-    this.#generating.delete(version);
-    this.#encrypting.delete(version);
+    this.#generating.delete(id);
+    this.#encrypting.delete(id);
   }
 
-  /** Drops and zeroes every cached key: the next use asks the key provider again. */
-  purge(): void {
+  /**
+   * Drops and zeroes cached keys: every key, or with `scopePrefix` only those of the scopes whose
+   * `cacheId` starts with it (one tenant's). The next use asks the key provider again.
+   */
+  purge(scopePrefix?: string): void {
     this.#epoch += 1;
-    this.#pending.clear();
-    this.#generating.clear();
-    this.#lastUnwrapped = undefined;
-    this.#encrypting.clear();
-    this.#unwrapped.clear();
+    if (scopePrefix === undefined) {
+      this.#pending.clear();
+      this.#generating.clear();
+      this.#lastUnwrapped = undefined;
+      this.#encrypting.clear();
+      this.#unwrapped.clear();
+      return;
+    }
+    const matches = (id: string) => id.startsWith(scopePrefix);
+    for (const map of [this.#pending, this.#generating]) {
+      for (const id of [...map.keys()]) if (matches(id)) map.delete(id);
+    }
+    if (this.#lastUnwrapped?.scopeId.startsWith(scopePrefix)) this.#lastUnwrapped = undefined;
+    for (const cache of [this.#encrypting, this.#unwrapped] as LRUCache<string, CachedDataKey>[]) {
+      for (const id of [...cache.keys()]) if (matches(id)) cache.delete(id);
+    }
+  }
+
+  /** Number of encrypting data keys currently held (one per writing scope and version). */
+  get encryptingKeyCount(): number {
+    return this.#encrypting.size;
   }
 
   /** Number of unwrapped keys currently held. */
@@ -385,38 +434,48 @@ export class DataKeyCache {
     return this.#unwrapped.size;
   }
 
-  async #generate(version: number): Promise<CachedDataKey> {
+  async #generate(scope: KeyScope, version: number): Promise<CachedDataKey> {
     const epoch = this.#epoch;
-    const provider = await this.#checkedProvider(version);
+    const context = errorContextOf(scope, version);
+    const provider = await this.#checkedProvider(scope, version);
     this.stats.generated += 1;
     const { plaintextKey, wrappedKey } = await provider
-      .generateDataKey(this.#keyring.context)
-      .catch((error: unknown) => Promise.reject(withErrorContext(error, { keyVersion: version })));
+      .generateDataKey(scope.context)
+      .catch((error: unknown) => Promise.reject(withErrorContext(error, context)));
+    const now = this.#clock.now();
     /* A key this instance generated also decrypts what it wrote, without an unwrap call. */
     if (epoch === this.#epoch) {
       this.#unwrapped.set(
-        cacheId(version, wrappedKey),
-        new CachedDataKey(version, wrappedKey, copyOf(plaintextKey), this.#clock.now()),
+        cacheId(scope, version, wrappedKey),
+        new CachedDataKey(version, wrappedKey, copyOf(plaintextKey), now, scope.cacheId),
       );
     }
-    return new CachedDataKey(version, wrappedKey, plaintextKey, this.#clock.now());
+    return new CachedDataKey(version, wrappedKey, plaintextKey, now, scope.cacheId);
   }
 
-  async #unwrap(version: number, wrappedKey: Buffer): Promise<CachedDataKey> {
-    const provider = await this.#checkedProvider(version);
+  async #unwrap(scope: KeyScope, version: number, wrappedKey: Buffer): Promise<CachedDataKey> {
+    const provider = await this.#checkedProvider(scope, version);
     this.stats.unwrapped += 1;
     const plaintext = await provider
-      .unwrapDataKey(wrappedKey, this.#keyring.context)
-      .catch((error: unknown) => Promise.reject(withErrorContext(error, { keyVersion: version })));
-    return new CachedDataKey(version, Buffer.from(wrappedKey), plaintext, this.#clock.now());
+      .unwrapDataKey(wrappedKey, scope.context)
+      .catch((error: unknown) => Promise.reject(withErrorContext(error, errorContextOf(scope, version))));
+    return new CachedDataKey(version, Buffer.from(wrappedKey), plaintext, this.#clock.now(), scope.cacheId);
   }
 
-  /** The provider of `version`, once its key is known to be the one the key registry recorded. */
-  #checkedProvider(version: number) {
-    return this.#keyring
+  /** The provider of `version` in `scope`, once its key is known to be the right one. */
+  #checkedProvider(scope: KeyScope, version: number) {
+    return scope
       .checkedProvider(version)
-      .catch((error: unknown) => Promise.reject(withErrorContext(error, { keyVersion: version })));
+      .catch((error: unknown) => Promise.reject(withErrorContext(error, errorContextOf(scope, version))));
   }
+}
+
+function errorContextOf(scope: KeyScope, version: number) {
+  return scope.tenant === undefined ? { keyVersion: version } : { keyVersion: version, tenant: scope.tenant };
+}
+
+function encryptingId(scope: KeyScope, version: number): string {
+  return `${scope.cacheId}\0${version}`;
 }
 
 /** A copy in its own memory (not a slice of Node's shared pool), so zeroing it touches nothing else. */
@@ -426,8 +485,8 @@ function copyOf(key: Buffer): Buffer {
   return copy;
 }
 
-function cacheId(version: number, wrappedKey: Buffer): string {
-  return `${version}:${wrappedKey.toString('latin1')}`;
+function cacheId(scope: KeyScope, version: number, wrappedKey: Buffer): string {
+  return `${scope.cacheId}\0${version}:${wrappedKey.toString('latin1')}`;
 }
 
 function requirePositive(name: string, value: number): void {

@@ -1,5 +1,12 @@
 import { ConfigError, UnknownKeyVersionError } from '../errors';
 import type { EncryptionContext, KeyProvider } from './key-provider';
+import type { KeyScope } from './key-scope';
+
+/**
+ * Versions of the application's own keyring are below this; tenant key versions are allocated
+ * from it upwards (see the tenant registry), so that a stored version names one key only.
+ */
+export const FIRST_TENANT_KEY_VERSION = 1_000_000;
 
 /** One numbered master-key version. */
 export interface KeyringEntry {
@@ -13,7 +20,7 @@ export interface KeyringEntry {
  * Numbered master-key versions. Exactly one is active for new data keys; the others still unwrap
  * the data keys they wrapped, so an old key keeps working until a rotation has finished.
  */
-export class Keyring {
+export class Keyring implements KeyScope {
   readonly #providers = new Map<number, KeyProvider>();
   /** Key references a key registry recorded, by version. */
   readonly #recorded = new Map<number, string>();
@@ -24,6 +31,8 @@ export class Keyring {
   #writeRefusal: ConfigError | undefined;
   /** The encryption context bound into every wrapped data key of this keyring. */
   readonly context: EncryptionContext;
+  /** The keyring's own rows share one cache partition. */
+  readonly cacheId = '';
 
   constructor(
     entries: readonly KeyringEntry[],
@@ -45,6 +54,11 @@ export class Keyring {
       const { version, provider } = entry;
       if (!Number.isSafeInteger(version) || version < 1) {
         throw new ConfigError(`key version must be a positive integer, got ${String(version)}`);
+      }
+      if (version >= FIRST_TENANT_KEY_VERSION) {
+        throw new ConfigError(
+          `key version must be below ${FIRST_TENANT_KEY_VERSION} (versions from there on are tenant keys), got ${version}`,
+        );
       }
       if (this.#providers.has(version)) throw new ConfigError(`key version ${version} is configured twice`);
       if (!provider || typeof provider.generateDataKey !== 'function') {

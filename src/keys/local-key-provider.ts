@@ -1,7 +1,7 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { inspect } from 'node:util';
-import { gcmOpen, gcmSeal, IV_BYTES, KEY_BYTES } from '../crypto/aes-gcm';
-import { ConfigError, IntegrityError } from '../errors';
+import { gcmForgetKey, gcmOpen, gcmSeal, IV_BYTES, KEY_BYTES } from '../crypto/aes-gcm';
+import { ConfigError, IntegrityError, KeyProviderError } from '../errors';
 import { canonicalContext, type EncryptionContext, type GeneratedDataKey, KeyProvider } from './key-provider';
 
 /** Options of {@link LocalKeyProvider}. */
@@ -14,6 +14,8 @@ export interface LocalKeyProviderOptions {
 }
 
 const WRAP_FORMAT = 1;
+/** Carries key bytes into the constructor from {@link LocalKeyProvider.fromKeyBytes} only. */
+const KEY_BYTES_OPTION = Symbol('key bytes');
 const HOW_TO_MAKE_A_KEY = 'generate one with `openssl rand -base64 32`';
 
 /**
@@ -29,11 +31,47 @@ const HOW_TO_MAKE_A_KEY = 'generate one with `openssl rand -base64 32`';
 export class LocalKeyProvider extends KeyProvider {
   readonly #key: Buffer;
   readonly #fingerprint: string;
+  #destroyed = false;
 
   constructor(options: LocalKeyProviderOptions) {
     super();
-    this.#key = parseMasterKey(options?.key);
+    const bytes = (options as { [KEY_BYTES_OPTION]?: Buffer } | undefined)?.[KEY_BYTES_OPTION];
+    this.#key = bytes ?? parseMasterKey(options?.key);
     this.#fingerprint = fingerprintOf(this.#key);
+  }
+
+  /**
+   * A provider holding `key` (32 bytes), e.g. a customer-provided key just unwrapped. The bytes are
+   * copied into memory of the provider's own, and `key` is zeroed.
+   */
+  static fromKeyBytes(key: Buffer): LocalKeyProvider {
+    if (!Buffer.isBuffer(key) || key.length !== KEY_BYTES) {
+      throw new ConfigError(`a master key must be 32 bytes (256 bits): ${HOW_TO_MAKE_A_KEY}`);
+    }
+    const own = Buffer.alloc(KEY_BYTES);
+    key.copy(own);
+    key.fill(0);
+    return new LocalKeyProvider({ [KEY_BYTES_OPTION]: own } as unknown as LocalKeyProviderOptions);
+  }
+
+  /** Runs `fn` with the master key bytes (for wrapping them under another key); `fn` must not keep them. */
+  async withKeyBytes<T>(fn: (key: Buffer) => Promise<T>): Promise<T> {
+    return fn(this.#usableKey());
+  }
+
+  /** Zeroes the master key: every later use fails. For keys that leave the process (an offboarded tenant). */
+  destroy(): void {
+    if (this.#destroyed) return;
+    this.#destroyed = true;
+    gcmForgetKey(this.#key);
+    this.#key.fill(0);
+  }
+
+  #usableKey(): Buffer {
+    if (this.#destroyed) {
+      throw new KeyProviderError('this master key was destroyed in memory', this.errorContext());
+    }
+    return this.#key;
   }
 
   /** A fingerprint (`sha256:` + 16 hex digits of SHA-256 over a label and the key), never the key. */
@@ -53,7 +91,12 @@ export class LocalKeyProvider extends KeyProvider {
   protected async _wrapDataKey(plaintextKey: Buffer, context: EncryptionContext): Promise<Buffer> {
     const header = Buffer.of(WRAP_FORMAT);
     const iv = randomBytes(IV_BYTES);
-    const sealed = gcmSeal(this.#key, iv, plaintextKey, Buffer.concat([header, canonicalContext(context)]));
+    const sealed = gcmSeal(
+      this.#usableKey(),
+      iv,
+      plaintextKey,
+      Buffer.concat([header, canonicalContext(context)]),
+    );
     return Buffer.concat([header, iv, sealed]);
   }
 
@@ -62,7 +105,7 @@ export class LocalKeyProvider extends KeyProvider {
     const opened =
       header[0] === WRAP_FORMAT
         ? gcmOpen(
-            this.#key,
+            this.#usableKey(),
             wrappedKey.subarray(1, 1 + IV_BYTES),
             wrappedKey.subarray(1 + IV_BYTES),
             Buffer.concat([header, canonicalContext(context)]),

@@ -1,5 +1,6 @@
 import type { EnvelopeEncryption } from '../envelope-encryption';
 import type { SealedValue } from '../field-encryptor';
+import { tenantText } from '../typeorm/encryption-tenant';
 import { legacyValue } from '../typeorm/legacy-value';
 import { primaryKeyOfRow } from '../typeorm/primary-key';
 import { valueBinding } from '../typeorm/value-binding';
@@ -75,7 +76,7 @@ export async function backfillEncryptedColumns(
         for await (const batch of primaryKeyBatches(runner, column, options.batchSize ?? 500)) {
           /* The old column's text form too: the write below checks that it is still what was read. */
           const rows = (await runner.query(
-            `SELECT ${column.primaryKey.join(', ')}, ${plaintext} AS plaintext, ${plaintext}::text AS plaintext_text
+            `SELECT ${column.primaryKey.join(', ')}, ${plaintext} AS plaintext, ${plaintext}::text AS plaintext_text${column.tenant ? `, ${column.tenant} AS tenant` : ''}
              FROM ${column.table}
              WHERE ${batch.condition} AND ${column.ciphertext} IS NULL AND ${plaintext} IS NOT NULL`,
             batch.params,
@@ -92,6 +93,7 @@ export async function backfillEncryptedColumns(
                   column.metadata,
                   column.columns,
                   definition.bindPrimaryKey ? primaryKey : undefined,
+                  column.columns.tenant ? tenantText(column.columns.tenant, row.tenant) : undefined,
                 ),
                 definition.type,
               );

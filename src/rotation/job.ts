@@ -77,7 +77,7 @@ export async function recordJobEnd(
   audit: KeyRegistry,
   job: 'rotation' | 'reencryption' | 'backfill',
   keyVersion: number,
-  outcome: { error?: unknown; failures: number; counts: Record<string, number> },
+  outcome: { error?: unknown; failures: number; counts: Record<string, number>; tenant?: string },
 ): Promise<void> {
   const failed = outcome.error !== undefined || outcome.failures > 0;
   const event = `${job}-${failed ? 'failed' : 'finished'}` as AuditEvent;
@@ -86,5 +86,6 @@ export async function recordJobEnd(
     failures: outcome.failures,
     ...(outcome.error !== undefined ? { error: describeError(outcome.error) } : {}),
   };
-  await audit.record(event, keyVersion, details).catch(() => undefined);
+  const about = outcome.tenant === undefined ? {} : { tenant: outcome.tenant };
+  await audit.record(event, keyVersion, details, about).catch(() => undefined);
 }

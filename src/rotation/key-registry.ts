@@ -41,7 +41,17 @@ export type AuditEvent =
   | 'reencryption-failed'
   | 'backfill-started'
   | 'backfill-finished'
-  | 'backfill-failed';
+  | 'backfill-failed'
+  | 'tenant-key-added'
+  | 'tenant-key-validated'
+  | 'tenant-key-activated'
+  | 'tenant-key-validation-failed'
+  | 'tenant-reverted'
+  | 'tenant-offboarded'
+  | 'tenant-job-started'
+  | 'tenant-job-finished'
+  | 'tenant-job-failed'
+  | 'tenant-rotation-interval-set';
 
 /** One audit log entry. */
 export interface AuditEntry {
@@ -49,8 +59,26 @@ export interface AuditEntry {
   at: Date;
   event: AuditEvent;
   keyVersion: number | null;
+  /** The tenant the event concerns, if any. */
+  tenant: string | null;
   actor: string;
   details: Record<string, unknown>;
+}
+
+/** Filters of {@link KeyRegistry.auditLog}. */
+export interface AuditFilter {
+  /** Only events of this tenant. */
+  tenant?: string;
+  /** Only these events. */
+  event?: AuditEvent | readonly AuditEvent[];
+  /** Only events recorded by this actor. */
+  actor?: string;
+  /** Only events at or after this time. */
+  since?: Date;
+  /** Only events before this time. */
+  until?: Date;
+  /** At most this many, the newest ones. Default 1,000. */
+  limit?: number;
 }
 
 /**
@@ -235,25 +263,52 @@ export class KeyRegistry {
     event: AuditEvent,
     keyVersion: number | null,
     details: Record<string, unknown> = {},
+    about: { tenant?: string } = {},
   ): Promise<void> {
     await this.#run(async (runner) => {
       if (await runner.hasTable(this.#path(AUDIT_LOG_TABLE, false)))
-        await this.#audit(runner, event, keyVersion, details);
+        await this.#audit(runner, event, keyVersion, details, about.tenant);
     });
   }
 
-  /** The audit log of this keyring, oldest first. */
-  async auditLog(options: { limit?: number } = {}): Promise<AuditEntry[]> {
+  /**
+   * The audit log of this keyring, oldest first: the newest `limit` entries (default 1,000) that
+   * pass the filters. Filtering by tenant needs the `TypeormEnvelopeTenantKeys` migration.
+   */
+  async auditLog(filter: AuditFilter = {}): Promise<AuditEntry[]> {
     return this.#run(async (runner) => {
+      const table = this.#path(AUDIT_LOG_TABLE);
+      const hasTenant = await runner.hasColumn(this.#path(AUDIT_LOG_TABLE, false), 'tenant_id');
+      const params: unknown[] = [this.#encryption.keyring.keyringId];
+      const where = ['keyring_id = $1'];
+      const add = (sql: (p: string) => string, value: unknown) => {
+        params.push(value);
+        where.push(sql(`$${params.length}`));
+      };
+      if (filter.tenant !== undefined) {
+        if (!hasTenant) return [];
+        add((p) => `tenant_id = ${p}`, filter.tenant);
+      }
+      if (filter.event !== undefined) {
+        add(
+          (p) => `event = ANY(${p}::varchar[])`,
+          Array.isArray(filter.event) ? filter.event : [filter.event],
+        );
+      }
+      if (filter.actor !== undefined) add((p) => `actor = ${p}`, filter.actor);
+      if (filter.since !== undefined) add((p) => `at >= ${p}`, filter.since);
+      if (filter.until !== undefined) add((p) => `at < ${p}`, filter.until);
+      params.push(filter.limit ?? 1_000);
       const rows = (await runner.query(
-        `SELECT id, at, event, key_version, actor, details FROM ${this.#path(AUDIT_LOG_TABLE)}
-         WHERE keyring_id = $1 ORDER BY id DESC LIMIT $2`,
-        [this.#encryption.keyring.keyringId, options.limit ?? 1_000],
+        `SELECT id, at, event, key_version, ${hasTenant ? 'tenant_id' : 'NULL AS tenant_id'}, actor, details
+         FROM ${table} WHERE ${where.join(' AND ')} ORDER BY id DESC LIMIT $${params.length}`,
+        params,
       )) as Array<{
         id: string;
         at: Date;
         event: AuditEvent;
         key_version: number | null;
+        tenant_id: string | null;
         actor: string;
         details: Record<string, unknown>;
       }>;
@@ -262,6 +317,7 @@ export class KeyRegistry {
         at: r.at,
         event: r.event,
         keyVersion: r.key_version,
+        tenant: r.tenant_id,
         actor: r.actor,
         details: r.details,
       }));
@@ -302,11 +358,37 @@ export class KeyRegistry {
     event: AuditEvent,
     keyVersion: number | null,
     details: Record<string, unknown>,
+    tenant?: string,
   ) {
+    const values = [
+      this.#encryption.keyring.keyringId,
+      event,
+      keyVersion,
+      currentActor(),
+      JSON.stringify(details),
+    ];
     await runner.query(
-      `INSERT INTO ${this.#path(AUDIT_LOG_TABLE)} (keyring_id, event, key_version, actor, details) VALUES ($1, $2, $3, $4, $5)`,
-      [this.#encryption.keyring.keyringId, event, keyVersion, currentActor(), JSON.stringify(details)],
+      tenant === undefined
+        ? `INSERT INTO ${this.#path(AUDIT_LOG_TABLE)} (keyring_id, event, key_version, actor, details) VALUES ($1, $2, $3, $4, $5)`
+        : `INSERT INTO ${this.#path(AUDIT_LOG_TABLE)} (keyring_id, event, key_version, actor, details, tenant_id) VALUES ($1, $2, $3, $4, $5, $6)`,
+      tenant === undefined ? values : [...values, tenant],
     );
+  }
+
+  /** Appends an entry inside the caller's transaction (tenant operations record as they commit). */
+  async recordWith(
+    runner: QueryRunner,
+    event: AuditEvent,
+    keyVersion: number | null,
+    details: Record<string, unknown>,
+    tenant?: string,
+  ): Promise<void> {
+    await this.#audit(runner, event, keyVersion, details, tenant);
+  }
+
+  /** The path of one of the library's tables, quoted (or plain, for `hasTable`). */
+  tablePath(table: string, quoted = true): string {
+    return this.#path(table, quoted);
   }
 
   /** The table's path in the DataSource's schema, quoted for SQL (or plain, for `hasTable`). */

@@ -16,6 +16,8 @@ export interface ReencryptOptions {
   entities?: ReadonlyArray<EntitySelector>;
   /** Rows per batch (one transaction each). Default 500. */
   batchSize?: number;
+  /** Only this tenant's rows (of entities with an `@EncryptionTenant()` column). */
+  tenant?: string;
   onProgress?: (progress: { entity: string; property: string; rowsDone: number }) => void;
 }
 
@@ -71,7 +73,7 @@ export async function reencryptColumns(
         };
         result.properties.push(outcome);
         const bindKey = column.columns.definition.bindPrimaryKey;
-        for await (const rows of sealedRowBatches(runner, column, options.batchSize ?? 500)) {
+        for await (const rows of sealedRowBatches(runner, column, options.batchSize ?? 500, options.tenant)) {
           /* Decrypt and seal first, outside the transaction: no row is locked during key-provider calls. */
           const prepared: Array<{ row: SealedRow; fresh: SealedValue }> = [];
           for (const row of rows) {

@@ -1,6 +1,9 @@
 import type { QueryRunner } from 'typeorm';
 import type { EnvelopeEncryption } from '../envelope-encryption';
 import { ConfigError, IntegrityError } from '../errors';
+import type { KeyScope } from '../keys/key-scope';
+import { FIRST_TENANT_KEY_VERSION } from '../keys/keyring';
+import { tenantText } from '../typeorm/encryption-tenant';
 import { describeError } from './describe-error';
 import { recordJobEnd } from './job';
 import { KeyRegistry } from './key-registry';
@@ -17,8 +20,18 @@ import {
 export interface RewrapOptions {
   /** Entities to re-wrap (classes or names). Default: every entity with encrypted properties. */
   entities?: ReadonlyArray<EntitySelector>;
-  /** The master-key version to re-wrap under. Default: the active version. */
+  /**
+   * The master-key version to re-wrap under. Default: the active version (with `tenant`, the
+   * version the tenant's new rows use: its own key, or the application keyring's active version).
+   */
   toVersion?: number;
+  /**
+   * Re-wrap only this tenant's rows (of entities with an `@EncryptionTenant()` column), under its
+   * key: the job that moves a tenant onto its own key, to a new one, or back to the application's.
+   * Without it, rows under the application's keyring are re-wrapped (tenants' rows among them,
+   * each within its tenant) and rows under tenants' own keys are left alone.
+   */
+  tenant?: string;
   /** Rows per UPDATE. Default 1,000. */
   batchSize?: number;
   /** Count what would be re-wrapped; change nothing and call no key provider. */
@@ -51,12 +64,14 @@ export interface PropertyRewrapResult {
   rewrapCalls: number;
   durationMs: number;
   /** Data keys that could not be re-wrapped; their rows keep their old version. */
-  failures: Array<{ keyVersion: number; rows: number; error: string }>;
+  failures: Array<{ keyVersion: number; rows: number; error: string; tenant?: string }>;
 }
 
 /** What {@link rewrapDataKeys} did. It never throws midway: an unexpected error ends up in `error`. */
 export interface RewrapResult {
   toVersion: number;
+  /** The tenant whose rows were re-wrapped, when one was given. */
+  tenant?: string;
   dryRun: boolean;
   properties: PropertyRewrapResult[];
   /** Key-provider calls that re-wrapped a data key: one per distinct data key. */
@@ -92,9 +107,12 @@ export async function rewrapDataKeys(
   options: RewrapOptions = {},
 ): Promise<RewrapResult> {
   const started = performance.now();
-  const toVersion = options.toVersion ?? encryption.keyring.activeVersion;
+  const tenant = options.tenant;
+  const targetScope = encryption.keyScope(tenant);
+  const toVersion = options.toVersion ?? targetScope.activeVersion;
   const result: RewrapResult = {
     toVersion,
+    ...(tenant === undefined ? {} : { tenant }),
     dryRun: options.dryRun ?? false,
     properties: [],
     rewrapCalls: 0,
@@ -105,15 +123,23 @@ export async function rewrapDataKeys(
   try {
     /* An unknown target version, or one whose master key is not the recorded one, fails before any work. */
     await audit.loadReferences();
-    if (result.dryRun) encryption.keyring.provider(toVersion);
-    else await encryption.keyring.checkedProvider(toVersion);
+    if (tenant === undefined && toVersion >= FIRST_TENANT_KEY_VERSION) {
+      throw new ConfigError('re-wrapping under a tenant key needs the tenant option', {
+        keyVersion: toVersion,
+      });
+    }
+    if (result.dryRun && toVersion < FIRST_TENANT_KEY_VERSION) encryption.keyring.provider(toVersion);
+    else if (!result.dryRun) await targetScope.checkedProvider(toVersion);
     const batchSize = options.batchSize ?? 1_000;
     if (!Number.isSafeInteger(batchSize) || batchSize < 1)
       throw new ConfigError('batchSize must be a positive integer');
     const rewrapper = new Rewrapper(encryption, toVersion, result);
-    if (!result.dryRun) await audit.record('rotation-started', toVersion, { entities: entityNames(options) });
+    const audited = { ...(tenant === undefined ? {} : { tenant }) };
+    if (!result.dryRun)
+      await audit.record('rotation-started', toVersion, { entities: entityNames(options) }, audited);
     await withQueryRunner(target, async (runner) => {
       for (const column of encryptedColumnsSql(target, encryption, options.entities)) {
+        if (tenant !== undefined && !column.tenant) continue;
         result.properties.push(await rewrapProperty(runner, column, rewrapper, batchSize, options));
       }
     });
@@ -123,6 +149,7 @@ export async function rewrapDataKeys(
   result.durationMs = performance.now() - started;
   if (!result.dryRun) {
     await recordJobEnd(audit, 'rotation', result.toVersion, {
+      ...(tenant === undefined ? {} : { tenant }),
       error: result.error,
       failures: result.properties.reduce((n, p) => n + p.failures.length, 0),
       counts: {
@@ -149,11 +176,7 @@ async function rewrapProperty(
 ): Promise<PropertyRewrapResult> {
   const started = performance.now();
   const callsBefore = rewrapper.result.rewrapCalls;
-  const keys = (await runner.query(
-    `SELECT ${column.keyVersion} AS version, ${column.wrappedKey} AS wrapped, count(*)::int AS rows FROM ${column.table}
-     WHERE ${column.keyVersion} IS NOT NULL AND ${column.keyVersion} <> $1 GROUP BY 1, 2`,
-    [rewrapper.toVersion],
-  )) as Array<{ version: number; wrapped: Buffer; rows: number }>;
+  const keys = await distinctDataKeys(runner, column, rewrapper.toVersion, options.tenant);
   const outcome: PropertyRewrapResult = {
     entity: column.entity,
     property: column.property,
@@ -165,12 +188,24 @@ async function rewrapProperty(
     failures: [],
   };
   if (!options.dryRun && keys.length > 0) {
-    const mapping: Array<[Buffer, number, Buffer]> = [];
+    const mapping: Mapping[] = [];
     for (const key of keys) {
+      const tenant = key.tenant === null ? undefined : key.tenant;
       try {
-        mapping.push([key.wrapped, key.version, await rewrapper.rewrap(key.version, key.wrapped)]);
+        const scope = rewrapper.encryption.keyScope(tenant);
+        mapping.push([
+          key.wrapped,
+          key.version,
+          key.tenantText,
+          await rewrapper.rewrap(scope, key.version, key.wrapped),
+        ]);
       } catch (error) {
-        outcome.failures.push({ keyVersion: key.version, rows: key.rows, error: describeError(error) });
+        outcome.failures.push({
+          keyVersion: key.version,
+          rows: key.rows,
+          error: describeError(error),
+          ...(tenant === undefined ? {} : { tenant }),
+        });
       }
     }
     if (mapping.length > 0) {
@@ -190,23 +225,75 @@ async function rewrapProperty(
   return outcome;
 }
 
+/** Old wrapped key, old version, the rows' tenant as text (`null`: none), new wrapped key. */
+type Mapping = [Buffer, number, string | null, Buffer];
+
+interface DistinctDataKey {
+  version: number;
+  wrapped: Buffer;
+  rows: number;
+  /** The tenant as bound into values (`null`: none). */
+  tenant: string | null;
+  /** The tenant column as PostgreSQL prints it, to match the rows again. */
+  tenantText: string | null;
+}
+
+/**
+ * The distinct data keys of one property not yet under `toVersion`: with `tenant`, that tenant's
+ * rows; without, rows under the application's keyring (never a tenant's own key), by tenant.
+ */
+async function distinctDataKeys(
+  runner: QueryRunner,
+  column: EncryptedColumnSql,
+  toVersion: number,
+  tenant: string | undefined,
+): Promise<DistinctDataKey[]> {
+  const tenantSql = column.tenant ? `${column.tenant}` : 'NULL';
+  const filter =
+    tenant === undefined ? `${column.keyVersion} < ${FIRST_TENANT_KEY_VERSION}` : `${column.tenant} = $2`;
+  const rows = (await runner.query(
+    `SELECT ${column.keyVersion} AS version, ${column.wrappedKey} AS wrapped, ${tenantSql} AS tenant,
+            ${tenantSql}::text AS tenant_text, count(*)::int AS rows
+     FROM ${column.table}
+     WHERE ${column.keyVersion} IS NOT NULL AND ${column.keyVersion} <> $1 AND ${filter} GROUP BY 1, 2, 3`,
+    tenant === undefined ? [toVersion] : [toVersion, tenant],
+  )) as Array<{
+    version: number;
+    wrapped: Buffer;
+    tenant: unknown;
+    tenant_text: string | null;
+    rows: number;
+  }>;
+  const tenantColumn = column.columns.tenant;
+  return rows.map((r) => ({
+    version: r.version,
+    wrapped: r.wrapped,
+    rows: r.rows,
+    tenant: tenantColumn ? (tenantText(tenantColumn, r.tenant) ?? null) : null,
+    tenantText: r.tenant_text,
+  }));
+}
+
 /** One UPDATE for the rows of one key range: old wrapped key → new wrapped key, via a VALUES map. */
 async function updateBatch(
   runner: QueryRunner,
   column: EncryptedColumnSql,
   batch: { condition: string; params: unknown[] },
-  mapping: Array<[Buffer, number, Buffer]>,
+  mapping: Mapping[],
   toVersion: number,
 ): Promise<number> {
   const base = batch.params.length;
-  const values = mapping.map(
-    (_, i) => `($${base + 3 * i + 1}::bytea, $${base + 3 * i + 2}::int, $${base + 3 * i + 3}::bytea)`,
-  );
-  const toParam = `$${base + 3 * mapping.length + 1}`;
+  const values = mapping.map((_, i) => {
+    const p = base + 4 * i;
+    return `($${p + 1}::bytea, $${p + 2}::int, $${p + 3}::text, $${p + 4}::bytea)`;
+  });
+  const toParam = `$${base + 4 * mapping.length + 1}`;
+  /* A wrapped key is bound to its tenant: it is replaced only in rows of that tenant. */
+  const sameTenant = column.tenant ? ` AND ${column.tenant}::text IS NOT DISTINCT FROM m.tenant` : '';
   const result = await runner.query(
     `UPDATE ${column.table} SET ${column.wrappedKey} = m.new_wrapped, ${column.keyVersion} = ${toParam}::int
-     FROM (VALUES ${values.join(', ')}) AS m(old_wrapped, old_version, new_wrapped)
-     WHERE ${column.wrappedKey} = m.old_wrapped AND ${column.keyVersion} = m.old_version AND ${batch.condition}`,
+     FROM (VALUES ${values.join(', ')}) AS m(old_wrapped, old_version, tenant, new_wrapped)
+     WHERE ${column.wrappedKey} = m.old_wrapped AND ${column.keyVersion} = m.old_version${sameTenant} AND ${batch.condition}`,
     [...batch.params, ...mapping.flat(), toVersion],
     true,
   );
@@ -226,31 +313,32 @@ class Rewrapper {
     readonly result: RewrapResult,
   ) {}
 
-  rewrap(fromVersion: number, wrapped: Buffer): Promise<Buffer> {
-    const id = `${fromVersion}:${wrapped.toString('base64')}`;
+  rewrap(scope: KeyScope, fromVersion: number, wrapped: Buffer): Promise<Buffer> {
+    const id = `${scope.cacheId}\0${fromVersion}:${wrapped.toString('base64')}`;
     let done = this.#done.get(id);
     if (!done) {
-      done = this.#rewrapChecked(fromVersion, wrapped);
+      done = this.#rewrapChecked(scope, fromVersion, wrapped);
       this.#done.set(id, done);
     }
     return done;
   }
 
-  async #rewrapChecked(fromVersion: number, wrapped: Buffer): Promise<Buffer> {
-    const { keyring, cache } = this.encryption;
+  async #rewrapChecked(scope: KeyScope, fromVersion: number, wrapped: Buffer): Promise<Buffer> {
+    const { cache } = this.encryption;
     /* Both keys must be the recorded ones: a wrong target would leave rows nobody else can read. */
-    const from = await keyring.checkedProvider(fromVersion);
-    const to = await keyring.checkedProvider(this.toVersion);
+    const from = await scope.checkedProvider(fromVersion);
+    const to = await scope.checkedProvider(this.toVersion);
     this.result.rewrapCalls += 1;
-    const rewrapped = await from.rewrapDataKey(wrapped, keyring.context, to);
+    const rewrapped = await from.rewrapDataKey(wrapped, scope.context, to);
     /* Check the new wrapped key before anything is written with it. */
     this.result.verificationCalls += 1;
-    const fresh = await to.unwrapDataKey(rewrapped, keyring.context);
+    const fresh = await to.unwrapDataKey(rewrapped, scope.context);
     try {
-      const same = await cache.withDecryptionKey(fromVersion, wrapped, (old) => old.equals(fresh));
+      const same = await cache.withDecryptionKey(fromVersion, wrapped, (old) => old.equals(fresh), scope);
       if (!same) {
         throw new IntegrityError('a re-wrapped data key does not unwrap to the original key', {
           keyVersion: this.toVersion,
+          ...(scope.tenant === undefined ? {} : { tenant: scope.tenant }),
         });
       }
     } finally {

@@ -21,6 +21,8 @@ export interface EncryptedColumnSql {
   iv: string;
   wrappedKey: string;
   keyVersion: string;
+  /** The entity's `@EncryptionTenant()` column, quoted, if it has one. */
+  tenant?: string;
 }
 
 /** Runs `fn` with a query runner: the given one, or a new one released afterwards. */
@@ -87,6 +89,7 @@ export function encryptedColumnsSql(
       iv: quote(c.sidecars.iv.databaseName),
       wrappedKey: quote(c.sidecars.wrappedKey.databaseName),
       keyVersion: quote(c.sidecars.keyVersion.databaseName),
+      ...(c.tenant ? { tenant: quote(c.tenant.databaseName) } : {}),
     }));
   });
 }

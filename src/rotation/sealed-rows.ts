@@ -1,6 +1,7 @@
 import type { QueryRunner } from 'typeorm';
 import type { ValueBinding } from '../crypto/associated-data';
 import type { SealedValue } from '../field-encryptor';
+import { tenantText } from '../typeorm/encryption-tenant';
 import { primaryKeyOfRow } from '../typeorm/primary-key';
 import { valueBinding } from '../typeorm/value-binding';
 import { type EncryptedColumnSql, primaryKeyBatches } from './rotation-target';
@@ -13,30 +14,39 @@ export interface SealedRow {
   primaryKey: string;
   sealed: SealedValue;
   binding: ValueBinding;
+  /** The row's tenant (`null`: none, or the entity has no tenant column). */
+  tenant: string | null;
 }
 
 /**
  * Reads the stored values of one encrypted property in primary-key-ordered batches (nulls
- * skipped), `batchSize` rows at a time, so memory stays constant as the table grows.
+ * skipped), `batchSize` rows at a time, so memory stays constant as the table grows. With
+ * `tenant`, only that tenant's rows (none for an entity without a tenant column).
  */
 export async function* sealedRowBatches(
   runner: QueryRunner,
   column: EncryptedColumnSql,
   batchSize: number,
+  tenant?: string,
 ): AsyncGenerator<SealedRow[]> {
+  if (tenant !== undefined && !column.tenant) return;
   const keyNames = column.metadata.primaryColumns.map((c) => c.databaseName);
+  const tenantColumn = column.columns.tenant;
   for await (const batch of primaryKeyBatches(runner, column, batchSize)) {
+    const tenantFilter = tenant === undefined ? '' : ` AND ${column.tenant} = $${batch.params.length + 1}`;
     const rows = (await runner.query(
       `SELECT ${column.primaryKey.join(', ')}, ${column.ciphertext} AS ct, ${column.iv} AS iv,
-              ${column.wrappedKey} AS wk, ${column.keyVersion} AS kv
-       FROM ${column.table} WHERE ${batch.condition} AND ${column.ciphertext} IS NOT NULL
+              ${column.wrappedKey} AS wk, ${column.keyVersion} AS kv${column.tenant ? `, ${column.tenant} AS tenant` : ''}
+       FROM ${column.table} WHERE ${batch.condition} AND ${column.ciphertext} IS NOT NULL${tenantFilter}
        ORDER BY ${column.primaryKey.join(', ')}`,
-      batch.params,
+      tenant === undefined ? batch.params : [...batch.params, tenant],
     )) as Array<Record<string, unknown>>;
     yield rows.map((row) => {
       const key = Object.fromEntries(keyNames.map((name) => [name, row[name]]));
       const primaryKey = primaryKeyOfRow(column.metadata, key) as string;
+      const rowTenant = tenantColumn ? (tenantText(tenantColumn, row.tenant) ?? null) : null;
       return {
+        tenant: rowTenant,
         key,
         primaryKey,
         sealed: {
@@ -45,7 +55,7 @@ export async function* sealedRowBatches(
           wrappedKey: row.wk as Buffer,
           keyVersion: row.kv as number,
         },
-        binding: valueBinding(column.metadata, column.columns, primaryKey),
+        binding: valueBinding(column.metadata, column.columns, primaryKey, rowTenant),
       };
     });
   }

@@ -1,4 +1,5 @@
 import type { EnvelopeEncryption } from '../envelope-encryption';
+import { TenantOffboardedError } from '../errors';
 import { describeError } from './describe-error';
 import {
   type EntitySelector,
@@ -15,6 +16,8 @@ export interface VerifyOptions {
   batchSize?: number;
   /** Stop listing failures after this many per property (they are still counted). Default 1,000. */
   maxListedFailures?: number;
+  /** Only this tenant's rows (of entities with an `@EncryptionTenant()` column). */
+  tenant?: string;
   onProgress?: (progress: { entity: string; property: string; rowsChecked: number }) => void;
 }
 
@@ -24,6 +27,10 @@ export interface VerifyFailure {
   /** The stored master-key version; `null` for a row with no ciphertext. */
   keyVersion: number | null;
   error: string;
+  /** The row's tenant, for entities with a tenant column. */
+  tenant?: string;
+  /** The row belongs to an offboarded tenant: unreadable by design, not corrupt. */
+  offboarded?: boolean;
 }
 
 /** What {@link verifyEncryptedColumns} found. It never throws midway: an unexpected error is in `error`. */
@@ -43,11 +50,17 @@ export interface VerifyResult {
      * `failed` too, and listed in `failures`.
      */
     pendingBackfill: number;
+    /**
+     * Rows of offboarded tenants (their keys were destroyed): unreadable by design, so not counted
+     * in `failed`; listed in `failures` with `offboarded: true`.
+     */
+    offboarded: number;
     failures: VerifyFailure[];
   }>;
   rowsChecked: number;
   failed: number;
   pendingBackfill: number;
+  offboarded: number;
   error?: unknown;
 }
 
@@ -67,7 +80,13 @@ export async function verifyEncryptedColumns(
   encryption: EnvelopeEncryption,
   options: VerifyOptions = {},
 ): Promise<VerifyResult> {
-  const result: VerifyResult = { properties: [], rowsChecked: 0, failed: 0, pendingBackfill: 0 };
+  const result: VerifyResult = {
+    properties: [],
+    rowsChecked: 0,
+    failed: 0,
+    pendingBackfill: 0,
+    offboarded: 0,
+  };
   const maxListed = options.maxListedFailures ?? 1_000;
   try {
     await withQueryRunner(target, async (runner) => {
@@ -78,14 +97,17 @@ export async function verifyEncryptedColumns(
           rowsChecked: 0,
           failed: 0,
           pendingBackfill: 0,
+          offboarded: 0,
           failures: [] as VerifyFailure[],
         };
         result.properties.push(outcome);
         const fail = (failure: VerifyFailure) => {
-          outcome.failed += 1;
+          if (failure.offboarded) outcome.offboarded += 1;
+          else outcome.failed += 1;
           if (outcome.failures.length < maxListed) outcome.failures.push(failure);
         };
-        for await (const rows of sealedRowBatches(runner, column, options.batchSize ?? 1_000)) {
+        const batchSize = options.batchSize ?? 1_000;
+        for await (const rows of sealedRowBatches(runner, column, batchSize, options.tenant)) {
           for (const row of rows) {
             outcome.rowsChecked += 1;
             try {
@@ -95,6 +117,8 @@ export async function verifyEncryptedColumns(
                 primaryKey: row.primaryKey,
                 keyVersion: row.sealed.keyVersion,
                 error: describeError(error),
+                ...(row.tenant === null ? {} : { tenant: row.tenant }),
+                ...(error instanceof TenantOffboardedError ? { offboarded: true } : {}),
               });
             }
           }
@@ -104,7 +128,9 @@ export async function verifyEncryptedColumns(
             rowsChecked: outcome.rowsChecked,
           });
         }
-        for await (const rows of rowsWithoutCiphertextBatches(runner, column, options.batchSize ?? 1_000)) {
+        const missing =
+          options.tenant === undefined ? rowsWithoutCiphertextBatches(runner, column, batchSize) : [];
+        for await (const rows of missing) {
           for (const row of rows) {
             if (row.pending) outcome.pendingBackfill += 1;
             fail({
@@ -117,6 +143,7 @@ export async function verifyEncryptedColumns(
         result.rowsChecked += outcome.rowsChecked;
         result.failed += outcome.failed;
         result.pendingBackfill += outcome.pendingBackfill;
+        result.offboarded += outcome.offboarded;
       }
     });
   } catch (error) {

@@ -8,6 +8,7 @@ import {
   SIDECAR_ROLES,
   type SidecarRole,
 } from './encrypted-decorator';
+import { tenantColumnOf } from './encryption-tenant';
 import { unbindableKeyColumns } from './primary-key';
 import { PENDING_SIDECAR, PendingPlaintext, type PropertyStateStore } from './property-state';
 import { formerPaths } from './value-binding';
@@ -21,6 +22,8 @@ export interface EncryptedColumns {
   sidecars: Record<SidecarRole, ColumnMetadata>;
   /** The plaintext column being migrated from (`plaintextColumn` option), if any. */
   plaintext?: ColumnMetadata;
+  /** The entity's `@EncryptionTenant()` column, if it has one: values are bound to the row's tenant. */
+  tenant?: ColumnMetadata;
   /** The object holding the property: the entity, or an embedded object inside it. */
   holderOf(entity: object, create: boolean): Record<string, unknown> | undefined;
 }
@@ -36,6 +39,7 @@ export function installEncryptedColumns(
   store: PropertyStateStore,
 ): EncryptedColumns[] {
   const found: EncryptedColumns[] = [];
+  const tenant = tenantColumnOf(entity);
   for (const main of entity.columns) {
     const definition = encryptedDefinition(main.target, main.propertyName);
     if (!definition) continue;
@@ -65,6 +69,7 @@ export function installEncryptedColumns(
       main,
       sidecars,
       plaintext,
+      tenant,
       holderOf: holderFor(main),
     };
     refuseUnreadableShapes(columns);

@@ -29,6 +29,8 @@ export interface LoadedColumns {
   keyVersion?: number | null;
   /** The row's primary key, when it was read apart from the entity (a partial select). */
   primaryKey?: string;
+  /** The row's tenant, when it was read apart from the entity (`null`: no tenant). */
+  tenant?: string | null;
 }
 
 /** The plaintext a sealed ciphertext stands for; prints nothing of it. */

@@ -6,6 +6,7 @@ import {
   SelectQueryBuilder,
   UpdateQueryBuilder,
 } from 'typeorm';
+import type { ColumnMetadata } from 'typeorm/metadata/ColumnMetadata';
 import { UnsupportedOperationError } from '../errors';
 import type { EncryptedColumns } from './encrypted-columns';
 import { SIDECAR_ROLES } from './encrypted-decorator';
@@ -31,6 +32,8 @@ export function guardEntity(metadata: EntityMetadata, columns: readonly Encrypte
 interface SetMap {
   /** The primary key of the one row the update targets, when `whereInIds` named exactly one. */
   primaryKey(): string | undefined;
+  /** Narrows the update to rows whose `column` holds `value` (the tenant its values are sealed for). */
+  restrictTo(column: ColumnMetadata, value: unknown): void;
 }
 
 const setMaps = new WeakMap<object, SetMap>();
@@ -43,7 +46,7 @@ export function setMapOf(entity: object): SetMap | undefined {
 
 interface ExpressionMap {
   mainAlias?: { hasMetadata: boolean; metadata: EntityMetadata };
-  wheres: Array<{ type: string }>;
+  wheres: Array<{ type: string; condition?: unknown }>;
   onUpdate?: { overwrite?: unknown; columns?: unknown };
 }
 
@@ -86,6 +89,19 @@ function guardSetMaps(): void {
           return undefined;
         }
         return primaryKeyOf(metadata, metadata.ensureEntityIdMap(single.id));
+      },
+      restrictTo: (column, value) => {
+        const builder = this as { setParameter(name: string, value: unknown): unknown };
+        const parameter = 'typeormEnvelopeTenant';
+        builder.setParameter(parameter, value);
+        const condition = `${metadata.connection.driver.escape(column.databaseName)} = :${parameter}`;
+        /* The caller's conditions stay together in brackets, whatever their ANDs and ORs. */
+        map.wheres = map.wheres.length
+          ? [
+              { type: 'simple', condition: map.wheres },
+              { type: 'and', condition },
+            ]
+          : [{ type: 'simple', condition }];
       },
     });
     return set.call(this, copy);
@@ -193,6 +209,8 @@ function completed(names: readonly string[], columns: readonly EncryptedColumns[
       column.main,
       ...SIDECAR_ROLES.map((role) => column.sidecars[role]),
       ...(column.plaintext ? [column.plaintext] : []),
+      /* Values are sealed for the inserted row's tenant: an update that keeps the old tenant could not read them. */
+      ...(column.tenant ? [column.tenant] : []),
     ].map((c) => c.databaseName);
     if (!group.some((name) => result.includes(name))) continue;
     for (const name of group) if (!result.includes(name)) result.push(name);
@@ -244,6 +262,7 @@ function completeSelections(map: SelectExpressionMap): void {
     const others = [
       ...SIDECAR_ROLES.map((role) => column.sidecars[role]),
       ...(column.plaintext ? [column.plaintext] : []),
+      ...(column.tenant ? [column.tenant] : []),
     ];
     for (const other of others) {
       const selection = `${alias.name}.${other.propertyPath}`;

@@ -1,5 +1,6 @@
 import type { EntityMetadata, QueryRunner } from 'typeorm';
 import type { EncryptedColumns } from './encrypted-columns';
+import { tenantText } from './encryption-tenant';
 import { primaryKeyOf } from './primary-key';
 import type { PropertyStateStore } from './property-state';
 
@@ -93,6 +94,7 @@ export class SidecarLoader {
           column.main.propertyPath,
           ...Object.values(column.sidecars).map((c) => c.propertyPath),
           ...(column.plaintext ? [column.plaintext.propertyPath] : []),
+          ...(column.tenant ? [column.tenant.propertyPath] : []),
         ].map((p) => `row.${p}`),
       )
       .callListeners(false);
@@ -109,8 +111,10 @@ export class SidecarLoader {
       const loaded = fetched?.loaded;
       column.holderOf(request.entity, true);
       const state = this.store.upsert(request.entity, path);
+      const tenant =
+        row && column.tenant ? tenantText(column.tenant, column.tenant.getEntityValue(row)) : null;
       state.loaded = loaded
-        ? { ...loaded, primaryKey: row && primaryKeyOf(metadata, row) }
+        ? { ...loaded, primaryKey: row && primaryKeyOf(metadata, row), tenant }
         : { ciphertext: null };
       /* A row not yet backfilled still holds its value in the column it is migrated from. */
       if (fetched?.legacy !== undefined) state.legacy = fetched.legacy;

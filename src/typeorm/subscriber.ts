@@ -18,6 +18,7 @@ import {
 import type { FieldEncryptor, SealedValue } from '../field-encryptor';
 import { NOT_CACHED } from '../keys/data-key-cache';
 import type { EncryptedColumns } from './encrypted-columns';
+import { tenantText } from './encryption-tenant';
 import { legacyValue } from './legacy-value';
 import { primaryKeyOf } from './primary-key';
 import type { LoadedColumns, PropertyStateStore } from './property-state';
@@ -58,7 +59,7 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
       ? undefined // TypeORM leaves generated keys to the database, even when one is given
       : primaryKeyOf(event.metadata, entity);
     return this.#afterLaterSubscribers(event, 'beforeInsert', () =>
-      this.#seal(event.metadata, columns, entity, undefined, primaryKey, false),
+      this.#seal(event.metadata, columns, entity, undefined, primaryKey, false, tenantOf(columns, entity)),
     );
   }
 
@@ -69,23 +70,56 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
     const databaseEntity = event.databaseEntity;
     if (databaseEntity) {
       const primaryKey = primaryKeyOf(event.metadata, databaseEntity);
+      const before = tenantOf(columns, databaseEntity);
+      const given = tenantOf(columns, entity);
+      const tenant = given === undefined ? before : given;
+      /* A row moved to another tenant has all its values sealed anew for that tenant. */
+      const moved = tenant !== before;
+      if (moved) refuseIncompleteMove(event.metadata, columns, entity);
       return this.#afterLaterSubscribers(event, 'beforeUpdate', () =>
-        this.#seal(event.metadata, columns, entity, databaseEntity, primaryKey, false),
+        this.#seal(
+          event.metadata,
+          columns,
+          entity,
+          moved ? undefined : databaseEntity,
+          primaryKey,
+          false,
+          tenant,
+        ),
       );
     }
     /* Without a database copy this is a query-builder update: `entity` is its SET map. */
     refuseKeyChange(event.metadata, columns, entity);
     const setMap = setMapOf(entity);
+    const writesValues = columns.some((c) => definedIn(c, entity));
     if (!setMap) {
-      if (!columns.some((c) => definedIn(c, entity))) return undefined;
+      if (!writesValues) return undefined;
       throw new UnsupportedOperationError(
         'an update of encrypted properties must name its entity before its values ' +
           '(createQueryBuilder().update(Entity).set(values))',
         { entity: event.metadata.name },
       );
     }
+    const tenant = tenantOf(columns, entity);
+    const tenantColumn = columns[0]?.tenant;
+    if (tenantColumn && writesValues) {
+      if (tenant === undefined) {
+        throw new UnsupportedOperationError(
+          `an update of encrypted properties must name the tenant in its values (set({ ${tenantColumn.propertyPath}, … })): ` +
+            'the values are sealed for that tenant, and only its rows are updated',
+          { entity: event.metadata.name },
+        );
+      }
+      setMap.restrictTo(tenantColumn, tenantColumn.getEntityValue(entity));
+    } else if (tenantColumn && tenant !== undefined) {
+      throw new UnsupportedOperationError(
+        `changing the tenant column "${tenantColumn.propertyPath}" in a query-builder update would leave the rows' ` +
+          'encrypted values bound to their old tenant, unreadable; save the loaded entity instead',
+        { entity: event.metadata.name },
+      );
+    }
     return this.#afterLaterSubscribers(event, 'beforeUpdate', () =>
-      this.#seal(event.metadata, columns, entity, undefined, setMap.primaryKey(), true),
+      this.#seal(event.metadata, columns, entity, undefined, setMap.primaryKey(), true, tenant),
     );
   }
 
@@ -172,6 +206,7 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
     databaseEntity: object | undefined,
     primaryKey: string | undefined,
     setMap: boolean,
+    tenant: string | null | undefined,
   ): Promise<void> | undefined {
     const pending: Promise<void>[] = [];
     for (const column of columns) {
@@ -211,7 +246,14 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
         record(stored);
         continue;
       }
-      const binding = valueBinding(metadata, column, bindPrimaryKey ? primaryKey : undefined);
+      if (column.tenant && tenant === undefined) {
+        throw new UnsupportedOperationError(
+          `the tenant property "${column.tenant.propertyPath}" must be set before encrypted values are written: ` +
+            "each value is sealed for its row's tenant",
+          { entity: metadata.name, column: path },
+        );
+      }
+      const binding = valueBinding(metadata, column, bindPrimaryKey ? primaryKey : undefined, tenant);
       let sealed: SealedValue | typeof NOT_CACHED;
       try {
         sealed = this.encryptor.trySeal(value, binding, type);
@@ -262,8 +304,12 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
     const loaded = state?.loaded;
     if (!holder || !state || !loaded || loaded.ciphertext === undefined) return undefined;
     const { ciphertext, iv, wrappedKey, keyVersion } = loaded;
-    if (!refetched && (iv === undefined || wrappedKey === undefined || keyVersion === undefined)) {
-      /* A partial `select` named the property: fetch its other columns, then decrypt. */
+    const tenant = loaded.tenant !== undefined ? loaded.tenant : tenantOf([column], entity);
+    if (
+      !refetched &&
+      (iv === undefined || wrappedKey === undefined || keyVersion === undefined || tenant === undefined)
+    ) {
+      /* A partial `select` named the property: fetch its other columns (and the row's tenant), then decrypt. */
       return this.sidecars
         .load(metadata, column, entity, queryRunner)
         .then(() => this.#openLoaded(metadata, column, entity, undefined, true));
@@ -296,7 +342,13 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
     const sealed = loaded as SealedValue;
     const bound = ((ciphertext[1] ?? 0) & FLAG_PRIMARY_KEY_BOUND) !== 0;
     const primaryKey = bound ? (loaded.primaryKey ?? primaryKeyOf(metadata, entity)) : undefined;
-    const binding = valueBinding(metadata, column, primaryKey);
+    if (tenant === undefined) {
+      throw new IntegrityError(
+        'the row of this value could not be read again to learn its tenant',
+        loadContext(metadata, column, entity, loaded),
+      );
+    }
+    const binding = valueBinding(metadata, column, primaryKey, tenant);
     let opened: unknown;
     try {
       opened = this.encryptor.tryOpen(sealed, binding);
@@ -346,6 +398,30 @@ function refuseKeyChange(
   );
 }
 
+/**
+ * The row's tenant as `entity` gives it: `undefined` when the entity has no tenant column or the
+ * object does not say, `null` for a row without a tenant.
+ */
+function tenantOf(columns: readonly EncryptedColumns[], entity: object): string | null | undefined {
+  const column = columns[0]?.tenant;
+  return column ? tenantText(column, column.getEntityValue(entity)) : null;
+}
+
+/** A row moved to another tenant must have every encrypted value at hand, to seal it for the new tenant. */
+function refuseIncompleteMove(
+  metadata: EntityMetadata,
+  columns: readonly EncryptedColumns[],
+  entity: object,
+) {
+  const missing = columns.find((c) => c.holderOf(entity, false)?.[c.definition.propertyName] === undefined);
+  if (!missing) return;
+  throw new UnsupportedOperationError(
+    'moving a row to another tenant seals all its encrypted values anew, but this object does not hold ' +
+      'this one; load the whole entity, change its tenant and save it',
+    { entity: metadata.name, column: missing.main.propertyPath },
+  );
+}
+
 /** Whether `entity` (a SET map) names the encrypted property of `column`. */
 function definedIn(column: EncryptedColumns, entity: object): boolean {
   const value = column.holderOf(entity, false)?.[column.definition.propertyName];
@@ -359,9 +435,11 @@ function loadContext(
   entity: object,
   loaded: LoadedColumns,
 ): ErrorContext {
+  const tenant = loaded.tenant ?? tenantOf([column], entity);
   return {
     entity: metadata.name,
     column: column.main.propertyPath,
     primaryKey: loaded.primaryKey ?? primaryKeyOf(metadata, entity),
+    ...(typeof tenant === 'string' ? { tenant } : {}),
   };
 }

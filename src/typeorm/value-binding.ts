@@ -14,6 +14,7 @@ export function valueBinding(
   metadata: EntityMetadata,
   column: EncryptedColumns,
   primaryKey: string | undefined,
+  tenant?: string | null,
 ): ValueBinding {
   let place = places.get(column);
   if (!place) {
@@ -25,6 +26,9 @@ export function valueBinding(
       ...(former.length ? { formerColumns: former } : {}),
     });
     places.set(column, place);
+  }
+  if (tenant !== undefined && tenant !== null) {
+    return primaryKey === undefined ? { ...place, tenant } : { ...place, primaryKey, tenant };
   }
   return primaryKey === undefined ? place : { ...place, primaryKey };
 }
