@@ -1,4 +1,4 @@
-import { ConfigError, UnknownKeyVersionError } from '../errors';
+import { ConfigError, IntegrityError, UnknownKeyVersionError } from '../errors';
 import type { EncryptionContext, KeyProvider } from './key-provider';
 import type { KeyScope } from './key-scope';
 
@@ -107,6 +107,10 @@ export class Keyring implements KeyScope {
   /** The provider of `version`; an unconfigured version is an `UnknownKeyVersionError`. */
   provider(version: number): KeyProvider {
     const provider = this.#providers.get(version);
+    if (!provider && version >= FIRST_TENANT_KEY_VERSION) {
+      /* Only a tenant's rows hold tenant key versions: this value was put here from a tenant's row. */
+      throw new IntegrityError('a tenant key version in a value that belongs to no tenant', { keyVersion: version });
+    }
     if (!provider) {
       throw new UnknownKeyVersionError(`key version ${version} is not in this keyring`, {
         keyVersion: version,
