@@ -67,6 +67,13 @@ export {
 } from './keys/tenant-key-factories';
 export type { TenantKeyRecord, TenantKeyState, TenantRecord } from './keys/tenant-keyrings';
 export { type Mask, maskValue } from './masking';
+export {
+  AUDIT_CSV_COLUMNS,
+  type AuditExportFormat,
+  auditLogToCsv,
+  auditLogToJson,
+  exportAuditLog,
+} from './rotation/audit-export';
 export { type BackfillOptions, type BackfillResult, backfillEncryptedColumns } from './rotation/backfill';
 export {
   type AuditEntry,
