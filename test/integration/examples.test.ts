@@ -77,3 +77,28 @@ describe('examples/nestjs (npm run example:nestjs)', () => {
     expect(output).not.toMatch(/(?<![A-Za-z0-9+/])[A-Za-z0-9+/]{43}=/);
   }, 240_000);
 });
+
+describe('examples/multi-tenant (npm run example:multi-tenant)', () => {
+  it('runs workspaces on customer-provided, cross-account KMS and vendor keys, isolated, and exits 0', () => {
+    const output = runScript('example:multi-tenant');
+
+    // Every expectation the example checks held (it also exits non-zero otherwise).
+    expect(output).not.toContain('FAILED');
+    expect(output).toMatch(/All \d+ expectations held\./);
+    // Per workspace: the key reference, never the key, and the stored key version.
+    expect(output).toMatch(/^\s*acme\s+customer-key\s+sha256:[0-9a-f]{16}\s+(1\d{6}) \(3 rows\)$/m);
+    expect(output).toMatch(
+      /^\s*initech\s+aws-kms\s+arn:aws:kms:[a-z0-9-]+:111122223333:key\/[0-9a-f-]{36}\s+1\d{6} \(3 rows\)$/m,
+    );
+    expect(output).toMatch(/^\s*umbrella\s+vendor key\s+sha256:[0-9a-f]{16}\s+1 \(3 rows\)$/m);
+    // Isolation, revocation and offboarding, each with the typed error naming the tenant.
+    expect(output).toMatch(/copied into umbrella's contact \d+ -> IntegrityError: .*\(tenant umbrella, /);
+    expect(output).toMatch(/copied into hooli's contact \d+ -> IntegrityError: .*\(tenant hooli, /);
+    expect(output).toMatch(/find\(\) across all workspaces -> KeyAccessDeniedError: .*\(tenant initech, /);
+    expect(output).toMatch(/find\(\) of the other workspaces -> 12 contacts/);
+    expect(output).toMatch(/reading its contacts -> TenantOffboardedError: .*\(tenant globex, /);
+    expect(output).toContain('customer-provided keys (bytes, base64, hex) anywhere: no');
+    // No key printed (base64 of 32 bytes: 44 characters ending in '=').
+    expect(output).not.toMatch(/(?<![A-Za-z0-9+/])[A-Za-z0-9+/]{43}=/);
+  }, 240_000);
+});
