@@ -109,7 +109,9 @@ export class Keyring implements KeyScope {
     const provider = this.#providers.get(version);
     if (!provider && version >= FIRST_TENANT_KEY_VERSION) {
       /* Only a tenant's rows hold tenant key versions: this value was put here from a tenant's row. */
-      throw new IntegrityError('a tenant key version in a value that belongs to no tenant', { keyVersion: version });
+      throw new IntegrityError('a tenant key version in a value that belongs to no tenant', {
+        keyVersion: version,
+      });
     }
     if (!provider) {
       throw new UnknownKeyVersionError(`key version ${version} is not in this keyring`, {

@@ -55,6 +55,18 @@ export interface TenantKeyFactory {
     context: TenantKeyFactoryContext,
   ): Promise<Record<string, unknown>>;
   create(stored: Readonly<Record<string, unknown>>, context: TenantKeyFactoryContext): Promise<KeyProvider>;
+  /**
+   * For kinds that store a secret wrapped by the application's keyring: the application keyring's
+   * version that wraps it, so a rotation of that keyring can re-wrap it before the old version is
+   * retired.
+   */
+  wrappedBy?(stored: Readonly<Record<string, unknown>>): number | undefined;
+  /** Re-wraps the stored secret under the application keyring's `version`; returns what to store instead. */
+  rewrap?(
+    stored: Readonly<Record<string, unknown>>,
+    context: TenantKeyFactoryContext,
+    version: number,
+  ): Promise<Record<string, unknown>>;
 }
 
 /** The factories of one `EnvelopeEncryption`, by kind. */
@@ -112,6 +124,27 @@ export function customerKeyFactory(): TenantKeyFactory {
       } finally {
         provider.destroy();
       }
+    },
+    wrappedBy: (stored) => (typeof stored.wrappedBy === 'number' ? stored.wrappedBy : undefined),
+    async rewrap(stored, { tenantId, vendor }, version) {
+      const { wrappedKey, wrappedBy } = stored as { wrappedKey: string; wrappedBy: number };
+      const context = secretContext(vendor, tenantId);
+      const from = await vendor.checkedProvider(wrappedBy);
+      const to = await vendor.checkedProvider(version);
+      const old = Buffer.from(wrappedKey, 'base64');
+      const rewrapped = await from.rewrapDataKey(old, context, to);
+      /* Checked before it is stored: a wrong wrap would lose the customer's key for good. */
+      const before = await from.unwrapDataKey(old, context);
+      const after = await to.unwrapDataKey(rewrapped, context);
+      const same = before.equals(after);
+      before.fill(0);
+      after.fill(0);
+      if (!same) {
+        throw new ConfigError('a re-wrapped customer-provided key does not unwrap to the same key', {
+          tenant: tenantId,
+        });
+      }
+      return { ...stored, wrappedKey: rewrapped.toString('base64'), wrappedBy: version };
     },
     async create(stored, { tenantId, vendor }) {
       const { wrappedKey, wrappedBy, fingerprint } = stored as {

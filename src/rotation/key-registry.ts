@@ -4,6 +4,7 @@ import {
   AUDIT_LOG_TABLE,
   KEY_VERSIONS_TABLE,
 } from '../../migrations/1764300000000-TypeormEnvelopeKeyRegistry';
+import { TENANT_KEYS_TABLE } from '../../migrations/1764400000000-TypeormEnvelopeTenantKeys';
 import type { EnvelopeEncryption, KeyValidation } from '../envelope-encryption';
 import { ConfigError, UnsupportedOperationError } from '../errors';
 import { dataSourceOf, encryptedColumnsSql, type RotationTarget, withQueryRunner } from './rotation-target';
@@ -51,7 +52,8 @@ export type AuditEvent =
   | 'tenant-job-started'
   | 'tenant-job-finished'
   | 'tenant-job-failed'
-  | 'tenant-rotation-interval-set';
+  | 'tenant-rotation-interval-set'
+  | 'tenant-key-rewrapped';
 
 /** One audit log entry. */
 export interface AuditEntry {
@@ -235,6 +237,13 @@ export class KeyRegistry {
           { keyVersion: version },
         );
       }
+      const tenantKeys = await this.#tenantKeysWrappedBy(runner, version);
+      if (tenantKeys > 0) {
+        throw new UnsupportedOperationError(
+          `${tenantKeys} customer-provided tenant keys are still wrapped by this key version; re-wrap first (typeorm-envelope rotate)`,
+          { keyVersion: version },
+        );
+      }
       await runner.query(
         `UPDATE ${this.#path(KEY_VERSIONS_TABLE)} SET state = 'retired', retired_at = now() WHERE keyring_id = $1 AND version = $2`,
         [this.#encryption.keyring.keyringId, version],
@@ -322,6 +331,17 @@ export class KeyRegistry {
         details: r.details,
       }));
     });
+  }
+
+  /** Tenant keys whose stored secret this version wraps (the `wrappedBy` of customer-provided keys). */
+  async #tenantKeysWrappedBy(runner: QueryRunner, version: number): Promise<number> {
+    if (!(await runner.hasTable(this.#path(TENANT_KEYS_TABLE, false)))) return 0;
+    const [row] = (await runner.query(
+      `SELECT count(*)::int AS n FROM ${this.#path(TENANT_KEYS_TABLE)}
+       WHERE keyring_id = $1 AND state <> 'destroyed' AND (descriptor->>'wrappedBy')::int = $2`,
+      [this.#encryption.keyring.keyringId, version],
+    )) as Array<{ n: number }>;
+    return row?.n ?? 0;
   }
 
   async #stateOf(runner: QueryRunner, version: number): Promise<KeyState | undefined> {

@@ -3,6 +3,7 @@ import type { EnvelopeEncryption } from '../envelope-encryption';
 import { ConfigError, IntegrityError } from '../errors';
 import type { KeyScope } from '../keys/key-scope';
 import { FIRST_TENANT_KEY_VERSION } from '../keys/keyring';
+import { rewrapStoredTenantKeys, type StoredTenantKeysRewrap } from '../tenants/stored-key-rewrap';
 import { tenantText } from '../typeorm/encryption-tenant';
 import { describeError } from './describe-error';
 import { recordJobEnd } from './job';
@@ -78,6 +79,11 @@ export interface RewrapResult {
   rewrapCalls: number;
   /** Key-provider calls that checked a new wrapped key before it was written. */
   verificationCalls: number;
+  /**
+   * Customer-provided tenant keys (stored wrapped by the application keyring) re-wrapped under
+   * `toVersion`, and those that could not be; only when re-wrapping the application keyring's rows.
+   */
+  storedTenantKeys?: StoredTenantKeysRewrap;
   durationMs: number;
   error?: unknown;
 }
@@ -143,6 +149,9 @@ export async function rewrapDataKeys(
         result.properties.push(await rewrapProperty(runner, column, rewrapper, batchSize, options));
       }
     });
+    if (tenant === undefined && !result.dryRun) {
+      result.storedTenantKeys = await rewrapStoredTenantKeys(target, encryption, toVersion);
+    }
   } catch (error) {
     result.error = error;
   }
@@ -151,8 +160,11 @@ export async function rewrapDataKeys(
     await recordJobEnd(audit, 'rotation', result.toVersion, {
       ...(tenant === undefined ? {} : { tenant }),
       error: result.error,
-      failures: result.properties.reduce((n, p) => n + p.failures.length, 0),
+      failures:
+        result.properties.reduce((n, p) => n + p.failures.length, 0) +
+        (result.storedTenantKeys?.failures.length ?? 0),
       counts: {
+        ...(result.storedTenantKeys ? { storedTenantKeysRewrapped: result.storedTenantKeys.rewrapped } : {}),
         rowsRewrapped: result.properties.reduce((n, p) => n + p.rowsRewrapped, 0),
         rowsTotal: result.properties.reduce((n, p) => n + p.rowsTotal, 0),
         rewrapCalls: result.rewrapCalls,

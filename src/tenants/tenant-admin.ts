@@ -1,6 +1,6 @@
 import type { DataSource } from 'typeorm';
 import type { EnvelopeEncryption } from '../envelope-encryption';
-import { ConfigError, withErrorContext } from '../errors';
+import { ConfigError, EnvelopeError, withErrorContext } from '../errors';
 import type { KeyProvider } from '../keys/key-provider';
 import { FIRST_TENANT_KEY_VERSION } from '../keys/keyring';
 import type { TenantKeyDescriptor } from '../keys/tenant-key-factories';
@@ -262,13 +262,24 @@ export class TenantAdmin {
         ? { ...tenant.job }
         : newJob('rotation', tenant?.activeVersion ?? null);
     const target = job.toVersion ?? this.#encryption.keyring.activeVersion;
-    const save = async (changes: Partial<TenantJob>) => {
+    const resumedFrom = job.state === 'pending' ? undefined : job.state;
+    /* Saves run one after another, so the persisted state never goes back to an older one. */
+    let saving: Promise<void> = Promise.resolve();
+    const save = (changes: Partial<TenantJob>): Promise<void> => {
       job = { ...job, ...changes, updatedAt: new Date().toISOString() };
-      await this.#registry.run((runner) => this.#registry.setJob(runner, id, job));
+      const snapshot = job;
+      saving = saving.then(() => this.#registry.run((runner) => this.#registry.setJob(runner, id, snapshot)));
+      return saving;
     };
     await this.refresh(id);
+    const keyReference = await this.#referenceOf(id, target);
     await save({ state: 'validating', startedAt: job.startedAt ?? new Date().toISOString(), error: null });
-    await this.#record('tenant-job-started', id, target, { kind: job.kind, toVersion: target });
+    await this.#record('tenant-job-started', id, target, {
+      kind: job.kind,
+      toVersion: target,
+      keyReference,
+      ...(resumedFrom ? { resumedFrom } : {}),
+    });
     try {
       const scope = this.#encryption.keyScope(id);
       const provider = await scope.checkedProvider(target);
@@ -288,10 +299,12 @@ export class TenantAdmin {
         ...(options.batchSize ? { batchSize: options.batchSize } : {}),
         onProgress: (progress) => {
           done.set(`${progress.entity}.${progress.property}`, progress.rowsDone);
-          job = { ...job, rowsDone: [...done.values()].reduce((a, b) => a + b, 0) };
+          /* Persisted at each batch, so status (here or in another process) shows how far it got. */
+          void save({ rowsDone: [...done.values()].reduce((a, b) => a + b, 0) }).catch(() => undefined);
           options.onProgress?.(job, progress);
         },
       });
+      await saving.catch(() => undefined);
       if (result.error) throw result.error;
       const failures = result.properties.flatMap((p) => p.failures);
       if (failures.length) {
@@ -310,14 +323,17 @@ export class TenantAdmin {
       await save({ state: 'completed', rowsDone, finishedAt: new Date().toISOString() });
       await this.#record('tenant-job-finished', id, target, {
         kind: job.kind,
+        keyReference,
         rowsRewrapped: rowsDone,
         rewrapCalls: result.rewrapCalls,
       });
     } catch (error) {
-      const reason = describeError(error);
+      await saving.catch(() => undefined);
+      const reason = jobFailure(error);
       await save({ state: 'failed', error: reason });
       await this.#record('tenant-job-failed', id, target, {
         kind: job.kind,
+        keyReference,
         error: reason,
         rowsDone: job.rowsDone,
       });
@@ -514,6 +530,19 @@ export class TenantAdmin {
     );
   }
 
+  /** The key reference of `version` as this tenant uses it: one of its own keys, or the application keyring's. */
+  async #referenceOf(tenantId: string, version: number): Promise<string> {
+    if (version < FIRST_TENANT_KEY_VERSION) {
+      try {
+        return this.#encryption.keyring.provider(version).describe().keyReference;
+      } catch {
+        return `version ${version}`; // not configured here: the job fails, naming the version
+      }
+    }
+    const { keys } = await this.#registry.readTenant(tenantId);
+    return keys.find((k) => k.version === version)?.keyReference ?? `version ${version}`;
+  }
+
   async #vendorReference(): Promise<string> {
     const { keyring } = this.#encryption;
     return keyring.provider(keyring.activeVersion).describe().keyReference;
@@ -542,6 +571,14 @@ export class TenantAdmin {
       return total;
     });
   }
+}
+
+/**
+ * A job's failure reason: our errors with their context (tenant, key version, key reference, never
+ * key material), so `status` names the key that failed; anything else as `describeError` has it.
+ */
+function jobFailure(error: unknown): string {
+  return error instanceof EnvelopeError ? `${error.name}: ${error.message}` : describeError(error);
 }
 
 function newJob(kind: TenantJob['kind'], toVersion: number | null): TenantJob {

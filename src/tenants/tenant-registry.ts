@@ -225,6 +225,21 @@ export class TenantRegistry {
     return result.affected ?? 0;
   }
 
+  /** Replaces a key's descriptor, only if it is still `before` (a concurrent change wins). Returns whether it did. */
+  async replaceDescriptor(
+    runner: QueryRunner,
+    version: number,
+    before: Readonly<Record<string, unknown>>,
+    after: Record<string, unknown>,
+  ): Promise<boolean> {
+    const result = (await runner.query(
+      `UPDATE ${this.#table(TENANT_KEYS_TABLE)} SET descriptor = $3 WHERE keyring_id = $1 AND version = $2 AND descriptor = $4::jsonb`,
+      [this.#keyringId, version, JSON.stringify(after), JSON.stringify(before)],
+      true,
+    )) as { affected?: number };
+    return (result.affected ?? 0) > 0;
+  }
+
   /** Appends a tenant event to the audit log, in `runner`'s transaction. */
   async record(
     runner: QueryRunner,

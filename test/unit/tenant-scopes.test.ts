@@ -105,7 +105,7 @@ describe('tenant key scopes', () => {
 
   it('an offboarded tenant refuses writes and reads; the others keep working from the same cache', async () => {
     const { encryptor, keyrings, records, keys } = await tenantKeyrings(['a', 'b']);
-    const a = await encryptor.seal('a-value', place('a'));
+    await encryptor.seal('a-value', place('a'));
     const b = await encryptor.seal('b-value', place('b'));
     keyrings.update(
       records.map((r) =>
