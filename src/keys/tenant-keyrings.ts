@@ -4,6 +4,8 @@ import { type KeyScope, TENANT_CONTEXT_KEY } from './key-scope';
 import { FIRST_TENANT_KEY_VERSION, type Keyring } from './keyring';
 import type { TenantKeyFactories } from './tenant-key-factories';
 
+const MAX_SCOPES = 100_000;
+
 /** The lifecycle state of one tenant key. */
 export type TenantKeyState = 'active' | 'decrypt-only' | 'destroyed';
 
@@ -66,6 +68,8 @@ export class TenantKeyrings {
   scope(tenantId: string): KeyScope {
     let scope = this.#scopes.get(tenantId);
     if (!scope) {
+      /* Scopes hold no state of their own (it is in the records and the cache): a bound costs nothing. */
+      if (this.#scopes.size >= MAX_SCOPES) this.#scopes.clear();
       scope = new TenantScope(this, tenantId);
       this.#scopes.set(tenantId, scope);
     }
