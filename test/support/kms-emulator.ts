@@ -37,6 +37,13 @@ export interface KmsPrincipal {
 export interface KeyPolicyStatement {
   principals: string[];
   actions: string[];
+  /**
+   * AWS's `StringEquals` on `kms:EncryptionContext:<key>`: the statement applies only to requests
+   * whose encryption context has every one of these entries (ReEncrypt: the source context for
+   * `kms:ReEncryptFrom`, the destination context for `kms:ReEncryptTo`). As in AWS, a request
+   * without the entry (DescribeKey has no context at all) is not allowed by this statement.
+   */
+  encryptionContextEquals?: Record<string, string>;
 }
 
 /** Key metadata exactly as the emulator puts it on the wire (dates are epoch seconds). */
@@ -250,9 +257,10 @@ export class KmsEmulator {
   private readonly faultQueue: FaultSpec[] = [];
   private outage: string | null = null;
   private latencyMs = 0;
-  /** The caller and operation of the request being handled (handlers run synchronously, one at a time). */
+  /** The caller, operation and body of the request being handled (handlers run synchronously, one at a time). */
   private caller: KmsPrincipal | undefined;
   private operation = '';
+  private body: Body = {};
   private readonly server: Server = createServer((req, res) => {
     this.handle(req, res).catch(() => res.destroy());
   });
@@ -480,6 +488,7 @@ export class KmsEmulator {
     const body = parseBody(raw);
     this.caller = this.principalOf && this.identify(String(req.headers.authorization));
     this.operation = operation;
+    this.body = body;
     try {
       this.record(operation, body);
       const fault = this.takeFault(operation);
@@ -491,6 +500,7 @@ export class KmsEmulator {
       return (this.handlers[operation] ?? fail('UnknownOperationException', `Unknown ${operation}`))(body);
     } finally {
       this.caller = undefined;
+      this.body = {};
     }
   }
 
@@ -569,10 +579,12 @@ export class KmsEmulator {
     }
     const caller = this.caller;
     if (!this.principalOf || !caller) return key;
+    const context = this.requestContext(action);
     const allowed = key.policy.some(
       (statement) =>
         statement.actions.some((a) => a === '*' || a === 'kms:*' || a === action) &&
-        statement.principals.some((entry) => principalMatches(entry, caller)),
+        statement.principals.some((entry) => principalMatches(entry, caller)) &&
+        contextMatches(statement.encryptionContextEquals, context),
     );
     if (allowed) return key;
     return fail(
@@ -580,6 +592,17 @@ export class KmsEmulator {
       `User: ${caller.arn} is not authorized to perform: ${action} on resource: ${key.meta.Arn} ` +
         `because no resource-based policy allows the ${action} action`,
     );
+  }
+
+  /** The encryption context a policy condition on `action` looks at, as the request sent it. */
+  private requestContext(action: string): Record<string, string> | undefined {
+    const field =
+      action === 'kms:ReEncryptFrom'
+        ? 'SourceEncryptionContext'
+        : action === 'kms:ReEncryptTo'
+          ? 'DestinationEncryptionContext'
+          : 'EncryptionContext';
+    return optContext(this.body, field);
   }
 
   /** Checks state and usage for a cryptographic operation and returns the key material. */
@@ -680,6 +703,15 @@ function principalMatches(entry: string, principal: KmsPrincipal): boolean {
   const root = /^(?:arn:aws[a-z-]*:iam::)?(\d{12})(?::root)?$/.exec(entry);
   if (root) return root[1] === principal.account;
   return entry === principal.arn || entry === principal.roleArn;
+}
+
+/** Whether a request's encryption context has every entry a statement's condition requires. */
+function contextMatches(
+  required: Record<string, string> | undefined,
+  context: Record<string, string> | undefined,
+): boolean {
+  if (!required) return true;
+  return Object.entries(required).every(([name, value]) => context !== undefined && context[name] === value);
 }
 
 /**
