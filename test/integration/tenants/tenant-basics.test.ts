@@ -1,6 +1,6 @@
 import { randomBytes } from 'node:crypto';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { IntegrityError, TenantOffboardedError } from '../../../src';
+import { encryptionStatus, IntegrityError, TenantOffboardedError } from '../../../src';
 import { rawQuery } from '../../support/database';
 import { TENANT_MIGRATIONS, TenantContact } from '../../support/tenant-entities';
 import { type EncryptedTestDatabase, encryptedDatabase } from '../../support/typeorm';
@@ -56,6 +56,8 @@ describe('tenant keys', () => {
     const all = await contacts().findBy({ workspaceId: 'ws-byok' });
     expect(all.map((c) => c.email).sort()).toEqual(['new@byok.example', 'old@byok.example']);
     expect((await db.encryption.tenants.status('ws-byok')).job?.state).toBe('completed');
+    const status = await encryptionStatus(db.dataSource, db.encryption, { tenant: 'ws-byok' });
+    expect(status.find((p) => p.property === 'email')?.rowsByVersion).toEqual({ [String(added.version)]: 2 });
   });
 
   it('a value copied into another tenant row does not decrypt there', async () => {
