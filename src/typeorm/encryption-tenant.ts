@@ -66,10 +66,12 @@ export function tenantColumnOf(metadata: EntityMetadata): ColumnMetadata | undef
   if (encryptedDefinition(column.target, column.propertyName)) {
     throw new ConfigError('the tenant column cannot itself be encrypted: queries filter on it', context);
   }
-  if (!keyFormOf(column)) {
+  const type = String(metadata.connection.driver.normalizeType(column)).toLowerCase();
+  /* A char(n) tenant prints padded to n: the id given to the tenant API would not be the one bound. */
+  if (!keyFormOf(column) || ['char', 'character', 'nchar'].includes(type)) {
     throw new ConfigError(
-      `the tenant column's stored form (${String(metadata.connection.driver.normalizeType(column))}` +
-        `${column.transformer ? ', with a transformer' : ''}) cannot be known before the write; use a uuid, integer or text column`,
+      `the tenant column's stored form (${type}` +
+        `${column.transformer ? ', with a transformer' : ''}) is not one the tenant can be bound in; use a uuid, integer or text column`,
       context,
     );
   }
