@@ -88,7 +88,9 @@ async function killAfter(
   child.stderr?.on('data', (chunk) => {
     stderr += String(chunk);
   });
-  const exited = new Promise<NodeJS.Signals | null>((done) => child.on('exit', (_code, signal) => done(signal)));
+  const exited = new Promise<NodeJS.Signals | null>((done) =>
+    child.on('exit', (_code, signal) => done(signal)),
+  );
   let seen = 0;
   for await (const line of createInterface({ input: child.stdout as NodeJS.ReadableStream })) {
     const event = JSON.parse(line) as { event: string };
