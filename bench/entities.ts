@@ -2,7 +2,7 @@ import 'reflect-metadata';
 import { randomBytes } from 'node:crypto';
 import { Column, Entity, PrimaryGeneratedColumn } from 'typeorm';
 import { EncryptionTransformer } from 'typeorm-encrypted';
-import { Encrypted } from '../src';
+import { Encrypted, EncryptionTenant } from '../src';
 
 /**
  * The same person in three tables: three ~20–30 character strings and one plain column, stored
@@ -29,6 +29,20 @@ export class PlainPerson implements PersonData {
 @Entity({ name: 'bench_envelope' })
 export class EnvelopePerson implements PersonData {
   @PrimaryGeneratedColumn() id!: number;
+  @Encrypted() email!: string;
+  @Encrypted() fullName!: string;
+  @Encrypted() phone!: string;
+  @Column({ type: 'varchar' }) country!: string;
+}
+
+/**
+ * 2b. typeorm-envelope with tenants: the same three encrypted properties, sealed under the key of the
+ * tenant named in `workspaceId` (its own key, or the application's key bound to the tenant).
+ */
+@Entity({ name: 'bench_tenant_envelope' })
+export class TenantEnvelopePerson implements PersonData {
+  @PrimaryGeneratedColumn() id!: number;
+  @EncryptionTenant() @Column({ type: 'varchar' }) workspaceId!: string;
   @Encrypted() email!: string;
   @Encrypted() fullName!: string;
   @Encrypted() phone!: string;

@@ -1,11 +1,13 @@
 /**
  * `npm run bench`: plaintext vs typeorm-envelope vs typeorm-encrypted, in one process against one
  * PostgreSQL (see ./database.ts), then the re-wrap section (./rewrap.ts: rewrapDataKeys vs a plain SQL
- * UPDATE). Prints markdown tables and writes bench/results.json.
+ * UPDATE) and the tenant section (./tenants.ts: find() of rows spread over many tenants, cold and
+ * warm cache). Prints markdown tables and writes bench/results.json.
  *
  * Environment: BENCH_ROWS (10000), BENCH_ROUNDS (5 measured, after 1 discarded warm-up round),
- * BENCH_LOOKUPS (1000), BENCH_REWRAP_ROWS (100000), BENCH_REWRAP_ROUNDS (3), BENCH_DB (force a
- * database kind), DATABASE_URL.
+ * BENCH_LOOKUPS (1000), BENCH_REWRAP_ROWS (100000), BENCH_REWRAP_ROUNDS (3), BENCH_TENANT_ROWS
+ * (10000), BENCH_TENANTS (100), BENCH_TENANT_ROUNDS (5), BENCH_DB (force a database kind),
+ * DATABASE_URL.
  */
 import { gcmBackend } from '../src/crypto/aes-gcm';
 import 'reflect-metadata';
@@ -19,6 +21,7 @@ import { type BenchDatabase, openDatabase } from './database';
 import { EnvelopePerson, type PersonData, PlainPerson, TypeormEncryptedPerson } from './entities';
 import { runRewrapBench } from './rewrap';
 import { collectGarbage, fmtInt, intEnv, median, round1, round2 } from './stats';
+import { runTenantBench } from './tenants';
 
 const ROWS = intEnv('BENCH_ROWS', 10_000);
 const ROUNDS = intEnv('BENCH_ROUNDS', 5);
@@ -387,6 +390,10 @@ async function main(): Promise<void> {
     const rewrap = await runRewrapBench(db);
     console.log(['', ...rewrap.lines].join('\n'));
 
+    /* Tenant section (./tenants.ts): rows of many tenants, cold and warm cache, in a schema of its own. */
+    const tenants = await runTenantBench(db);
+    console.log(['', ...tenants.lines].join('\n'));
+
     const results = {
       machine,
       database,
@@ -406,6 +413,7 @@ async function main(): Promise<void> {
       },
       providerCalls,
       rewrap: rewrap.result,
+      tenants: tenants.result,
       generatedAt: new Date().toISOString(),
     };
     const file = join(__dirname, '..', '..', 'bench', 'results.json');
