@@ -148,6 +148,8 @@ export class DataKeyCache {
   readonly #unwrappedTtl: number;
   /** The unwrapped key used last (it is also in the cache; never kept past its TTL or eviction). */
   #lastUnwrapped: CachedDataKey | undefined;
+  /** The encrypting-key id built last, reused while writes stay in one scope and version (the common case). */
+  #lastId: { scope: KeyScope; version: number; id: string } | undefined;
   /** Background renewals of encrypting data keys, by scope and version, while they run. */
   readonly #renewing = new Map<string, Promise<void>>();
   readonly #encrypting: LRUCache<string, CachedDataKey>;
@@ -266,7 +268,7 @@ export class DataKeyCache {
     scope: KeyScope = this.#keyring,
   ): T | typeof NOT_CACHED {
     if (scope.writeRefusal) return NOT_CACHED; // the asynchronous path throws it
-    const id = encryptingId(scope, scope.activeVersion);
+    const id = this.#encryptingIdOf(scope);
     const dataKey = this.#encrypting.get(id);
     if (!dataKey || dataKey.destroyed) return NOT_CACHED;
     if (this.#clock.now() - dataKey.createdAt >= this.#renewAfter) this.#renew(scope, id, dataKey);
@@ -357,6 +359,15 @@ export class DataKeyCache {
    * Generates the next data key while the current one still serves. A failure is left for the
    * next fetch to report: the current key keeps working until its maximum age.
    */
+  #encryptingIdOf(scope: KeyScope): string {
+    const version = scope.activeVersion;
+    const last = this.#lastId;
+    if (last && last.scope === scope && last.version === version) return last.id;
+    const id = encryptingId(scope, version);
+    this.#lastId = { scope, version, id };
+    return id;
+  }
+
   #renew(scope: KeyScope, id: string, current: CachedDataKey): void {
     if (this.#renewing.has(id)) return;
     const renewal = this.#generate(scope, current.version)
