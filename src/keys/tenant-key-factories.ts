@@ -1,4 +1,4 @@
-import { ConfigError } from '../errors';
+import { ConfigError, EnvelopeError, type ErrorContext } from '../errors';
 import { AwsKmsKeyProvider, type AwsKmsKeyProviderOptions } from './aws-kms-key-provider';
 import type { EncryptionContext, KeyProvider } from './key-provider';
 import { TENANT_CONTEXT_KEY } from './key-scope';
@@ -156,10 +156,16 @@ export function customerKeyFactory(): TenantKeyFactory {
         throw new ConfigError('the stored customer-provided key is incomplete', { tenant: tenantId });
       }
       const wrapping = await vendor.checkedProvider(wrappedBy);
-      const key = await wrapping.unwrapDataKey(
-        Buffer.from(wrappedKey, 'base64'),
-        secretContext(vendor, tenantId),
-      );
+      const key = await wrapping
+        .unwrapDataKey(Buffer.from(wrappedKey, 'base64'), secretContext(vendor, tenantId))
+        .catch((error: unknown) => {
+          /* The key that failed to open is the tenant's: name it, not the application key that wraps it. */
+          throw aboutTenantKey(
+            error,
+            `the stored customer-provided key could not be unwrapped with application key version ${wrappedBy}`,
+            { tenant: tenantId, keyId: String(fingerprint) },
+          );
+        });
       const provider = LocalKeyProvider.fromKeyBytes(key);
       if (provider.fingerprint !== fingerprint) {
         provider.destroy();
@@ -171,6 +177,20 @@ export function customerKeyFactory(): TenantKeyFactory {
       return provider;
     },
   };
+}
+
+/**
+ * `error` restated about a tenant key: the same class, `what` before its detail, and `context`
+ * replacing the provider's own key reference (which names the wrapping key, not the tenant's).
+ */
+function aboutTenantKey(error: unknown, what: string, context: ErrorContext): unknown {
+  if (!(error instanceof EnvelopeError)) return error;
+  const Class = error.constructor as new (
+    message: string,
+    context: ErrorContext,
+    options: { cause?: unknown },
+  ) => EnvelopeError;
+  return new Class(`${what}: ${error.detail}`, { ...error.context, ...context }, { cause: error });
 }
 
 /**
