@@ -14,6 +14,7 @@ import {
   type TenantKeyFactory,
 } from './keys/tenant-key-factories';
 import { type TenantKeyRecord, TenantKeyrings, type TenantRecord } from './keys/tenant-keyrings';
+import { describeError } from './rotation/describe-error';
 import { KeyRegistry } from './rotation/key-registry';
 import {
   checkRegistryWatchOptions,
@@ -253,8 +254,23 @@ export class EnvelopeEncryption {
     await admin.refresh();
     this.tenantKeyrings.resolver = async (version) =>
       dataSource.isInitialized && (await registry.exists()) ? registry.readVersion(version) : undefined;
+    const warn = this.#registry?.warn ?? ((message: string) => console.warn(message));
+    let failing = false;
     const timer = setInterval(() => {
-      if (dataSource.isInitialized) admin.refresh().catch(() => undefined); // a failed read keeps what this instance has
+      if (!dataSource.isInitialized) return;
+      /* A failed read keeps what this instance has; it is said once, not at every interval. */
+      admin.refresh().then(
+        () => {
+          failing = false;
+        },
+        (error: unknown) => {
+          if (!failing)
+            warn(
+              `typeorm-envelope: reading the tenant registry failed (${describeError(error)}); keeping the tenant keys read before`,
+            );
+          failing = true;
+        },
+      );
     }, this.#tenantRefreshInterval);
     timer.unref();
     this.#onDestroy(dataSource, () => clearInterval(timer));
