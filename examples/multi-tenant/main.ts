@@ -193,9 +193,13 @@ export async function main(log: Log = console.log): Promise<MultiTenantResult> {
       description: `${REVOKED} data encryption`,
       policy: [
         { principals: [`arn:aws:iam::${CUSTOMER_ACCOUNT}:role/key-admin`], actions: ['kms:*'] },
+        { principals: [ROLE_ARN], actions: ['kms:DescribeKey'] },
+        // Only data keys of this workspace: every wrapped data key carries the tenant in its
+        // encryption context, so the key cannot serve another workspace of the same SaaS.
         {
           principals: [ROLE_ARN],
-          actions: ['kms:DescribeKey', 'kms:GenerateDataKey', 'kms:Decrypt', 'kms:Encrypt'],
+          actions: ['kms:GenerateDataKey', 'kms:Decrypt', 'kms:Encrypt'],
+          encryptionContextEquals: { 'typeorm-envelope:tenant': REVOKED },
         },
       ],
     });
