@@ -230,8 +230,10 @@ export function awsKmsKeyFactory(options: AwsKmsTenantOptions = {}): TenantKeyFa
     },
     async create(stored) {
       const { keyId, roleArn, externalId, region } = stored as Partial<AwsKmsKeyDescriptor>;
+      /* The STS options serve tenants with a role; a key without one is called with the application's own credentials. */
+      const { stsEndpoint: _sts, roleSessionName: _session, ...direct } = options;
       return new AwsKmsKeyProvider({
-        ...options,
+        ...(roleArn ? options : direct),
         keyId: keyId as string,
         ...(region ? { region } : {}),
         ...(roleArn ? { roleArn, ...(externalId ? { externalId } : {}) } : {}),
