@@ -203,11 +203,14 @@ export class AwsKmsKeyProvider extends KeyProvider {
   readonly #client: KMSClient;
   readonly #ownsClient: boolean;
   readonly #keyId: string;
+  /** The role (and External ID) KMS is called as; `undefined`: the client's own credentials. */
+  readonly #assumedRole: string | undefined;
   #resolvedArn: string | undefined;
 
   constructor(options: AwsKmsKeyProviderOptions) {
     super();
     this.#keyId = parseKeyId(options?.keyId);
+    this.#assumedRole = options.roleArn && `${options.roleArn}\0${options.externalId ?? ''}`;
     this.#kms = loadModule<KmsModule>(KMS_PACKAGE, 'AwsKmsKeyProvider');
     if (options.client !== undefined) {
       const conflict = CLIENT_BUILDING_OPTIONS.find((name) => options[name] !== undefined);
@@ -285,16 +288,19 @@ export class AwsKmsKeyProvider extends KeyProvider {
   }
 
   /**
-   * Re-wraps under `destination`. When it is another KMS key, `ReEncrypt` does it inside KMS (with
-   * this provider's client and credentials), so the plaintext key never leaves KMS; otherwise the key
-   * is unwrapped here and wrapped there.
+   * Re-wraps under `destination`. When it is another KMS key reached as the same principal (the
+   * same `roleArn` and External ID, or neither), `ReEncrypt` does it inside KMS (with this
+   * provider's client and credentials), so the plaintext key never leaves KMS; otherwise the key is
+   * unwrapped here and wrapped there, each side with its own credentials.
    */
   override async rewrapDataKey(
     wrappedKey: Buffer,
     context: EncryptionContext,
     destination: KeyProvider,
   ): Promise<Buffer> {
-    if (!(destination instanceof AwsKmsKeyProvider))
+    /* ReEncrypt is one call by one principal: a destination reached through another role (a key in
+       another account) may not let this provider's principal encrypt under it. */
+    if (!(destination instanceof AwsKmsKeyProvider) || destination.#assumedRole !== this.#assumedRole)
       return super.rewrapDataKey(wrappedKey, context, destination);
     const out = await this.#send('ReEncrypt', (c) =>
       c.send(
