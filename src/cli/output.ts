@@ -12,16 +12,14 @@ export function table(rows: Array<Record<string, unknown>>): string {
   return [line(headers), line(widths.map((w) => '-'.repeat(w))), ...cells.map(line)].join('\n');
 }
 
-/** Prints rows as CSV (RFC 4180 quoting). */
-export function csv(rows: Array<Record<string, unknown>>): string {
-  const headers = [...new Set(rows.flatMap((r) => Object.keys(r)))];
-  const quote = (v: string) => (/[",\n]/.test(v) ? `"${v.replace(/"/g, '""')}"` : v);
-  return [headers.join(','), ...rows.map((r) => headers.map((h) => quote(text(r[h]))).join(','))].join('\n');
-}
-
 function text(value: unknown): string {
   if (value === null || value === undefined) return '';
   if (value instanceof Date) return value.toISOString();
   if (typeof value === 'object') return JSON.stringify(value);
   return String(value);
+}
+
+/** Text printed as it is (an export already in its format), also with `--json`. */
+export class RawOutput {
+  constructor(readonly text: string) {}
 }

@@ -1,33 +1,36 @@
 import { existsSync, mkdirSync, writeFileSync } from 'node:fs';
 import { dirname, join, relative, resolve, sep } from 'node:path';
-import { Command, InvalidArgumentError } from 'commander';
+import { Command } from 'commander';
 import type { DataSource } from 'typeorm';
+import type { EnvelopeEncryption } from '../envelope-encryption';
 import { ConfigError, EnvelopeError } from '../errors';
+import { FIRST_TENANT_KEY_VERSION } from '../keys/keyring';
+import { auditLogToCsv, auditLogToJson } from '../rotation/audit-export';
 import { backfillEncryptedColumns } from '../rotation/backfill';
-import { KeyRegistry } from '../rotation/key-registry';
+import { type AuditEvent, KeyRegistry } from '../rotation/key-registry';
 import { reencryptColumns } from '../rotation/reencrypt';
 import { rewrapDataKeys } from '../rotation/rewrap';
 import { rotationMigrationName, rotationMigrationSource } from '../rotation/rotation-migration-template';
 import { encryptionStatus } from '../rotation/status';
-import { verifyEncryptedColumns } from '../rotation/verify';
-import { loadProject, type Project } from './load-project';
-import { csv, table } from './output';
+import { type VerifyResult, verifyEncryptedColumns } from '../rotation/verify';
+import { oneOf, parseTime, parsePositiveInteger as parseVersion } from './arguments';
+import { loadProject } from './load-project';
+import { RawOutput, table } from './output';
 import { Progress } from './progress';
-
-interface GlobalOptions {
-  dataSource: string;
-  json?: boolean;
-}
+import { tenantRowsByVersion } from './tenant-rows';
+import { addTenantCommands, type GlobalOptions, jobOutcome, type Runner, tenantStatusText } from './tenants';
 
 /** The `typeorm-envelope` command line: wiring only, the work is in `rotation/`. */
 export function buildProgram(): Command {
   const program = new Command('typeorm-envelope')
     .description('Key status, validation, rotation and verification for typeorm-envelope')
     .requiredOption('-d, --data-source <file>', 'module exporting your DataSource and EnvelopeEncryption')
-    .option('--json', 'print JSON for scripts')
-    .showHelpAfterError();
+    .option('--json', 'print exactly one JSON document on stdout, for scripts (errors too)')
+    .showHelpAfterError()
+    // Usage errors reach main's handler, which prints them as JSON with --json.
+    .exitOverride();
 
-  const run = (fn: (project: Project, global: GlobalOptions) => Promise<unknown>) => async () => {
+  const run: Runner = (fn) => async () => {
     const global = program.opts<GlobalOptions>();
     const project = await loadProject(global.dataSource);
     try {
@@ -41,8 +44,10 @@ export function buildProgram(): Command {
   program
     .command('status')
     .description('rows per key version for every encrypted property; versions due for rotation')
-    .action(
+    .option('--tenant <id>', 'one tenant: its keys, job, and its rows per key version')
+    .action((options: { tenant?: string }) =>
       run(async ({ dataSource, encryption }, global) => {
+        if (options.tenant !== undefined) return tenantStatus(dataSource, encryption, options.tenant, global);
         const registry = new KeyRegistry(dataSource, encryption);
         const properties = await encryptionStatus(dataSource, encryption);
         const tables = await registry.exists();
@@ -95,7 +100,7 @@ export function buildProgram(): Command {
           );
         }
         return lines.join('\n');
-      }),
+      })(),
     );
 
   program
@@ -158,55 +163,59 @@ export function buildProgram(): Command {
     .option('--entity <name...>', 'only these entities')
     .option('--dry-run', 'count what would be re-wrapped, change nothing')
     .option('--force', 're-wrap to a version that is not the active one')
-    .action(
-      (options: { to?: number; batchSize: number; entity?: string[]; dryRun?: boolean; force?: boolean }) =>
-        run(async ({ dataSource, encryption }, global) => {
-          const registry = new KeyRegistry(dataSource, encryption);
-          const hasRegistry = await registry.exists();
-          const active =
-            (hasRegistry ? await registry.activeVersion() : undefined) ?? encryption.keyring.activeVersion;
-          const toVersion = options.to ?? active;
-          if (toVersion !== active) {
-            // New writes keep using the active version: the table would end up on two versions.
-            const howToActivate = hasRegistry
-              ? `run \`typeorm-envelope activate ${toVersion}\` first`
-              : `make it active first (activeVersion: ${toVersion} in the EnvelopeEncryption configuration, or \`typeorm-envelope activate ${toVersion}\` with the key registry)`;
-            const problem = `key version ${toVersion} is not the active version (${active}): new values are still written under version ${active}`;
-            // A dry run changes nothing: it only warns.
-            if (!options.force && !options.dryRun) {
-              throw new ConfigError(`${problem}; ${howToActivate}, or pass --force to re-wrap anyway`);
-            }
-            process.stderr.write(`typeorm-envelope: warning: ${problem}\n`);
+    .option(
+      '--tenant <id>',
+      "only this tenant's rows, under its active key; runs the tenant's pending key job when it has one",
+    )
+    .action((options: RotateOptions) =>
+      run(async ({ dataSource, encryption }, global) => {
+        if (options.tenant !== undefined) return rotateTenant(dataSource, encryption, options, global);
+        const registry = new KeyRegistry(dataSource, encryption);
+        const hasRegistry = await registry.exists();
+        const active =
+          (hasRegistry ? await registry.activeVersion() : undefined) ?? encryption.keyring.activeVersion;
+        const toVersion = options.to ?? active;
+        if (toVersion !== active) {
+          // New writes keep using the active version: the table would end up on two versions.
+          const howToActivate = hasRegistry
+            ? `run \`typeorm-envelope activate ${toVersion}\` first`
+            : `make it active first (activeVersion: ${toVersion} in the EnvelopeEncryption configuration, or \`typeorm-envelope activate ${toVersion}\` with the key registry)`;
+          const problem = `key version ${toVersion} is not the active version (${active}): new values are still written under version ${active}`;
+          // A dry run changes nothing: it only warns.
+          if (!options.force && !options.dryRun) {
+            throw new ConfigError(`${problem}; ${howToActivate}, or pass --force to re-wrap anyway`);
           }
-          const progress = new Progress(!global.json);
-          const result = await rewrapDataKeys(dataSource, encryption, {
-            toVersion,
-            batchSize: options.batchSize,
-            entities: options.entity,
-            dryRun: options.dryRun,
-            onProgress: (p) => progress.update(`${p.entity}.${p.property}`, p.rowsDone, p.rowsTotal),
-          });
-          progress.stop();
-          failOn(
-            result.error,
-            result.properties.some((p) => p.failures.length > 0),
-          );
-          if (global.json) return result;
-          return [
-            `${result.dryRun ? 'would re-wrap' : 're-wrapped'} to key version ${result.toVersion}: ${result.rewrapCalls} data keys re-wrapped, ${result.verificationCalls} checked`,
-            table(
-              result.properties.map((p) => ({
-                entity: p.entity,
-                property: p.property,
-                rows: p.rowsTotal,
-                rewrapped: p.rowsRewrapped,
-                'data keys': p.distinctDataKeys,
-                failures: p.failures.length,
-                ms: Math.round(p.durationMs),
-              })),
-            ),
-          ].join('\n');
-        })(),
+          process.stderr.write(`typeorm-envelope: warning: ${problem}\n`);
+        }
+        const progress = new Progress(!global.json);
+        const result = await rewrapDataKeys(dataSource, encryption, {
+          toVersion,
+          batchSize: options.batchSize,
+          entities: options.entity,
+          dryRun: options.dryRun,
+          onProgress: (p) => progress.update(`${p.entity}.${p.property}`, p.rowsDone, p.rowsTotal),
+        });
+        progress.stop();
+        failOn(
+          result.error,
+          result.properties.some((p) => p.failures.length > 0),
+        );
+        if (global.json) return result;
+        return [
+          `${result.dryRun ? 'would re-wrap' : 're-wrapped'} to key version ${result.toVersion}: ${result.rewrapCalls} data keys re-wrapped, ${result.verificationCalls} checked`,
+          table(
+            result.properties.map((p) => ({
+              entity: p.entity,
+              property: p.property,
+              rows: p.rowsTotal,
+              rewrapped: p.rowsRewrapped,
+              'data keys': p.distinctDataKeys,
+              failures: p.failures.length,
+              ms: Math.round(p.durationMs),
+            })),
+          ),
+        ].join('\n');
+      })(),
     );
 
   program
@@ -277,42 +286,60 @@ export function buildProgram(): Command {
 
   program
     .command('verify')
-    .description('decrypt every stored value; report failures by primary key (never the values)')
+    .description(
+      'decrypt every stored value; report failures by primary key (never the values), and rows of offboarded tenants apart',
+    )
     .option('--entity <name...>', 'only these entities')
-    .action((options: { entity?: string[] }) =>
+    .option('--tenant <id>', "only this tenant's rows")
+    .action((options: { entity?: string[]; tenant?: string }) =>
       run(async ({ dataSource, encryption }, global) => {
-        const result = await verifyEncryptedColumns(dataSource, encryption, { entities: options.entity });
+        const result = await verifyEncryptedColumns(dataSource, encryption, {
+          entities: options.entity,
+          ...(options.tenant === undefined ? {} : { tenant: options.tenant }),
+        });
         failOn(result.error, result.failed > 0);
-        if (global.json) return result;
-        const failures = result.properties.flatMap((p) =>
-          p.failures.map((f) => ({ entity: p.entity, property: p.property, ...f })),
-        );
-        return [
-          `${result.rowsChecked} values checked, ${result.failed} failed` +
-            (result.pendingBackfill ? ` (${result.pendingBackfill} pending backfill)` : ''),
-          ...(failures.length ? [table(failures)] : []),
-        ].join('\n');
+        return global.json ? result : verifyText(result);
       })(),
     );
 
   program
     .command('audit')
-    .description('the audit log')
-    .option('--format <format>', 'table, json or csv', 'table')
-    .option('--limit <n>', 'most recent entries', parseVersion, 1_000)
-    .action((options: { format: string; limit: number }) =>
+    .description('the audit log, oldest first, filtered; exported as CSV (RFC 4180) or JSON')
+    .option('--tenant <id>', "only this tenant's events")
+    .option('--event <event...>', 'only these events (key-activated, tenant-key-added, tenant-offboarded, …)')
+    .option('--actor <actor>', 'only events recorded by this actor')
+    .option(
+      '--since <time>',
+      'only events at or after this time (ISO 8601; a time without a zone is local)',
+      parseTime,
+    )
+    .option('--until <time>', 'only events before this time (ISO 8601)', parseTime)
+    .option('--limit <n>', 'at most this many, the most recent', parseVersion, 1_000)
+    .option('--format <format>', 'table, csv or json', oneOf(AUDIT_FORMATS, 'table, csv or json'), 'table')
+    .action((options: AuditOptions) =>
       run(async ({ dataSource, encryption }, global) => {
         const registry = await requireRegistry(new KeyRegistry(dataSource, encryption));
-        const entries = await registry.auditLog({ limit: options.limit });
-        if (global.json || options.format === 'json') return entries;
-        const rows = entries.map((e) => ({
-          at: e.at,
-          event: e.event,
-          version: e.keyVersion,
-          actor: e.actor,
-          details: e.details,
-        }));
-        return options.format === 'csv' ? csv(rows) : table(rows);
+        const entries = await registry.auditLog({
+          limit: options.limit,
+          ...(options.tenant === undefined ? {} : { tenant: options.tenant }),
+          ...(options.event === undefined ? {} : { event: options.event as AuditEvent[] }),
+          ...(options.actor === undefined ? {} : { actor: options.actor }),
+          ...(options.since === undefined ? {} : { since: options.since }),
+          ...(options.until === undefined ? {} : { until: options.until }),
+        });
+        if (global.json || options.format === 'json') return new RawOutput(auditLogToJson(entries));
+        if (options.format === 'csv') return new RawOutput(auditLogToCsv(entries));
+        return table(
+          entries.map((e) => ({
+            id: e.id,
+            at: e.at,
+            event: e.event,
+            tenant: e.tenant,
+            version: e.keyVersion,
+            actor: e.actor,
+            details: e.details,
+          })),
+        );
       })(),
     );
 
@@ -341,10 +368,183 @@ export function buildProgram(): Command {
         exportName: project.encryptionExport,
       });
       writeFileSync(file, source, { flag: 'wx' });
-      print(`wrote ${file}`, global.json);
+      print(global.json ? { file } : `wrote ${file}`, global.json);
     });
 
+  addTenantCommands(program, run);
   return program;
+}
+
+const AUDIT_FORMATS = ['table', 'csv', 'json'] as const;
+
+interface AuditOptions {
+  tenant?: string;
+  event?: string[];
+  actor?: string;
+  since?: Date;
+  until?: Date;
+  limit: number;
+  format: (typeof AUDIT_FORMATS)[number];
+}
+
+interface RotateOptions {
+  to?: number;
+  batchSize: number;
+  entity?: string[];
+  dryRun?: boolean;
+  force?: boolean;
+  tenant?: string;
+}
+
+/** `status --tenant`: the tenant's keys and job, and its rows per key version. */
+async function tenantStatus(
+  dataSource: DataSource,
+  encryption: EnvelopeEncryption,
+  tenantId: string,
+  global: GlobalOptions,
+): Promise<unknown> {
+  const tenant = await encryption.tenantsOf(dataSource).status(tenantId);
+  const properties = await tenantRowsByVersion(dataSource, encryption, tenant.tenantId);
+  if (global.json) return { tenant, properties };
+  return [
+    tenantStatusText(tenant),
+    '',
+    table(
+      properties.map((p) => ({
+        entity: p.entity,
+        property: p.property,
+        ...byVersion(p.rowsByVersion),
+        null: p.nullRows,
+        'pending backfill': p.pendingBackfill,
+      })),
+    ),
+  ].join('\n');
+}
+
+/**
+ * `rotate --tenant`: the tenant's pending key job when it has one (it validates the key and
+ * records its state, so it is what an onboarding or a new tenant key needs), else a re-wrap of
+ * the tenant's rows left under other keys to its active one.
+ */
+async function rotateTenant(
+  dataSource: DataSource,
+  encryption: EnvelopeEncryption,
+  options: RotateOptions,
+  global: GlobalOptions,
+): Promise<unknown> {
+  const tenants = encryption.tenantsOf(dataSource);
+  const status = await tenants.status(options.tenant as string);
+  const tenant = status.tenantId;
+  const registry = new KeyRegistry(dataSource, encryption);
+  const active =
+    status.activeVersion ??
+    ((await registry.exists()) ? await registry.activeVersion() : undefined) ??
+    encryption.keyring.activeVersion;
+  const toVersion = options.to ?? active;
+  if (toVersion !== active) {
+    const problem = `key version ${toVersion} is not the active key of tenant ${tenant} (${status.activeVersion === null ? `the application key, version ${active}` : `version ${active}`}): its new values are still written under version ${active}`;
+    const howToActivate =
+      toVersion >= FIRST_TENANT_KEY_VERSION
+        ? `run \`typeorm-envelope tenants activate ${tenant} ${toVersion}\` first`
+        : `run \`typeorm-envelope tenants revert ${tenant}\` to move it back to the application key`;
+    if (!options.force && !options.dryRun) {
+      throw new ConfigError(`${problem}; ${howToActivate}, or pass --force to re-wrap anyway`);
+    }
+    process.stderr.write(`typeorm-envelope: warning: ${problem}\n`);
+  }
+  const pending = status.job !== null && status.job.state !== 'completed';
+  if (pending && !options.dryRun && toVersion === active) {
+    if (options.entity) {
+      throw new ConfigError(
+        "the tenant's pending key job moves all of its rows: run rotate --tenant without --entity",
+        { tenant },
+      );
+    }
+    const progress = new Progress(!global.json, 'values');
+    try {
+      const job = await tenants.runJob(tenant, {
+        batchSize: options.batchSize,
+        onProgress: (current) => progress.update(`tenant ${tenant}`, current.rowsDone, current.rowsTotal),
+      });
+      progress.stop();
+      return jobOutcome(tenant, job, global);
+    } finally {
+      progress.stop();
+    }
+  }
+  const progress = new Progress(!global.json);
+  const result = await rewrapDataKeys(dataSource, encryption, {
+    tenant,
+    toVersion,
+    batchSize: options.batchSize,
+    entities: options.entity,
+    dryRun: options.dryRun,
+    onProgress: (p) => progress.update(`${p.entity}.${p.property}`, p.rowsDone, p.rowsTotal),
+  });
+  progress.stop();
+  failOn(
+    result.error,
+    result.properties.some((p) => p.failures.length > 0),
+  );
+  if (global.json) return result;
+  return [
+    `tenant ${tenant}: ${result.dryRun ? 'would re-wrap' : 're-wrapped'} to key version ${result.toVersion}: ${result.rewrapCalls} data keys re-wrapped, ${result.verificationCalls} checked`,
+    table(
+      result.properties.map((p) => ({
+        entity: p.entity,
+        property: p.property,
+        rows: p.rowsTotal,
+        rewrapped: p.rowsRewrapped,
+        'data keys': p.distinctDataKeys,
+        failures: p.failures.length,
+      })),
+    ),
+  ].join('\n');
+}
+
+/** `verify` as text: the counts, the failures, and the rows of offboarded tenants apart from them. */
+function verifyText(result: VerifyResult): string {
+  const failures = result.properties.flatMap((p) =>
+    p.failures.filter((f) => !f.offboarded).map((f) => ({ entity: p.entity, property: p.property, ...f })),
+  );
+  const withTenant = failures.some((f) => f.tenant !== undefined);
+  const lines = [
+    `${result.rowsChecked} values checked, ${result.failed} failed` +
+      (result.pendingBackfill ? ` (${result.pendingBackfill} pending backfill)` : '') +
+      (result.offboarded
+        ? `, ${result.offboarded} of offboarded tenants (unreadable by design: their keys were destroyed)`
+        : ''),
+  ];
+  if (failures.length) {
+    lines.push(
+      table(
+        failures.map((f) => ({
+          entity: f.entity,
+          property: f.property,
+          primaryKey: f.primaryKey,
+          keyVersion: f.keyVersion,
+          ...(withTenant ? { tenant: f.tenant } : {}),
+          error: f.error,
+        })),
+      ),
+    );
+  }
+  const offboarded = result.properties.filter((p) => p.offboarded > 0);
+  if (offboarded.length) {
+    lines.push(
+      '',
+      'rows of offboarded tenants:',
+      table(
+        offboarded.map((p) => ({
+          tenant: [...new Set(p.failures.filter((f) => f.offboarded).map((f) => f.tenant))].join(', '),
+          entity: p.entity,
+          property: p.property,
+          rows: p.offboarded,
+        })),
+      ),
+    );
+  }
+  return lines.join('\n');
 }
 
 /**
@@ -374,7 +574,9 @@ function importPath(dir: string, file: string): string {
 }
 
 function print(output: unknown, json?: boolean): void {
-  if (json || typeof output !== 'string') {
+  if (output instanceof RawOutput) {
+    process.stdout.write(/\n$/.test(output.text) ? output.text : `${output.text}\n`);
+  } else if (json || typeof output !== 'string') {
     process.stdout.write(`${JSON.stringify(output, jsonSafe, 2)}\n`);
   } else {
     process.stdout.write(`${output}\n`);
@@ -391,12 +593,6 @@ function jsonSafe(_key: string, value: unknown): unknown {
 
 function byVersion(rows: Record<string, number>): Record<string, number> {
   return Object.fromEntries(Object.entries(rows).map(([v, n]) => [`v${v}`, n]));
-}
-
-function parseVersion(text: string): number {
-  const n = Number(text);
-  if (!Number.isSafeInteger(n) || n < 1) throw new InvalidArgumentError('expected a positive integer');
-  return n;
 }
 
 async function requireRegistry(registry: KeyRegistry): Promise<KeyRegistry> {

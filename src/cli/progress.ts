@@ -8,12 +8,13 @@ export class Progress {
   readonly #bars = new Map<string, ReturnType<MultiBar['create']>>();
   readonly #multi: MultiBar | undefined;
 
-  constructor(enabled: boolean) {
+  /** `unit`: what the counts count (`rows`, or `values` for a tenant job over several properties). */
+  constructor(enabled: boolean, unit = 'rows') {
     this.#multi =
       enabled && process.stderr.isTTY
         ? new MultiBar(
             {
-              format: ' {bar} {percentage}% | {value}/{total} rows | {label}',
+              format: ` {bar} {percentage}% | {value}/{total} ${unit} | {label}`,
               hideCursor: true,
               stream: process.stderr,
             },
