@@ -396,6 +396,9 @@ describe('typeorm-envelope tenants: customer-provided keys', () => {
       'SELECT tenant_id FROM $schema.typeorm_envelope_tenants ORDER BY tenant_id',
     );
     expect([...listed].sort()).toEqual(registered.map((r) => r.tenant_id).sort());
+    // --json after the command works the same.
+    const after = await cli(['tenants', 'list', '--json']);
+    expect(JSON.parse(after.stdout)).toEqual(list.json);
     const listText = await cli(['tenants', 'list']);
     expect(listText.stdout).toMatch(/^tenant\s+state\s+key version\s+key\s+job\s+due$/m);
     expect(listText.stdout).toMatch(new RegExp(`^ws-byok\\s+active\\s+${secondVersion}\\s+sha256:`, 'm'));
