@@ -34,6 +34,12 @@ export function readCustomerKey(path: string): KeyInput {
     try {
       fd = openSync(path, 'r');
     } catch (error) {
+      /* The key itself given where its path belongs: never echo it back. */
+      if (BASE64_KEY.test(path.trim())) {
+        throw new ConfigError(
+          `--customer-key-file takes the path of a file, and what was given looks like a key (treat that key as exposed): ${KEY_ON_COMMAND_LINE}`,
+        );
+      }
       throw new ConfigError(`cannot read the key file ${path} (${(error as NodeJS.ErrnoException).code})`);
     }
     try {

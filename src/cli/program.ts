@@ -466,7 +466,6 @@ async function rotateTenant(
         batchSize: options.batchSize,
         onProgress: (current) => progress.update(`tenant ${tenant}`, current.rowsDone, current.rowsTotal),
       });
-      progress.stop();
       return jobOutcome(tenant, job, global);
     } finally {
       progress.stop();

@@ -174,6 +174,8 @@ describe('typeorm-envelope tenants: customer-provided keys', () => {
     for (const args of [
       ['tenants', 'add', 'ws-byok', '--customer-key', key],
       ['tenants', 'add', 'ws-byok', `--customer-key=${key}`],
+      // The key where its file's path belongs.
+      ['tenants', 'add', 'ws-byok', '--customer-key-file', key],
     ]) {
       const run = await cli(args);
       expect(run.status).toBe(1);
