@@ -339,6 +339,14 @@ describe('typeorm-envelope tenants: customer-provided keys', () => {
     expect(refused.stderr).toContain(`typeorm-envelope tenants activate ws-byok ${firstVersion}`);
     expect(await versionsOf('ws-byok')).toEqual({ [firstVersion]: VALUES });
 
+    // A dry run only counts, even with a job pending.
+    const dry = await cliJson(['rotate', '--tenant', 'ws-byok', '--dry-run']);
+    expect(dry.status, dry.stderr).toBe(0);
+    expect(dry.json).toMatchObject({ tenant: 'ws-byok', toVersion: secondVersion, dryRun: true });
+    expect(dry.json.properties.map((p: { rowsTotal: number }) => p.rowsTotal)).toEqual([ROWS, ROWS / 2]);
+    expect(await versionsOf('ws-byok')).toEqual({ [firstVersion]: VALUES });
+    expect((await tenantRow('ws-byok'))?.job).toMatchObject({ state: 'pending' });
+
     const rotated = await cliJson(['rotate', '--tenant', 'ws-byok']);
     expect(rotated.status, rotated.stderr).toBe(0);
     expect(rotated.json).toMatchObject({
