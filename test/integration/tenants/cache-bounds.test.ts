@@ -214,6 +214,26 @@ describe('a find() spanning 200 tenants', () => {
     expect(made.vendorGenerate + made.kmsGenerate).toBe(0);
   });
 
+  it('with maxUnwrappedKeys 50, reads every row and never holds more than 50 unwrapped keys', async () => {
+    const small = await encryptedDatabase([TenantContact], {
+      schema: db.schema,
+      migrations: TENANT_MIGRATIONS,
+      encryption: {
+        keys: [{ version: 1, provider: db.provider }],
+        tenantKeys: { awsKms: clouds.awsKms() },
+        cache: { maxUnwrappedKeys: 50 },
+      },
+    });
+    try {
+      const found = await small.dataSource.getRepository(TenantContact).find();
+      expect(found.length).toBe(TENANTS * ROWS_PER_TENANT);
+      for (const c of found) expect(c.email).toMatch(new RegExp(`^\\d@${c.workspaceId}\\.example$`));
+      expect(small.encryption.cache.unwrappedKeyCount).toBeLessThanOrEqual(50);
+    } finally {
+      await small.close();
+    }
+  });
+
   it('warm, makes none', async () => {
     const before = calls(db);
     await findAll();

@@ -175,6 +175,36 @@ describe('addKey with a role in the customer’s account', () => {
     expect(await keysRecorded('mallory-co')).toBe(0);
   });
 
+  it('another tenant’s key, role and External ID given outright are refused: by the key’s tenant condition, else as a key already registered', async () => {
+    const mallory = (victim: CustomerAccount) =>
+      rejection(
+        db.encryption.tenants.addKey('mallory-two', {
+          kind: 'aws-kms',
+          keyId: victim.keyArn,
+          roleArn: victim.roleArn,
+          externalId: victim.externalId,
+        }),
+      );
+    /* The victim's key policy only allows data keys of its own tenant: KMS refuses the round trip. */
+    const guarded = await account('victim-two');
+    await addRoleKey(guarded);
+    const refusedByKms = await mallory(guarded);
+    expect(refusedByKms).toBeInstanceOf(KeyAccessDeniedError);
+    expect(refusedByKms).toMatchObject({ tenant: 'mallory-two', keyId: guarded.keyArn });
+    /* A key policy without that condition: the registry refuses a key that serves another tenant. */
+    const open = await account('victim-three');
+    clouds.kms.putKeyPolicy(open.keyArn, open.policy({ requireTenant: null }));
+    await addRoleKey(open);
+    const refusedByRegistry = await mallory(open);
+    expect(refusedByRegistry).toMatchObject({
+      name: 'ConfigError',
+      tenant: 'mallory-two',
+      keyId: open.keyArn,
+    });
+    expect(refusedByRegistry.message).toContain('another tenant');
+    expect(await keysRecorded('mallory-two')).toBe(0);
+  });
+
   it('without a role, the application’s own credentials are refused by the customer’s key', async () => {
     const a = await account('no-role-co');
     clouds.kms.resetCalls();

@@ -230,6 +230,21 @@ describe('a second instance with only the application key in its configuration',
     }
   });
 
+  it('follows a revert to the application key within its refresh interval; rows under the tenant key still read', async () => {
+    const own = [...expected].filter(([, c]) => c.workspaceId === 'ck-1').map(([id]) => id);
+    const ownKey = versions.get('ck-1') as number;
+    expect(await storedVersion(own[0] as number)).toBe(ownKey);
+    await first.encryption.tenants.revert('ck-1');
+    await eventually('the second instance to follow the revert', async () =>
+      second.encryption.tenantKeyrings.tenant('ck-1')?.activeVersion === null ? true : undefined,
+    );
+    const after = await write(second, 'ck-1', 'reverted');
+    expect(await storedVersion(after.id)).toBe(1);
+    second.encryption.purgeCache('ck-1');
+    expectRead(await repoOf(second).findBy({ workspaceId: 'ck-1' }), [...own, after.id]);
+    versions.delete('ck-1');
+  });
+
   it.each(['ck-2', 'kms-2'])(
     'refuses %s within its refresh interval once the first instance offboarded it; other tenants keep working',
     async (tenantId) => {
