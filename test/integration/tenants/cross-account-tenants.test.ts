@@ -1,6 +1,7 @@
 import { inspect } from 'node:util';
+import { type KMSClient, ReEncryptCommand } from '@aws-sdk/client-kms';
 import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
-import { KeyAccessDeniedError, KeyRegistry } from '../../../src';
+import { AwsKmsKeyProvider, KeyAccessDeniedError, KeyRegistry } from '../../../src';
 import { rawQuery } from '../../support/database';
 import { TENANT_MIGRATIONS, TenantContact } from '../../support/tenant-entities';
 import {
@@ -385,6 +386,45 @@ describe('a tenant moving to another of its keys', () => {
     expect(clouds.kms.calls.ReEncrypt).toBeGreaterThan(0);
     db.encryption.purgeCache('rotating-co');
     expect((await contacts().findOneByOrFail({ id: saved.id })).email).toBe('r@rotating-co.example');
+  });
+
+  it('ReEncrypt is checked against the source context for ReEncryptFrom and the destination context for ReEncryptTo', async () => {
+    const a = await account('reencrypt-co');
+    const actions = [...ROLE_ACTIONS, 'kms:ReEncryptFrom', 'kms:ReEncryptTo'];
+    clouds.kms.putKeyPolicy(a.keyArn, a.policy({ roleActions: actions }));
+    const second = clouds.kms.createKey({ accountId: a.account, policy: a.policy({ roleActions: actions }) });
+    const provider = new AwsKmsKeyProvider({
+      ...clouds.awsKms(),
+      keyId: a.keyArn,
+      roleArn: a.roleArn,
+      externalId: a.externalId,
+    });
+    try {
+      const own = db.encryption.tenantKeyrings.contextOf('reencrypt-co');
+      const other = db.encryption.tenantKeyrings.contextOf('another-co');
+      const { wrappedKey } = await provider.generateDataKey(own);
+      const reEncrypt = (source: object, destination: object) =>
+        (provider.client as unknown as KMSClient).send(
+          new ReEncryptCommand({
+            CiphertextBlob: wrappedKey,
+            SourceKeyId: a.keyArn,
+            SourceEncryptionContext: { ...source },
+            DestinationKeyId: second.Arn,
+            DestinationEncryptionContext: { ...destination },
+          }),
+        );
+      expect((await reEncrypt(own, own)).KeyId).toBe(second.Arn);
+      for (const [source, destination, action] of [
+        [own, other, 'kms:ReEncryptTo'],
+        [other, own, 'kms:ReEncryptFrom'],
+      ] as const) {
+        const error = await rejection(reEncrypt(source, destination));
+        expect(error.name).toBe('AccessDeniedException');
+        expect(error.message).toContain(action);
+      }
+    } finally {
+      provider.destroy();
+    }
   });
 
   it('in another of its accounts, through another role: the job completes and the rows read', async () => {
