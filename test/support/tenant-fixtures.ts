@@ -50,6 +50,7 @@ export interface TenantClouds {
   close(): Promise<void>;
 }
 
+/** Starts both emulators, the KMS one enforcing key policies for the callers STS knows. Call `close()`. */
 export async function startTenantClouds(): Promise<TenantClouds> {
   const sts = await startStsEmulator();
   const kms = await startKmsEmulator({ accountId: VENDOR_ACCOUNT, principalOf: (id) => sts.principalOf(id) });
