@@ -263,13 +263,35 @@ export class TenantAdmin {
         : newJob('rotation', tenant?.activeVersion ?? null);
     const target = job.toVersion ?? this.#encryption.keyring.activeVersion;
     const resumedFrom = job.state === 'pending' ? undefined : job.state;
-    /* Saves run one after another, so the persisted state never goes back to an older one. */
+    /*
+     * Saves run one after another, so the persisted state never goes back to an older one, and
+     * stop once the tenant's job was replaced (another key activated, a revert, offboarding): this
+     * run must not hide the job that replaced it.
+     */
     let saving: Promise<void> = Promise.resolve();
+    let saves = 0;
+    let replaced = false;
     const save = (changes: Partial<TenantJob>): Promise<void> => {
       job = { ...job, ...changes, updatedAt: new Date().toISOString() };
       const snapshot = job;
-      saving = saving.then(() => this.#registry.run((runner) => this.#registry.setJob(runner, id, snapshot)));
+      const start = saves++ === 0;
+      saving = saving.then(async () => {
+        if (replaced) return;
+        const saved = await this.#registry.run((runner) =>
+          this.#registry.saveRunningJob(runner, id, snapshot, start),
+        );
+        if (!saved) replaced = true;
+      });
       return saving;
+    };
+    const replacedError = () =>
+      new ConfigError(
+        "the tenant's job was replaced while it ran (another key activated, a revert or offboarding); " +
+          'rows moved so far stay readable, and the job that replaced it moves them on',
+        { tenant: id, keyVersion: target },
+      );
+    const stillCurrent = () => {
+      if (replaced) throw replacedError();
     };
     await this.refresh(id);
     const keyReference = await this.#referenceOf(id, target);
@@ -292,6 +314,7 @@ export class TenantAdmin {
       if (pending.error) throw pending.error;
       const rowsTotal = pending.properties.reduce((n, p) => n + p.rowsTotal, 0);
       await save({ state: 'rewrapping', rowsTotal, rowsDone: 0 });
+      stillCurrent();
       const done = new Map<string, number>();
       const result = await rewrapDataKeys(this.#target, this.#encryption, {
         tenant: id,
@@ -305,6 +328,7 @@ export class TenantAdmin {
         },
       });
       await saving.catch(() => undefined);
+      stillCurrent();
       if (result.error) throw result.error;
       const failures = result.properties.flatMap((p) => p.failures);
       if (failures.length) {
@@ -321,6 +345,7 @@ export class TenantAdmin {
       }
       const rowsDone = result.properties.reduce((n, p) => n + p.rowsRewrapped, 0);
       await save({ state: 'completed', rowsDone, finishedAt: new Date().toISOString() });
+      stillCurrent();
       await this.#record('tenant-job-finished', id, target, {
         kind: job.kind,
         keyReference,
@@ -329,7 +354,7 @@ export class TenantAdmin {
       });
     } catch (error) {
       await saving.catch(() => undefined);
-      const reason = jobFailure(error);
+      const reason = jobFailure(replaced ? replacedError() : error);
       await save({ state: 'failed', error: reason });
       await this.#record('tenant-job-failed', id, target, {
         kind: job.kind,

@@ -198,6 +198,35 @@ export class TenantRegistry {
     );
   }
 
+  /**
+   * Persists a running job's state, unless the tenant's job was replaced meanwhile (another key
+   * activated, a revert, offboarding): then nothing is written and `false` is returned, so a job
+   * that lost its target never hides the one that replaced it. The job still recorded must move
+   * rows to the same version; at the `start` of a run, no job or a completed one may be recorded
+   * too (a rotation the run starts itself). A tenant with no record has nothing to replace: `true`.
+   */
+  async saveRunningJob(
+    runner: QueryRunner,
+    tenantId: string,
+    job: TenantJob,
+    start: boolean,
+  ): Promise<boolean> {
+    const tenants = this.#table(TENANTS_TABLE);
+    const sameTarget = `(job IS NOT NULL AND (job->>'toVersion') IS NOT DISTINCT FROM $4::text)`;
+    const condition = start ? `(job IS NULL OR job->>'state' = 'completed' OR ${sameTarget})` : sameTarget;
+    const saved = (await runner.query(
+      `UPDATE ${tenants} SET job = $3 WHERE keyring_id = $1 AND tenant_id = $2 AND state <> 'offboarded' AND ${condition}`,
+      [this.#keyringId, tenantId, JSON.stringify(job), job.toVersion === null ? null : String(job.toVersion)],
+      true,
+    )) as { affected?: number };
+    if ((saved.affected ?? 0) > 0) return true;
+    const [exists] = (await runner.query(
+      `SELECT 1 FROM ${tenants} WHERE keyring_id = $1 AND tenant_id = $2`,
+      [this.#keyringId, tenantId],
+    )) as unknown[];
+    return exists === undefined;
+  }
+
   async setRotationInterval(runner: QueryRunner, tenantId: string, days: number): Promise<void> {
     await runner.query(
       `UPDATE ${this.#table(TENANTS_TABLE)} SET rotation_interval_days = $3 WHERE keyring_id = $1 AND tenant_id = $2`,

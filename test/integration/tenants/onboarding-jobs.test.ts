@@ -1,4 +1,5 @@
 import { randomBytes } from 'node:crypto';
+import { Client } from 'pg';
 import { In } from 'typeorm';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import {
@@ -477,6 +478,103 @@ describe('tenant key jobs: onboarding, rotation, revert', () => {
     const done = await runAndCheck(tenant, added.version);
     expect(done.state).toBe('completed');
     await expectReadsBack(tenant, expected);
+  });
+});
+
+describe('a job replaced while it runs', () => {
+  /**
+   * Holds a lock on the tenant's last row, so the job's UPDATE of it waits until `release`; resolves
+   * once PostgreSQL shows that UPDATE waiting for the lock.
+   */
+  async function blockLastRow(tenant: string) {
+    const client = new Client({ connectionString: db.schema.url });
+    await client.connect();
+    await client.query('BEGIN');
+    await client.query(
+      `SELECT id FROM ${table()} WHERE id = (SELECT max(id) FROM ${table()} WHERE "workspaceId" = $1) FOR UPDATE`,
+      [tenant],
+    );
+    /* Polled from another connection: a transaction sees one snapshot of pg_stat_activity. */
+    const blocked = async () => {
+      for (;;) {
+        const [row] = await rawQuery<{ n: number }>(
+          db.schema.url,
+          `SELECT count(*)::int AS n FROM pg_stat_activity
+           WHERE wait_event_type = 'Lock' AND query LIKE 'UPDATE%tenant_contacts%'`,
+        );
+        if ((row?.n ?? 0) > 0) return;
+        await new Promise((r) => setTimeout(r, 10));
+      }
+    };
+    return {
+      blocked,
+      release: async () => {
+        await client.query('COMMIT');
+        await client.end();
+      },
+    };
+  }
+
+  it('a key activated while the job runs is not hidden by the old job finishing', async () => {
+    const tenant = 'ws-replaced';
+    const expected = await seed(tenant, 40);
+    await db.encryption.tenants.addKey(tenant, { kind: 'customer-key', key: newKey() });
+    const lock = await blockLastRow(tenant);
+    let old: Promise<Awaited<ReturnType<typeof db.encryption.tenants.runJob>>>;
+    let second: Awaited<ReturnType<typeof db.encryption.tenants.addKey>>;
+    try {
+      old = db.encryption.tenants.runJob(tenant, { batchSize: 5 });
+      await lock.blocked(); // the old job is part-way, waiting on the last row
+      second = await db.encryption.tenants.addKey(tenant, { kind: 'customer-key', key: newKey() });
+      expect((await db.encryption.tenants.status(tenant)).job).toMatchObject({
+        state: 'pending',
+        toVersion: second.version,
+      });
+    } finally {
+      await lock.release();
+    }
+    const ended = await old;
+    // Its target is no longer the tenant's key: it ends failed, saying why, without being persisted
+    expect(ended.state).toBe('failed');
+    expect(ended.error).toContain('replaced while it ran');
+    const [failedEntry] = await audit().auditLog({ tenant, event: 'tenant-job-failed' });
+    expect(failedEntry?.details.error).toBe(ended.error);
+    // The job for the new key is still there to run, and running it moves every row there
+    expect((await db.encryption.tenants.status(tenant)).job).toMatchObject({
+      kind: 'rotation',
+      state: 'pending',
+      toVersion: second.version,
+    });
+    expect(await valuesNotUnder(tenant, second.version)).toBeGreaterThan(0);
+    expect((await db.encryption.tenants.runJob(tenant)).state).toBe('completed');
+    expect(await valuesNotUnder(tenant, second.version)).toBe(0);
+    await expectReadsBack(tenant, expected);
+  });
+
+  it('offboarding while the job runs is not undone by the job', async () => {
+    const tenant = 'ws-offboarded-mid-job';
+    await seed(tenant, 40);
+    await db.encryption.tenants.addKey(tenant, { kind: 'customer-key', key: newKey() });
+    const lock = await blockLastRow(tenant);
+    let job: Promise<Awaited<ReturnType<typeof db.encryption.tenants.runJob>>>;
+    try {
+      job = db.encryption.tenants.runJob(tenant, { batchSize: 5 });
+      await lock.blocked();
+      await db.encryption.tenants.offboard(tenant);
+    } finally {
+      await lock.release();
+    }
+    expect(await job).toMatchObject({
+      state: 'failed',
+      error: expect.stringContaining('replaced while it ran'),
+    });
+    const [row] = await rawQuery<{ state: string; job: unknown }>(
+      db.schema.url,
+      `SELECT state, job FROM "${db.schema.schema}".typeorm_envelope_tenants WHERE tenant_id = $1`,
+      [tenant],
+    );
+    expect(row).toEqual({ state: 'offboarded', job: null });
+    expect((await db.encryption.tenants.status(tenant)).job).toBeNull();
   });
 });
 
