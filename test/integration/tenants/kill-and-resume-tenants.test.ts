@@ -206,4 +206,29 @@ describe('tenant jobs killed with SIGKILL and resumed', () => {
       await killAndResume('revert', 1);
     }
   }, 600_000);
+
+  it('an onboarding killed part-way can be reverted instead of resumed', async () => {
+    const added = await db.encryption.tenants.addKey(TENANT, {
+      kind: 'customer-key',
+      key: randomBytes(32).toString('base64'),
+    });
+    const at = 5 + Math.floor(Math.random() * (BATCHES - 30));
+    expect((await killAfter(at)).signal).toBe('SIGKILL');
+    const partial = await counts(added.version);
+    expect(partial.under).toBeGreaterThan(0);
+    expect(partial.under).toBeLessThan(VALUES);
+    // The customer cancels: back to the application key, the rows already moved come back too
+    const revert = await db.encryption.tenants.revert(TENANT);
+    expect(revert).toMatchObject({ kind: 'revert', state: 'pending' });
+    const done = await db.encryption.tenants.runJob(TENANT, { batchSize: 500 });
+    expect(done).toMatchObject({ kind: 'revert', state: 'completed', rowsDone: partial.under });
+    expect(await compareWithOriginal(1)).toEqual({
+      total: ROWS + 2 * BYSTANDERS,
+      lost: 0,
+      unchanged: ROWS,
+      under_target: ROWS,
+      others_identical: 2 * BYSTANDERS,
+    });
+    await expectEveryRowReadable();
+  }, 120_000);
 });
