@@ -205,6 +205,9 @@ function overrideColumnAccess(columns: EncryptedColumns, store: PropertyStateSto
       const state = store.upsert(entity, path);
       state.sealed = undefined;
       state.loaded = { ciphertext: rawBytes(value, columns, 'ciphertext') };
+      /* A null is also what create()/merge() copy from a plain object, and no afterLoad follows
+         them: the property takes it now (after a read, afterLoad decides again). */
+      if (value === null) holder[property] = null;
     }
   };
   main.transformer = whereGuard(columns, store);

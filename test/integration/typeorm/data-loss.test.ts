@@ -473,3 +473,36 @@ describe('two application instances keep entities across live re-wraps', () => {
     }
   });
 });
+
+describe('null given through create() and merge()', () => {
+  it('merge(loaded, { secret: null }) then save() clears the stored value', async () => {
+    const saved = await notes().save(notes().create({ secret: 'to be cleared', title: 'kept' }));
+    const loaded = await notes().findOneByOrFail({ id: saved.id });
+    notes().merge(loaded, { secret: null });
+    expect(loaded.secret).toBeNull();
+    await notes().save(loaded);
+    const [row] = (await rows('note')).filter((r) => r.id === saved.id);
+    expect(row?.secret_ciphertext).toBeNull();
+    expect(row?.secret_iv).toBeNull();
+    expect(row?.secret_wrapped_key).toBeNull();
+    expect(row?.secret_key_version).toBeNull();
+    expect((await notes().findOneByOrFail({ id: saved.id })).secret).toBeNull();
+    expect((await notes().findOneByOrFail({ id: saved.id })).title).toBe('kept');
+  });
+
+  it('create({ id, secret: null }) then save() clears the stored value of that row', async () => {
+    const saved = await notes().save(notes().create({ secret: 'also cleared', title: 't' }));
+    const partial = notes().create({ id: saved.id, secret: null });
+    expect(partial.secret).toBeNull();
+    await notes().save(partial);
+    expect((await notes().findOneByOrFail({ id: saved.id })).secret).toBeNull();
+  });
+
+  it('merge(loaded, { title: null }) on a non-nullable property is refused, the row unchanged', async () => {
+    const saved = await notes().save(notes().create({ secret: null, title: 'must stay' }));
+    const loaded = await notes().findOneByOrFail({ id: saved.id });
+    notes().merge(loaded, { title: null as unknown as string });
+    await expect(notes().save(loaded)).rejects.toThrow(/null is not allowed/);
+    expect((await notes().findOneByOrFail({ id: saved.id })).title).toBe('must stay');
+  });
+});
