@@ -17,7 +17,6 @@ import { oneOf, parseTime, parsePositiveInteger as parseVersion } from './argume
 import { loadProject } from './load-project';
 import { RawOutput, table } from './output';
 import { Progress } from './progress';
-import { tenantRowsByVersion } from './tenant-rows';
 import { addTenantCommands, type GlobalOptions, jobOutcome, type Runner, tenantStatusText } from './tenants';
 
 /** The `typeorm-envelope` command line: wiring only, the work is in `rotation/`. */
@@ -404,7 +403,7 @@ async function tenantStatus(
   global: GlobalOptions,
 ): Promise<unknown> {
   const tenant = await encryption.tenantsOf(dataSource).status(tenantId);
-  const properties = await tenantRowsByVersion(dataSource, encryption, tenant.tenantId);
+  const properties = await encryptionStatus(dataSource, encryption, { tenant: tenant.tenantId });
   if (global.json) return { tenant, properties };
   return [
     tenantStatusText(tenant),
