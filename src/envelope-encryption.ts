@@ -45,6 +45,13 @@ export interface TenantKeysOptions {
    * instance is used here within this time.
    */
   refreshInterval?: number;
+  /**
+   * How many tenant keys are held in memory at most, ready to use: a customer-provided key
+   * unwrapped, a KMS client behind a tenant's role. Default 1,000. Each is also rebuilt from its
+   * record after the cache's `unwrappedKeyTtl`; the least recently used leave first (a
+   * customer-provided key is zeroed).
+   */
+  maxTenantKeys?: number;
 }
 
 /** Options of {@link EnvelopeEncryption}. */
@@ -162,6 +169,10 @@ export class EnvelopeEncryption {
         awsKmsKeyFactory(tenantKeys.awsKms),
         ...(tenantKeys.factories ?? []),
       ]),
+      {
+        maxProviders: checkedCount('tenantKeys.maxTenantKeys', tenantKeys.maxTenantKeys),
+        providerTtl: options.cache?.unwrappedKeyTtl,
+      },
     );
     this.#encryptor = new FieldEncryptor(this.cache, (tenant) =>
       tenant === undefined ? undefined : this.tenantKeyrings.scope(tenant),
@@ -413,4 +424,12 @@ export class EnvelopeEncryption {
   get providerCalls(): { generated: number; unwrapped: number } {
     return { ...this.cache.stats };
   }
+}
+
+function checkedCount(name: string, value: number | undefined): number | undefined {
+  if (value === undefined) return undefined;
+  if (!Number.isSafeInteger(value) || value < 1 || value > 1_000_000) {
+    throw new ConfigError(`${name} must be an integer from 1 to 1,000,000, got ${String(value)}`);
+  }
+  return value;
 }

@@ -217,6 +217,12 @@ export function awsKmsKeyFactory(options: AwsKmsTenantOptions = {}): TenantKeyFa
       if (roleArn !== undefined && typeof roleArn !== 'string')
         throw new ConfigError('roleArn must be a string');
       const given = (descriptor as Partial<AwsKmsKeyDescriptor>).externalId;
+      /* An empty External ID would silently send none: the role's trust policy is the customer's only guard. */
+      if (given !== undefined && (typeof given !== 'string' || given.trim() === '')) {
+        throw new ConfigError(
+          "externalId must be a non-empty string (or left out: the tenant's own is used)",
+        );
+      }
       const stored: Record<string, unknown> = { keyId };
       if (roleArn) {
         stored.roleArn = roleArn;

@@ -1,3 +1,4 @@
+import { LRUCache } from 'lru-cache';
 import { IntegrityError, TenantOffboardedError, UnknownKeyVersionError, withErrorContext } from '../errors';
 import type { EncryptionContext, KeyProvider } from './key-provider';
 import { type KeyScope, TENANT_CONTEXT_KEY } from './key-scope';
@@ -49,15 +50,31 @@ export type TenantKeyResolver = (
 export class TenantKeyrings {
   readonly #tenants = new Map<string, TenantRecord>();
   readonly #keys = new Map<number, TenantKeyRecord>();
-  /** Providers built from key records, by version, made once and dropped when the key is forgotten. */
-  readonly #providers = new Map<number, Promise<KeyProvider>>();
+  /**
+   * Providers built from key records, by version: a customer-provided key unwrapped, a KMS client
+   * behind the tenant's role. Bounded in count and age like cached data keys (least recently used
+   * first; a customer-provided key leaving is zeroed), rebuilt from the record at the next use.
+   */
+  readonly #providers: LRUCache<number, Promise<KeyProvider>>;
   readonly #scopes = new Map<string, TenantScope>();
   #resolver: TenantKeyResolver | undefined;
 
   constructor(
     readonly vendor: Keyring,
     readonly factories: TenantKeyFactories,
-  ) {}
+    bounds: { maxProviders?: number; providerTtl?: number } = {},
+  ) {
+    this.#providers = new LRUCache<number, Promise<KeyProvider>>({
+      max: bounds.maxProviders ?? 1_000,
+      ttl: bounds.providerTtl ?? 30 * 60_000,
+      ttlAutopurge: true,
+      dispose: (provider, _version, reason) => {
+        /* Dropped on purpose (offboarding, purge): destroyed at once by #dropProvider. Evicted or
+           expired: a call may still be using it, so it is destroyed a little later. */
+        if (reason !== 'delete') destroyLater(provider);
+      },
+    });
+  }
 
   /** Where records of versions not seen yet are read from (the tenant registry). */
   set resolver(resolver: TenantKeyResolver | undefined) {
@@ -138,7 +155,7 @@ export class TenantKeyrings {
       this.#providers.set(record.version, made);
       /* A failed build (the KMS or the vendor key unreachable) is tried again at the next use. */
       made.catch(() => {
-        if (this.#providers.get(record.version) === made) this.#providers.delete(record.version);
+        if (this.#providers.peek(record.version) === made) this.#providers.delete(record.version);
       });
     }
     return provider;
@@ -156,14 +173,26 @@ export class TenantKeyrings {
   }
 
   #dropProvider(version: number): void {
-    const provider = this.#providers.get(version);
+    const provider = this.#providers.peek(version);
     if (!provider) return;
     this.#providers.delete(version);
-    provider.then(
-      (p) => (p as { destroy?: () => void }).destroy?.(),
-      () => undefined,
-    );
+    destroy(provider);
   }
+}
+
+/** Zeroes what a provider holds (a local key) or closes it (a KMS client), once it is built. */
+function destroy(provider: Promise<KeyProvider>): void {
+  provider.then(
+    (p) => (p as { destroy?: () => void }).destroy?.(),
+    () => undefined,
+  );
+}
+
+/** Long enough for a key-provider call that took the provider to finish; never keeps the process alive. */
+const DESTROY_GRACE_MS = 15_000;
+
+function destroyLater(provider: Promise<KeyProvider>): void {
+  setTimeout(() => destroy(provider), DESTROY_GRACE_MS).unref();
 }
 
 function sameDescriptor(a: TenantKeyRecord, b: TenantKeyRecord): boolean {

@@ -1,6 +1,6 @@
 import { randomBytes } from 'node:crypto';
 import fc from 'fast-check';
-import { describe, expect, it } from 'vitest';
+import { describe, expect, it, vi } from 'vitest';
 import type { ValueBinding } from '../../src/crypto/associated-data';
 import { IntegrityError, TenantOffboardedError, UnknownKeyVersionError } from '../../src/errors';
 import { FieldEncryptor } from '../../src/field-encryptor';
@@ -147,5 +147,67 @@ describe('tenant key scopes', () => {
     const { wrappedKey } = await provider.generateDataKey({});
     provider.destroy();
     await expect(provider.unwrapDataKey(wrappedKey, {})).rejects.toThrow(/destroyed/);
+  });
+});
+
+describe('tenant keys held in memory', () => {
+  it('are bounded: the least recently used leaves (zeroed once no call can still use it) and is rebuilt at its next use', async () => {
+    vi.useFakeTimers({ toFake: ['setTimeout'] });
+    try {
+      const built: Array<{ tenantId: string; provider: LocalKeyProvider }> = [];
+      const base = customerKeyFactory();
+      const counting = {
+        ...base,
+        async create(
+          stored: Readonly<Record<string, unknown>>,
+          context: { tenantId: string; vendor: Keyring },
+        ) {
+          const provider = (await base.create(stored, context)) as LocalKeyProvider;
+          built.push({ tenantId: context.tenantId, provider });
+          return provider;
+        },
+      };
+      const factories = new TenantKeyFactories([counting]);
+      const keyrings = new TenantKeyrings(vendor, factories, { maxProviders: 2 });
+      const tenants = ['a', 'b', 'c'];
+      const records: TenantRecord[] = [];
+      const keys: TenantKeyRecord[] = [];
+      for (const [i, tenantId] of tenants.entries()) {
+        const version = FIRST_TENANT_KEY_VERSION + i;
+        const descriptor = await factories
+          .get('customer-key')
+          .prepare({ key: newKey() }, { tenantId, vendor });
+        records.push({ tenantId, state: 'active', activeVersion: version, externalId: `x-${i}` });
+        keys.push({
+          version,
+          tenantId,
+          kind: 'customer-key',
+          keyReference: String(descriptor.fingerprint),
+          state: 'active',
+          descriptor,
+        });
+      }
+      keyrings.update(records, keys);
+      const encryptor = new FieldEncryptor(new DataKeyCache(vendor), (t) =>
+        t === undefined ? undefined : keyrings.scope(t),
+      );
+      const sealed = [];
+      for (const tenant of tenants) sealed.push(await encryptor.seal(`value of ${tenant}`, place(tenant)));
+      expect(built.map((b) => b.tenantId)).toEqual(['a', 'b', 'c']);
+      const first = built[0]?.provider as LocalKeyProvider;
+      const { wrappedKey } = await first.generateDataKey({});
+      vi.advanceTimersByTime(15_000);
+      await Promise.resolve();
+      await Promise.resolve();
+      await expect(first.unwrapDataKey(wrappedKey, {})).rejects.toThrow(/destroyed/);
+      // tenant a's next use of its key (a cold cache) builds its provider again from the record
+      const cold = new FieldEncryptor(new DataKeyCache(vendor), (t) =>
+        t === undefined ? undefined : keyrings.scope(t),
+      );
+      expect(await cold.open(sealed[0] as never, place('a'))).toBe('value of a');
+      expect(built.map((b) => b.tenantId)).toEqual(['a', 'b', 'c', 'a']);
+    } finally {
+      vi.useRealTimers();
+    }
   });
 });
