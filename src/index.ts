@@ -76,6 +76,7 @@ export {
 } from './rotation/audit-export';
 export { type BackfillOptions, type BackfillResult, backfillEncryptedColumns } from './rotation/backfill';
 export {
+  AUDIT_EVENTS,
   type AuditEntry,
   type AuditEvent,
   type AuditFilter,

@@ -1,13 +1,13 @@
 import { existsSync, mkdirSync, writeFileSync } from 'node:fs';
 import { dirname, join, relative, resolve, sep } from 'node:path';
-import { Command } from 'commander';
+import { Command, Option } from 'commander';
 import type { DataSource } from 'typeorm';
 import type { EnvelopeEncryption } from '../envelope-encryption';
 import { ConfigError, EnvelopeError } from '../errors';
 import { FIRST_TENANT_KEY_VERSION } from '../keys/keyring';
 import { auditLogToCsv, auditLogToJson } from '../rotation/audit-export';
 import { backfillEncryptedColumns } from '../rotation/backfill';
-import { type AuditEvent, KeyRegistry } from '../rotation/key-registry';
+import { AUDIT_EVENTS, type AuditEvent, KeyRegistry } from '../rotation/key-registry';
 import { reencryptColumns } from '../rotation/reencrypt';
 import { rewrapDataKeys } from '../rotation/rewrap';
 import { rotationMigrationName, rotationMigrationSource } from '../rotation/rotation-migration-template';
@@ -305,7 +305,7 @@ export function buildProgram(): Command {
     .command('audit')
     .description('the audit log, oldest first, filtered; exported as CSV (RFC 4180) or JSON')
     .option('--tenant <id>', "only this tenant's events")
-    .option('--event <event...>', 'only these events (key-activated, tenant-key-added, tenant-offboarded, …)')
+    .addOption(new Option('--event <event...>', 'only these events').choices(AUDIT_EVENTS))
     .option('--actor <actor>', 'only events recorded by this actor')
     .option(
       '--since <time>',

@@ -28,32 +28,36 @@ export interface KeyVersionRecord {
   dueForRotation: boolean;
 }
 
+/** Every audit event the library records. */
+export const AUDIT_EVENTS = [
+  'key-created',
+  'key-validated',
+  'key-activated',
+  'key-retired',
+  'rotation-started',
+  'rotation-finished',
+  'rotation-failed',
+  'reencryption-started',
+  'reencryption-finished',
+  'reencryption-failed',
+  'backfill-started',
+  'backfill-finished',
+  'backfill-failed',
+  'tenant-key-added',
+  'tenant-key-validated',
+  'tenant-key-activated',
+  'tenant-key-validation-failed',
+  'tenant-key-rewrapped',
+  'tenant-reverted',
+  'tenant-offboarded',
+  'tenant-job-started',
+  'tenant-job-finished',
+  'tenant-job-failed',
+  'tenant-rotation-interval-set',
+] as const;
+
 /** Audit events the library records. */
-export type AuditEvent =
-  | 'key-created'
-  | 'key-validated'
-  | 'key-activated'
-  | 'key-retired'
-  | 'rotation-started'
-  | 'rotation-finished'
-  | 'rotation-failed'
-  | 'reencryption-started'
-  | 'reencryption-finished'
-  | 'reencryption-failed'
-  | 'backfill-started'
-  | 'backfill-finished'
-  | 'backfill-failed'
-  | 'tenant-key-added'
-  | 'tenant-key-validated'
-  | 'tenant-key-activated'
-  | 'tenant-key-validation-failed'
-  | 'tenant-reverted'
-  | 'tenant-offboarded'
-  | 'tenant-job-started'
-  | 'tenant-job-finished'
-  | 'tenant-job-failed'
-  | 'tenant-rotation-interval-set'
-  | 'tenant-key-rewrapped';
+export type AuditEvent = (typeof AUDIT_EVENTS)[number];
 
 /** One audit log entry. */
 export interface AuditEntry {

@@ -167,11 +167,17 @@ describe('typeorm-envelope CLI', () => {
     expect(runCli(['verify'], env).stdout).toContain('60 values checked, 0 failed');
   });
 
+  it('audit refuses an event name it does not know, instead of printing nothing', () => {
+    const { status, stderr } = runCli(['audit', '--event', 'key-activatd'], env);
+    expect(status).not.toBe(0);
+    expect(stderr).toContain('key-activated');
+  });
+
   it('audit prints the log as CSV with who ran what', () => {
     const { status, stdout } = runCli(['audit', '--format', 'csv'], env);
     expect(status).toBe(0);
-    const lines = stdout.trim().split('\n');
-    expect(lines[0]).toBe('at,event,version,actor,details');
+    const lines = stdout.trim().split('\r\n');
+    expect(lines[0]).toBe('id,at,event,tenant,keyVersion,actor,details');
     for (const event of [
       'key-created',
       'key-activated',
