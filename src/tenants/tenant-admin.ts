@@ -137,12 +137,18 @@ export class TenantAdmin {
         throw withErrorContext(error, { tenant: id });
       });
     const provider = await factory.create(stored, context);
+    /* Before the key is used at all: another customer's key (or role) is never touched for this tenant. */
+    await this.#refuseSharedKey(id, provider.describe().keyReference).catch((error: unknown) => {
+      (provider as { destroy?: () => void }).destroy?.();
+      throw error;
+    });
     let keyReference: string;
     try {
       keyReference = await this.#validated(id, provider, 'new key', descriptor.kind);
     } finally {
       (provider as { destroy?: () => void }).destroy?.();
     }
+    /* Again with the reference the provider resolved (a KMS alias or key id becomes its ARN). */
     await this.#refuseSharedKey(id, keyReference);
     const activate = options.activate ?? true;
     const result = await this.#registry.transaction(async (runner) => {

@@ -1,7 +1,7 @@
 import { inspect } from 'node:util';
 import { type KMSClient, ReEncryptCommand } from '@aws-sdk/client-kms';
 import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
-import { AwsKmsKeyProvider, KeyAccessDeniedError, KeyRegistry } from '../../../src';
+import { AwsKmsKeyProvider, ConfigError, KeyAccessDeniedError, KeyRegistry } from '../../../src';
 import { rawQuery } from '../../support/database';
 import { TENANT_MIGRATIONS, TenantContact } from '../../support/tenant-entities';
 import {
@@ -123,10 +123,7 @@ describe('addKey with a role in the customer’s account', () => {
     expect((await db.encryption.tenants.status('acme')).activeKeyReference).toBe(a.keyArn);
   });
 
-  it.each([
-    ['a wrong External ID', { externalId: 'not-the-tenant-external-id' }],
-    ['no External ID (empty)', { externalId: '' }],
-  ])(
+  it.each([['a wrong External ID', { externalId: 'not-the-tenant-external-id' }]])(
     'with %s, the round trip fails with a typed error naming the tenant, and nothing is recorded',
     async (_name, extra) => {
       const tenantId = `bad-ext-${accountSeq + 1}`;
@@ -158,9 +155,24 @@ describe('addKey with a role in the customer’s account', () => {
     },
   );
 
-  it('the role of another tenant’s customer, registered for this tenant, is refused: the External ID sent is this tenant’s', async () => {
+  it('an empty External ID is refused before any call (it would send none)', async () => {
+    const tenantId = `empty-ext-${accountSeq + 1}`;
+    const a = await account(tenantId);
+    clouds.sts.resetCalls();
+    clouds.kms.resetCalls();
+    const error = await rejection(addRoleKey(a, { externalId: '' }));
+    expect(error).toBeInstanceOf(ConfigError);
+    expect(error).toMatchObject({ tenant: tenantId });
+    expect(clouds.sts.callLog).toEqual([]);
+    expect(clouds.kms.callLog).toEqual([]);
+    expect(await keysRecorded(tenantId)).toBe(0);
+  });
+
+  it('the key of another tenant’s customer, given for this tenant, is refused before its role or key is used', async () => {
     const victim = await account('victim-co');
     await addRoleKey(victim);
+    clouds.sts.resetCalls();
+    clouds.kms.resetCalls();
     const error = await rejection(
       db.encryption.tenants.addKey('mallory-co', {
         kind: 'aws-kms',
@@ -168,15 +180,15 @@ describe('addKey with a role in the customer’s account', () => {
         roleArn: victim.roleArn,
       }),
     );
-    expect(error).toBeInstanceOf(KeyAccessDeniedError);
+    expect(error).toBeInstanceOf(ConfigError);
+    expect(error.message).toContain('already registered for another tenant');
     expect(error).toMatchObject({ tenant: 'mallory-co', keyId: victim.keyArn });
-    const lastAssume = clouds.sts.callLog.at(-1);
-    expect(lastAssume?.externalId).toBe(await db.encryption.tenants.externalIdFor('mallory-co'));
-    expect(lastAssume?.error).toBe('AccessDenied');
+    expect(clouds.sts.callLog).toEqual([]);
+    expect(clouds.kms.callLog).toEqual([]);
     expect(await keysRecorded('mallory-co')).toBe(0);
   });
 
-  it('another tenant’s key, role and External ID given outright are refused: by the key’s tenant condition, else as a key already registered', async () => {
+  it('another tenant’s key, role and External ID given outright are refused: as a key already registered, else by the key’s tenant condition', async () => {
     const mallory = (victim: CustomerAccount) =>
       rejection(
         db.encryption.tenants.addKey('mallory-two', {
@@ -186,16 +198,12 @@ describe('addKey with a role in the customer’s account', () => {
           externalId: victim.externalId,
         }),
       );
-    /* The victim's key policy only allows data keys of its own tenant: KMS refuses the round trip. */
-    const guarded = await account('victim-two');
-    await addRoleKey(guarded);
-    const refusedByKms = await mallory(guarded);
-    expect(refusedByKms).toBeInstanceOf(KeyAccessDeniedError);
-    expect(refusedByKms).toMatchObject({ tenant: 'mallory-two', keyId: guarded.keyArn });
-    /* A key policy without that condition: the registry refuses a key that serves another tenant. */
+    /* A key registered for another tenant is refused before its role or key is used. */
     const open = await account('victim-three');
     clouds.kms.putKeyPolicy(open.keyArn, open.policy({ requireTenant: null }));
     await addRoleKey(open);
+    clouds.sts.resetCalls();
+    clouds.kms.resetCalls();
     const refusedByRegistry = await mallory(open);
     expect(refusedByRegistry).toMatchObject({
       name: 'ConfigError',
@@ -203,6 +211,13 @@ describe('addKey with a role in the customer’s account', () => {
       keyId: open.keyArn,
     });
     expect(refusedByRegistry.message).toContain('another tenant');
+    expect(clouds.sts.callLog).toEqual([]);
+    expect(clouds.kms.callLog).toEqual([]);
+    /* A key not registered yet, whose policy allows data keys of its own tenant only: KMS refuses the round trip. */
+    const guarded = await account('victim-two');
+    const refusedByKms = await mallory(guarded);
+    expect(refusedByKms).toBeInstanceOf(KeyAccessDeniedError);
+    expect(refusedByKms).toMatchObject({ tenant: 'mallory-two', keyId: guarded.keyArn });
     expect(await keysRecorded('mallory-two')).toBe(0);
   });
 
