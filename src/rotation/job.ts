@@ -77,11 +77,19 @@ export async function recordJobEnd(
   audit: KeyRegistry,
   job: 'rotation' | 'reencryption' | 'backfill',
   keyVersion: number,
-  outcome: { error?: unknown; failures: number; counts: Record<string, number>; tenant?: string },
+  outcome: {
+    error?: unknown;
+    failures: number;
+    counts: Record<string, number>;
+    tenant?: string;
+    /** The target master key's reference (ARN or fingerprint), when known. */
+    keyReference?: string;
+  },
 ): Promise<void> {
   const failed = outcome.error !== undefined || outcome.failures > 0;
   const event = `${job}-${failed ? 'failed' : 'finished'}` as AuditEvent;
   const details = {
+    ...(outcome.keyReference === undefined ? {} : { keyReference: outcome.keyReference }),
     ...outcome.counts,
     failures: outcome.failures,
     ...(outcome.error !== undefined ? { error: describeError(outcome.error) } : {}),

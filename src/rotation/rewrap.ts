@@ -61,6 +61,11 @@ export interface PropertyRewrapResult {
   rowsRewrapped: number;
   /** Distinct data keys found under other versions. */
   distinctDataKeys: number;
+  /**
+   * Rows of offboarded tenants under other versions: left as they are (their tenant's keys were
+   * destroyed, so they are unreadable by design), not counted as failures.
+   */
+  offboardedRows: number;
   /** Re-wrap calls made for this property (data keys shared with properties done before are reused). */
   rewrapCalls: number;
   durationMs: number;
@@ -126,6 +131,7 @@ export async function rewrapDataKeys(
     durationMs: 0,
   };
   const audit = new KeyRegistry(target, encryption);
+  let keyReference: string | undefined;
   try {
     /* An unknown target version, or one whose master key is not the recorded one, fails before any work. */
     await audit.loadReferences();
@@ -135,14 +141,21 @@ export async function rewrapDataKeys(
       });
     }
     if (result.dryRun && toVersion < FIRST_TENANT_KEY_VERSION) encryption.keyring.provider(toVersion);
-    else if (!result.dryRun) await targetScope.checkedProvider(toVersion);
+    else if (!result.dryRun) {
+      keyReference = (await targetScope.checkedProvider(toVersion)).describe().keyReference;
+    }
     const batchSize = options.batchSize ?? 1_000;
     if (!Number.isSafeInteger(batchSize) || batchSize < 1)
       throw new ConfigError('batchSize must be a positive integer');
     const rewrapper = new Rewrapper(encryption, toVersion, result);
     const audited = { ...(tenant === undefined ? {} : { tenant }) };
     if (!result.dryRun)
-      await audit.record('rotation-started', toVersion, { entities: entityNames(options) }, audited);
+      await audit.record(
+        'rotation-started',
+        toVersion,
+        { entities: entityNames(options), ...(keyReference ? { keyReference } : {}) },
+        audited,
+      );
     await withQueryRunner(target, async (runner) => {
       for (const column of encryptedColumnsSql(target, encryption, options.entities)) {
         if (tenant !== undefined && !column.tenant) continue;
@@ -159,6 +172,7 @@ export async function rewrapDataKeys(
   if (!result.dryRun) {
     await recordJobEnd(audit, 'rotation', result.toVersion, {
       ...(tenant === undefined ? {} : { tenant }),
+      ...(keyReference === undefined ? {} : { keyReference }),
       error: result.error,
       failures:
         result.properties.reduce((n, p) => n + p.failures.length, 0) +
@@ -195,6 +209,7 @@ async function rewrapProperty(
     rowsTotal: keys.reduce((n, k) => n + k.rows, 0),
     rowsRewrapped: 0,
     distinctDataKeys: keys.length,
+    offboardedRows: 0,
     rewrapCalls: 0,
     durationMs: 0,
     failures: [],
@@ -203,6 +218,14 @@ async function rewrapProperty(
     const mapping: Mapping[] = [];
     for (const key of keys) {
       const tenant = key.tenant === null ? undefined : key.tenant;
+      if (
+        tenant !== undefined &&
+        rewrapper.encryption.tenantKeyrings.tenant(tenant)?.state === 'offboarded'
+      ) {
+        /* Unreadable by design: counted apart, not as failures (delete them to erase them). */
+        outcome.offboardedRows += key.rows;
+        continue;
+      }
       try {
         const scope = rewrapper.encryption.keyScope(tenant);
         mapping.push([

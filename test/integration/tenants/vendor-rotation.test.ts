@@ -71,3 +71,38 @@ it('rotating the application key re-wraps the customer-provided keys it wraps, s
     await second.destroy();
   }
 });
+
+it('rows of an offboarded tenant are left alone by a rotation and counted apart, not as failures', async () => {
+  const other = await encryptedDatabase([TenantContact], {
+    prefix: 'tenant_vendor_rot_off',
+    migrations: TENANT_MIGRATIONS,
+    extraKeys: [{ version: 2, provider: new LocalKeyProvider({ key: randomBytes(32).toString('base64') }) }],
+  });
+  try {
+    const repo = other.dataSource.getRepository(TenantContact);
+    await repo.save(repo.create({ workspaceId: 'ws-leaving', email: 'gone@leaving.example', profile: null }));
+    await repo.save(repo.create({ workspaceId: 'ws-staying', email: 'here@staying.example', profile: null }));
+    await other.encryption.tenants.offboard('ws-leaving');
+    await new KeyRegistry(other.dataSource, other.encryption).activate(2);
+    const result = await rewrapDataKeys(other.dataSource, other.encryption, { toVersion: 2 });
+    expect(result.error).toBeUndefined();
+    expect(result.properties.flatMap((p) => p.failures)).toEqual([]);
+    expect(result.properties.find((p) => p.property === 'email')?.offboardedRows).toBe(1);
+    const versions = await rawQuery(
+      other.schema.url,
+      `SELECT "workspaceId" AS ws, email_key_version AS v FROM "${other.schema.schema}".tenant_contacts ORDER BY id`,
+    );
+    expect(versions).toEqual([
+      { ws: 'ws-leaving', v: 1 },
+      { ws: 'ws-staying', v: 2 },
+    ]);
+    const audit = await new KeyRegistry(other.dataSource, other.encryption).auditLog({
+      event: 'rotation-started',
+    });
+    expect(audit.at(-1)?.details.keyReference).toBe(
+      other.encryption.keyring.provider(2).describe().keyReference,
+    );
+  } finally {
+    await other.close();
+  }
+});
