@@ -186,34 +186,7 @@ export function buildProgram(): Command {
           }
           process.stderr.write(`typeorm-envelope: warning: ${problem}\n`);
         }
-        const progress = new Progress(!global.json);
-        const result = await rewrapDataKeys(dataSource, encryption, {
-          toVersion,
-          batchSize: options.batchSize,
-          entities: options.entity,
-          dryRun: options.dryRun,
-          onProgress: (p) => progress.update(`${p.entity}.${p.property}`, p.rowsDone, p.rowsTotal),
-        });
-        progress.stop();
-        failOn(
-          result.error,
-          result.properties.some((p) => p.failures.length > 0),
-        );
-        if (global.json) return result;
-        return [
-          `${result.dryRun ? 'would re-wrap' : 're-wrapped'} to key version ${result.toVersion}: ${result.rewrapCalls} data keys re-wrapped, ${result.verificationCalls} checked`,
-          table(
-            result.properties.map((p) => ({
-              entity: p.entity,
-              property: p.property,
-              rows: p.rowsTotal,
-              rewrapped: p.rowsRewrapped,
-              'data keys': p.distinctDataKeys,
-              failures: p.failures.length,
-              ms: Math.round(p.durationMs),
-            })),
-          ),
-        ].join('\n');
+        return rewrapAndReport(dataSource, encryption, options, global, toVersion);
       })(),
     );
 
@@ -470,9 +443,21 @@ async function rotateTenant(
       progress.stop();
     }
   }
+  return rewrapAndReport(dataSource, encryption, options, global, toVersion, tenant);
+}
+
+/** Runs `rewrapDataKeys` with a progress bar and reports it (fails the command on any failure). */
+async function rewrapAndReport(
+  dataSource: DataSource,
+  encryption: EnvelopeEncryption,
+  options: RotateOptions,
+  global: GlobalOptions,
+  toVersion: number,
+  tenant?: string,
+): Promise<unknown> {
   const progress = new Progress(!global.json);
   const result = await rewrapDataKeys(dataSource, encryption, {
-    tenant,
+    ...(tenant === undefined ? {} : { tenant }),
     toVersion,
     batchSize: options.batchSize,
     entities: options.entity,
@@ -485,8 +470,10 @@ async function rotateTenant(
     result.properties.some((p) => p.failures.length > 0),
   );
   if (global.json) return result;
+  const offboarded = result.properties.reduce((n, p) => n + p.offboardedRows, 0);
   return [
-    `tenant ${tenant}: ${result.dryRun ? 'would re-wrap' : 're-wrapped'} to key version ${result.toVersion}: ${result.rewrapCalls} data keys re-wrapped, ${result.verificationCalls} checked`,
+    `${tenant === undefined ? '' : `tenant ${tenant}: `}${result.dryRun ? 'would re-wrap' : 're-wrapped'} to key version ${result.toVersion}: ${result.rewrapCalls} data keys re-wrapped, ${result.verificationCalls} checked` +
+      (offboarded ? `; ${offboarded} values of offboarded tenants left as they are` : ''),
     table(
       result.properties.map((p) => ({
         entity: p.entity,
@@ -495,6 +482,7 @@ async function rotateTenant(
         rewrapped: p.rowsRewrapped,
         'data keys': p.distinctDataKeys,
         failures: p.failures.length,
+        ms: Math.round(p.durationMs),
       })),
     ),
   ].join('\n');
