@@ -14,25 +14,25 @@ import { type TenantKeyRecord, TenantKeyrings, type TenantRecord } from '../../s
 const newKey = () => randomBytes(32).toString('base64');
 const vendor = new Keyring([{ version: 1, provider: new LocalKeyProvider({ key: newKey() }) }], 1);
 
-/** Tenant keyrings with customer-provided keys for the given tenants, prepared as `addKey` does. */
-async function tenantKeyrings(tenants: string[]) {
-  const factories = new TenantKeyFactories([customerKeyFactory()]);
-  const keyrings = new TenantKeyrings(vendor, factories);
+/** Registry records of one new customer-provided key per tenant, active, prepared as `addKey` does. */
+async function customerKeyRecords(factories: TenantKeyFactories, tenants: string[]) {
   const records: TenantRecord[] = [];
   const keys: TenantKeyRecord[] = [];
   for (const [i, tenantId] of tenants.entries()) {
     const version = FIRST_TENANT_KEY_VERSION + i;
     const descriptor = await factories.get('customer-key').prepare({ key: newKey() }, { tenantId, vendor });
     records.push({ tenantId, state: 'active', activeVersion: version, externalId: `x-${i}` });
-    keys.push({
-      version,
-      tenantId,
-      kind: 'customer-key',
-      keyReference: String(descriptor.fingerprint),
-      state: 'active',
-      descriptor,
-    });
+    const keyReference = String(descriptor.fingerprint);
+    keys.push({ version, tenantId, kind: 'customer-key', keyReference, state: 'active', descriptor });
   }
+  return { records, keys };
+}
+
+/** Tenant keyrings with customer-provided keys for the given tenants, prepared as `addKey` does. */
+async function tenantKeyrings(tenants: string[]) {
+  const factories = new TenantKeyFactories([customerKeyFactory()]);
+  const keyrings = new TenantKeyrings(vendor, factories);
+  const { records, keys } = await customerKeyRecords(factories, tenants);
   keyrings.update(records, keys);
   const cache = new DataKeyCache(vendor);
   const encryptor = new FieldEncryptor(cache, (tenant) =>
@@ -170,23 +170,7 @@ describe('tenant keys held in memory', () => {
       const factories = new TenantKeyFactories([counting]);
       const keyrings = new TenantKeyrings(vendor, factories, { maxProviders: 2 });
       const tenants = ['a', 'b', 'c'];
-      const records: TenantRecord[] = [];
-      const keys: TenantKeyRecord[] = [];
-      for (const [i, tenantId] of tenants.entries()) {
-        const version = FIRST_TENANT_KEY_VERSION + i;
-        const descriptor = await factories
-          .get('customer-key')
-          .prepare({ key: newKey() }, { tenantId, vendor });
-        records.push({ tenantId, state: 'active', activeVersion: version, externalId: `x-${i}` });
-        keys.push({
-          version,
-          tenantId,
-          kind: 'customer-key',
-          keyReference: String(descriptor.fingerprint),
-          state: 'active',
-          descriptor,
-        });
-      }
+      const { records, keys } = await customerKeyRecords(factories, tenants);
       keyrings.update(records, keys);
       const encryptor = new FieldEncryptor(new DataKeyCache(vendor), (t) =>
         t === undefined ? undefined : keyrings.scope(t),
