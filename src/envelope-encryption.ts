@@ -307,16 +307,18 @@ export class EnvelopeEncryption {
   }
 
   /**
-   * Takes tenant records as the registry holds them (all, or one tenant's with `onlyTenant`); the
-   * cached keys of tenants that were offboarded, or whose keys changed, are dropped and zeroed.
+   * Takes tenant records as the registry holds them (all, or one tenant's with `onlyTenant`), as
+   * read by the read `tenantKeyrings.beginRead()` numbered; the cached keys of tenants that were
+   * offboarded, or whose keys changed, are dropped and zeroed.
    */
   applyTenantRecords(
     tenants: readonly TenantRecord[],
     keys: readonly TenantKeyRecord[],
     onlyTenant?: string,
+    read?: number,
   ): void {
     const before = new Map(this.tenantKeyrings.tenants.map((t) => [t.tenantId, t]));
-    this.tenantKeyrings.update(tenants, keys, onlyTenant);
+    this.tenantKeyrings.update(tenants, keys, onlyTenant, read);
     for (const tenant of tenants) {
       const previous = before.get(tenant.tenantId);
       if (tenant.state === 'offboarded' && previous?.state !== 'offboarded') this.purgeCache(tenant.tenantId);

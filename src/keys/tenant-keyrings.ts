@@ -58,6 +58,9 @@ export class TenantKeyrings {
   readonly #providers: LRUCache<number, Promise<KeyProvider>>;
   readonly #scopes = new Map<string, TenantScope>();
   #resolver: TenantKeyResolver | undefined;
+  /** Reads of the registry so far, and the read that last set each tenant read alone. */
+  #reads = 0;
+  readonly #readOf = new Map<string, number>();
 
   constructor(
     readonly vendor: Keyring,
@@ -119,12 +122,35 @@ export class TenantKeyrings {
   }
 
   /**
-   * Takes the registry's records as they are now (all of them, or those of one tenant when
-   * `onlyTenant` is given). Providers of keys whose record changed or went away are dropped (and
-   * the keys they hold zeroed where the provider can), so an offboarded key stops working here.
+   * Numbers a read of the registry, taken before the read starts: {@link update} then never lets
+   * an older read of all tenants undo a newer read of one (a key this instance just added, while a
+   * periodic refresh was under way).
    */
-  update(tenants: readonly TenantRecord[], keys: readonly TenantKeyRecord[], onlyTenant?: string): void {
-    const inScope = (tenantId: string) => onlyTenant === undefined || tenantId === onlyTenant;
+  beginRead(): number {
+    this.#reads += 1;
+    return this.#reads;
+  }
+
+  /**
+   * Takes the registry's records as they are now (all of them, or those of one tenant when
+   * `onlyTenant` is given), as read by the read numbered `read` (default: a new one). Providers of
+   * keys whose record changed or went away are dropped (and the keys they hold zeroed where the
+   * provider can), so an offboarded key stops working here.
+   */
+  update(
+    tenants: readonly TenantRecord[],
+    keys: readonly TenantKeyRecord[],
+    onlyTenant?: string,
+    read = this.beginRead(),
+  ): void {
+    /* Tenants read alone after this read started keep what that newer read found. */
+    const newer = (tenantId: string) => (this.#readOf.get(tenantId) ?? 0) > read;
+    const inScope = (tenantId: string) =>
+      (onlyTenant === undefined || tenantId === onlyTenant) && !newer(tenantId);
+    if (onlyTenant !== undefined && !newer(onlyTenant)) this.#readOf.set(onlyTenant, read);
+    if (onlyTenant === undefined) {
+      for (const [tenantId, seen] of this.#readOf) if (seen <= read) this.#readOf.delete(tenantId);
+    }
     const fresh = new Map(keys.map((k) => [k.version, k]));
     for (const [version, old] of this.#keys) {
       if (!inScope(old.tenantId)) continue;
@@ -165,11 +191,13 @@ export class TenantKeyrings {
   async resolve(version: number): Promise<TenantKeyRecord | undefined> {
     const known = this.#keys.get(version);
     if (known || !this.#resolver) return known;
+    const read = this.beginRead();
     const found = await this.#resolver(version);
     if (!found) return undefined;
-    this.#keys.set(found.key.version, found.key);
-    this.#tenants.set(found.tenant.tenantId, found.tenant);
-    return found.key;
+    if (!this.#keys.has(found.key.version)) {
+      this.update([found.tenant], [found.key], found.tenant.tenantId, read);
+    }
+    return this.#keys.get(version) ?? found.key;
   }
 
   #dropProvider(version: number): void {

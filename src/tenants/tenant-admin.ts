@@ -447,12 +447,13 @@ export class TenantAdmin {
   /** Reads the tenant's records (or all) from the registry into this instance's keyrings. */
   async refresh(tenantId?: string): Promise<void> {
     if (!(await this.#registry.exists())) return;
+    const read = this.#encryption.tenantKeyrings.beginRead();
     if (tenantId === undefined) {
       const { tenants, keys } = await this.#registry.readAll();
-      this.#encryption.applyTenantRecords(tenants, keys);
+      this.#encryption.applyTenantRecords(tenants, keys, undefined, read);
     } else {
       const { tenant, keys } = await this.#registry.readTenant(tenantId);
-      this.#encryption.applyTenantRecords(tenant ? [tenant] : [], keys, tenantId);
+      this.#encryption.applyTenantRecords(tenant ? [tenant] : [], keys, tenantId, read);
     }
   }
 

@@ -132,6 +132,24 @@ describe('tenant key scopes', () => {
     await expect(factory.create(stored, { tenantId: 'b', vendor })).rejects.toBeInstanceOf(IntegrityError);
   });
 
+  it('a read of all tenants that started before a read of one never undoes it', async () => {
+    const factories = new TenantKeyFactories([customerKeyFactory()]);
+    const keyrings = new TenantKeyrings(vendor, factories);
+    const { records, keys } = await customerKeyRecords(factories, ['a', 'b']);
+    const periodic = keyrings.beginRead(); // a refresh of all tenants starts, sees no key yet
+    const own = keyrings.beginRead(); // this instance adds a's key, reads a alone
+    keyrings.update([records[0] as TenantRecord], [keys[0] as TenantKeyRecord], 'a', own);
+    keyrings.update([{ ...(records[1] as TenantRecord), activeVersion: null }], [], undefined, periodic);
+    expect(keyrings.tenant('a')?.activeVersion).toBe(FIRST_TENANT_KEY_VERSION);
+    expect(keyrings.key(FIRST_TENANT_KEY_VERSION)?.tenantId).toBe('a');
+    expect(keyrings.tenant('b')?.activeVersion).toBeNull();
+    // a read of all tenants that started later wins, as the registry is then
+    keyrings.update(records, keys, undefined, keyrings.beginRead());
+    expect(keyrings.tenant('b')?.activeVersion).toBe(FIRST_TENANT_KEY_VERSION + 1);
+    keyrings.update([], [], undefined, keyrings.beginRead());
+    expect(keyrings.tenant('a')).toBeUndefined();
+  });
+
   it('refuses application key versions in the tenant range', () => {
     expect(
       () =>
