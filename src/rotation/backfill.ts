@@ -25,6 +25,8 @@ export interface BackfillOptions {
    * until you drop the column (after `typeorm-envelope verify`), so nothing is lost if you stop.
    */
   clearPlaintext?: boolean;
+  /** Only this tenant's rows (of entities with an `@EncryptionTenant()` column; others are left out). */
+  tenant?: string;
   onProgress?: (progress: { entity: string; property: string; rowsDone: number }) => void;
 }
 
@@ -64,6 +66,7 @@ export async function backfillEncryptedColumns(
       for (const column of encryptedColumnsSql(target, encryption, options.entities)) {
         const { definition } = column.columns;
         if (!definition.plaintext) continue;
+        if (options.tenant !== undefined && !column.tenant) continue;
         const plaintext = dataSource.driver.escape(definition.plaintext.column);
         const outcome = {
           entity: column.entity,
@@ -76,13 +79,18 @@ export async function backfillEncryptedColumns(
         for await (const batch of primaryKeyBatches(runner, column, options.batchSize ?? 500)) {
           /* The old column's text form too: the write below checks that it is still what was read. */
           const rows = (await runner.query(
-            `SELECT ${column.primaryKey.join(', ')}, ${plaintext} AS plaintext, ${plaintext}::text AS plaintext_text${column.tenant ? `, ${column.tenant} AS tenant` : ''}
+            `SELECT ${column.primaryKey.join(', ')}, ${plaintext} AS plaintext, ${plaintext}::text AS plaintext_text${column.tenant ? `, ${column.tenant} AS tenant, ${column.tenant}::text AS tenant_text` : ''}
              FROM ${column.table}
-             WHERE ${batch.condition} AND ${column.ciphertext} IS NULL AND ${plaintext} IS NOT NULL`,
-            batch.params,
+             WHERE ${batch.condition} AND ${column.ciphertext} IS NULL AND ${plaintext} IS NOT NULL${options.tenant === undefined ? '' : ` AND ${column.tenant} = $${batch.params.length + 1}`}`,
+            options.tenant === undefined ? batch.params : [...batch.params, options.tenant],
           )) as Array<Record<string, unknown>>;
           /* Seal first, outside the transaction: no row is locked during key-provider calls. */
-          const prepared: Array<{ key: Record<string, unknown>; text: unknown; sealed: SealedValue }> = [];
+          const prepared: Array<{
+            key: Record<string, unknown>;
+            text: unknown;
+            tenant: unknown;
+            sealed: SealedValue;
+          }> = [];
           for (const row of rows) {
             const key = Object.fromEntries(keyNames.map((n) => [n, row[n]]));
             const primaryKey = primaryKeyOfRow(column.metadata, key) as string;
@@ -97,14 +105,14 @@ export async function backfillEncryptedColumns(
                 ),
                 definition.type,
               );
-              prepared.push({ key, text: row.plaintext_text, sealed });
+              prepared.push({ key, text: row.plaintext_text, tenant: row.tenant_text ?? null, sealed });
             } catch (error) {
               outcome.failures.push({ primaryKey, error: describeError(error) });
             }
           }
           outcome.rowsEncrypted += await inBatchTransaction(runner, async () => {
             let n = 0;
-            for (const { key, text, sealed } of prepared) {
+            for (const { key, text, tenant, sealed } of prepared) {
               /*
                * Only rows still without ciphertext and still holding the plaintext that was read:
                * a value the application wrote meanwhile wins, whether through this library (which
@@ -116,10 +124,14 @@ export async function backfillEncryptedColumns(
                 column,
                 key,
                 sealed,
-                (p) => ({
-                  sql: `${column.ciphertext} IS NULL AND ${plaintext}::text = $${p}`,
-                  params: [text],
-                }),
+                (p) =>
+                  /* …and still of the tenant its value was sealed for: a row moved meanwhile is left for the next run. */
+                  column.tenant
+                    ? {
+                        sql: `${column.ciphertext} IS NULL AND ${plaintext}::text = $${p} AND ${column.tenant}::text IS NOT DISTINCT FROM $${p + 1}`,
+                        params: [text, tenant],
+                      }
+                    : { sql: `${column.ciphertext} IS NULL AND ${plaintext}::text = $${p}`, params: [text] },
                 options.clearPlaintext ? `, ${plaintext} = NULL` : '',
               );
               if (done) n += 1;
