@@ -251,8 +251,10 @@ class TenantScope implements KeyScope {
   }
 
   async checkedProvider(version: number): Promise<KeyProvider> {
-    if (this.keyrings.tenant(this.tenant)?.state === 'offboarded') throw this.#offboarded(version);
-    if (version < FIRST_TENANT_KEY_VERSION) return this.keyrings.vendor.checkedProvider(version);
+    if (version < FIRST_TENANT_KEY_VERSION) {
+      if (this.keyrings.tenant(this.tenant)?.state === 'offboarded') throw this.#offboarded(version);
+      return this.keyrings.vendor.checkedProvider(version);
+    }
     const key = await this.keyrings.resolve(version);
     const context = { tenant: this.tenant, keyVersion: version };
     if (!key) {
@@ -266,7 +268,7 @@ class TenantScope implements KeyScope {
       );
     }
     if (key.state === 'destroyed' || this.keyrings.tenant(this.tenant)?.state === 'offboarded') {
-      throw this.#offboarded(version);
+      throw this.#offboarded(version, key.keyReference);
     }
     try {
       return await this.keyrings.provider(key);
@@ -275,10 +277,14 @@ class TenantScope implements KeyScope {
     }
   }
 
-  #offboarded(version?: number): TenantOffboardedError {
+  #offboarded(version?: number, keyId?: string): TenantOffboardedError {
     return new TenantOffboardedError(
       'the tenant was offboarded: its keys were destroyed, its rows cannot be read and writes are refused',
-      { tenant: this.tenant, ...(version === undefined ? {} : { keyVersion: version }) },
+      {
+        tenant: this.tenant,
+        ...(version === undefined ? {} : { keyVersion: version }),
+        ...(keyId === undefined ? {} : { keyId }),
+      },
     );
   }
 }
