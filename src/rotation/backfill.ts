@@ -1,6 +1,6 @@
 import type { EnvelopeEncryption } from '../envelope-encryption';
 import type { SealedValue } from '../field-encryptor';
-import { tenantText } from '../typeorm/encryption-tenant';
+import { tenantParameter, tenantText } from '../typeorm/encryption-tenant';
 import { legacyValue } from '../typeorm/legacy-value';
 import { primaryKeyOfRow } from '../typeorm/primary-key';
 import { valueBinding } from '../typeorm/value-binding';
@@ -82,7 +82,9 @@ export async function backfillEncryptedColumns(
             `SELECT ${column.primaryKey.join(', ')}, ${plaintext} AS plaintext, ${plaintext}::text AS plaintext_text${column.tenant ? `, ${column.tenant} AS tenant, ${column.tenant}::text AS tenant_text` : ''}
              FROM ${column.table}
              WHERE ${batch.condition} AND ${column.ciphertext} IS NULL AND ${plaintext} IS NOT NULL${options.tenant === undefined ? '' : ` AND ${column.tenant} = $${batch.params.length + 1}`}`,
-            options.tenant === undefined ? batch.params : [...batch.params, options.tenant],
+            options.tenant === undefined || !column.columns.tenant
+              ? batch.params
+              : [...batch.params, tenantParameter(column.columns.tenant, options.tenant)],
           )) as Array<Record<string, unknown>>;
           /* Seal first, outside the transaction: no row is locked during key-provider calls. */
           const prepared: Array<{

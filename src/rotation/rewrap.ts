@@ -4,7 +4,7 @@ import { ConfigError, IntegrityError } from '../errors';
 import type { KeyScope } from '../keys/key-scope';
 import { FIRST_TENANT_KEY_VERSION } from '../keys/keyring';
 import { rewrapStoredTenantKeys, type StoredTenantKeysRewrap } from '../tenants/stored-key-rewrap';
-import { tenantText } from '../typeorm/encryption-tenant';
+import { tenantParameter, tenantText } from '../typeorm/encryption-tenant';
 import { describeError } from './describe-error';
 import { recordJobEnd } from './job';
 import { KeyRegistry } from './key-registry';
@@ -291,7 +291,9 @@ async function distinctDataKeys(
             ${tenantSql}::text AS tenant_text, count(*)::int AS rows
      FROM ${column.table}
      WHERE ${column.keyVersion} IS NOT NULL AND ${column.keyVersion} <> $1 AND ${filter} GROUP BY 1, 2, 3`,
-    tenant === undefined ? [toVersion] : [toVersion, tenant],
+    tenant === undefined || !column.columns.tenant
+      ? [toVersion]
+      : [toVersion, tenantParameter(column.columns.tenant, tenant)],
   )) as Array<{
     version: number;
     wrapped: Buffer;

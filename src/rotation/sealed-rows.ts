@@ -1,7 +1,7 @@
 import type { QueryRunner } from 'typeorm';
 import type { ValueBinding } from '../crypto/associated-data';
 import type { SealedValue } from '../field-encryptor';
-import { tenantText } from '../typeorm/encryption-tenant';
+import { tenantParameter, tenantText } from '../typeorm/encryption-tenant';
 import { primaryKeyOfRow } from '../typeorm/primary-key';
 import { valueBinding } from '../typeorm/value-binding';
 import { type EncryptedColumnSql, primaryKeyBatches } from './rotation-target';
@@ -39,7 +39,9 @@ export async function* sealedRowBatches(
               ${column.wrappedKey} AS wk, ${column.keyVersion} AS kv${column.tenant ? `, ${column.tenant} AS tenant` : ''}
        FROM ${column.table} WHERE ${batch.condition} AND ${column.ciphertext} IS NOT NULL${tenantFilter}
        ORDER BY ${column.primaryKey.join(', ')}`,
-      tenant === undefined ? batch.params : [...batch.params, tenant],
+      tenant === undefined || !tenantColumn
+        ? batch.params
+        : [...batch.params, tenantParameter(tenantColumn, tenant)],
     )) as Array<Record<string, unknown>>;
     yield rows.map((row) => {
       const key = Object.fromEntries(keyNames.map((name) => [name, row[name]]));

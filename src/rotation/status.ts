@@ -1,4 +1,5 @@
 import type { EnvelopeEncryption } from '../envelope-encryption';
+import { tenantParameter } from '../typeorm/encryption-tenant';
 import {
   type EntitySelector,
   encryptedColumnsSql,
@@ -47,7 +48,9 @@ export async function encryptionStatus(
       const rows = (await runner.query(
         `SELECT ${column.keyVersion} AS version, ${pending} AS pending, count(*)::int AS n
          FROM ${column.table} ${filter} GROUP BY 1, 2 ORDER BY 1`,
-        options.tenant === undefined ? [] : [options.tenant],
+        options.tenant === undefined || !column.columns.tenant
+          ? []
+          : [tenantParameter(column.columns.tenant, options.tenant)],
       )) as Array<{ version: number | null; pending: boolean; n: number }>;
       const count = (match: (r: (typeof rows)[number]) => boolean) =>
         rows.filter(match).reduce((n, r) => n + r.n, 0);

@@ -7,8 +7,13 @@ import type { TenantKeyDescriptor } from '../keys/tenant-key-factories';
 import type { TenantKeyState } from '../keys/tenant-keyrings';
 import { describeError } from '../rotation/describe-error';
 import { type RewrapProgress, rewrapDataKeys } from '../rotation/rewrap';
-import { encryptedColumnsSql, type RotationTarget, withQueryRunner } from '../rotation/rotation-target';
-import { checkTenantId } from '../typeorm/encryption-tenant';
+import {
+  dataSourceOf,
+  encryptedColumnsSql,
+  type RotationTarget,
+  withQueryRunner,
+} from '../rotation/rotation-target';
+import { tenantIdOf, tenantParameter } from '../typeorm/encryption-tenant';
 import { type TenantJob, type TenantKeyRow, TenantRegistry, type TenantRow } from './tenant-registry';
 
 /** What {@link TenantAdmin.addKey} recorded. */
@@ -99,7 +104,7 @@ export class TenantAdmin {
    * application (`sts:ExternalId`). Random, made once per tenant and stored; the same at every call.
    */
   async externalIdFor(tenantId: string): Promise<string> {
-    const id = checkTenantId(tenantId);
+    const id = this.#tenantId(tenantId);
     await this.#requireTables();
     return this.#registry.transaction(
       async (runner) => (await this.#registry.ensureTenant(runner, id)).externalId,
@@ -119,7 +124,7 @@ export class TenantAdmin {
     descriptor: TenantKeyDescriptor,
     options: { activate?: boolean } = {},
   ): Promise<TenantKeyResult> {
-    const id = checkTenantId(tenantId);
+    const id = this.#tenantId(tenantId);
     if (!descriptor || typeof descriptor !== 'object' || typeof descriptor.kind !== 'string') {
       throw new ConfigError('a tenant key descriptor needs a kind (customer-key, aws-kms, …)', {
         tenant: id,
@@ -181,7 +186,7 @@ export class TenantAdmin {
    * trip; its existing rows wait for {@link runJob} (state `pending`).
    */
   async activate(tenantId: string, version: number): Promise<TenantKeyResult> {
-    const id = checkTenantId(tenantId);
+    const id = this.#tenantId(tenantId);
     await this.#requireTables();
     const key = await this.#ownKey(id, version);
     const provider = await this.#encryption.keyScope(id).checkedProvider(version);
@@ -205,7 +210,7 @@ export class TenantAdmin {
    * and returns its summary. A failure is recorded too, and thrown naming the tenant and key.
    */
   async validate(tenantId: string, version?: number): Promise<TenantKeySummary> {
-    const id = checkTenantId(tenantId);
+    const id = this.#tenantId(tenantId);
     await this.#requireTables();
     const { tenant } = await this.#registry.readTenant(id);
     this.#refuseOffboarded(tenant);
@@ -233,7 +238,7 @@ export class TenantAdmin {
    * rows wait for {@link runJob}. Audited as `tenant-reverted`.
    */
   async revert(tenantId: string): Promise<TenantJob> {
-    const id = checkTenantId(tenantId);
+    const id = this.#tenantId(tenantId);
     await this.#requireTables();
     const job = await this.#registry.transaction(async (runner) => {
       const tenant = await this.#registry.ensureTenant(runner, id);
@@ -259,7 +264,7 @@ export class TenantAdmin {
    * pending job, re-wraps whatever is left under other keys (a rotation).
    */
   async runJob(tenantId: string, options: TenantJobOptions = {}): Promise<TenantJob> {
-    const id = checkTenantId(tenantId);
+    const id = this.#tenantId(tenantId);
     await this.#requireTables();
     const { tenant } = await this.#registry.readTenant(id);
     this.#refuseOffboarded(tenant);
@@ -391,7 +396,7 @@ export class TenantAdmin {
 
   /** One tenant's keys, active key, job and rotation state. A tenant never recorded uses the application key. */
   async status(tenantId: string): Promise<TenantStatus> {
-    const id = checkTenantId(tenantId);
+    const id = this.#tenantId(tenantId);
     await this.#requireTables();
     const { tenant, keys } = await this.#registry.readTenant(id);
     return statusOf(tenant, id, keys, await this.#vendorReference());
@@ -404,7 +409,7 @@ export class TenantAdmin {
 
   /** Sets how often the tenant's key should be rotated (default 365 days); `due()` reports it when passed. */
   async setRotationInterval(tenantId: string, days: number): Promise<void> {
-    const id = checkTenantId(tenantId);
+    const id = this.#tenantId(tenantId);
     if (!Number.isSafeInteger(days) || days < 1)
       throw new ConfigError('a rotation interval is a positive number of days');
     await this.#requireTables();
@@ -423,7 +428,7 @@ export class TenantAdmin {
    * within their refresh interval. Cannot be undone.
    */
   async offboard(tenantId: string): Promise<OffboardResult> {
-    const id = checkTenantId(tenantId);
+    const id = this.#tenantId(tenantId);
     await this.#requireTables();
     const keysDestroyed = await this.#registry.transaction(async (runner) => {
       await this.#registry.ensureTenant(runner, id);
@@ -554,6 +559,14 @@ export class TenantAdmin {
     });
   }
 
+  /** The tenant id in the form this DataSource's rows bind it (see `tenantIdOf`). */
+  #tenantId(tenantId: string): string {
+    const columns = this.#encryption
+      .encryptedEntities(dataSourceOf(this.#target))
+      .flatMap(({ columns: [first] }) => (first?.tenant ? [first.tenant] : []));
+    return tenantIdOf(columns, tenantId);
+  }
+
   async #requireTables(): Promise<void> {
     if (await this.#registry.exists()) return;
     throw new ConfigError(
@@ -593,10 +606,11 @@ export class TenantAdmin {
     return withQueryRunner(this.#target, async (runner) => {
       let total = 0;
       for (const column of encryptedColumnsSql(this.#target, this.#encryption)) {
-        if (!column.tenant) continue;
+        const tenant = column.columns.tenant && tenantParameter(column.columns.tenant, tenantId);
+        if (!tenant) continue;
         const [row] = (await runner.query(
           `SELECT count(*)::int AS n FROM ${column.table} WHERE ${column.tenant} = $1 AND ${column.keyVersion} IS NOT NULL AND ${condition(column.keyVersion)}`,
-          [tenantId],
+          [tenant],
         )) as Array<{ n: number }>;
         total += row?.n ?? 0;
       }

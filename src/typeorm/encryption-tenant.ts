@@ -101,8 +101,55 @@ export function checkTenantId(tenantId: unknown): string {
   if (typeof tenantId !== 'string' || tenantId === '' || tenantId.length > MAX_TENANT_ID_LENGTH) {
     throw new ConfigError(`a tenant id must be a string of 1 to ${MAX_TENANT_ID_LENGTH} characters`);
   }
-  /* A UUID tenant column prints lower-case: the same id given in upper case names the same tenant. */
-  return /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i.test(tenantId)
-    ? tenantId.toLowerCase()
-    : tenantId;
+  return tenantId;
+}
+
+const INTEGER_RANGES: Record<string, bigint> = {
+  int2: 2n ** 15n,
+  smallint: 2n ** 15n,
+  int: 2n ** 31n,
+  int4: 2n ** 31n,
+  integer: 2n ** 31n,
+  int8: 2n ** 63n,
+  bigint: 2n ** 63n,
+};
+const PRINTED_UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
+
+/**
+ * `tenantId` (as bound into values) as an SQL parameter compared with the tenant column, or
+ * `null` when no row of that column can hold it (an integer column and the tenant `acme`): the
+ * comparison then matches nothing instead of failing the statement.
+ */
+export function tenantParameter(column: ColumnMetadata, tenantId: string): string | null {
+  const type = String(column.entityMetadata.connection.driver.normalizeType(column)).toLowerCase();
+  const range = INTEGER_RANGES[type];
+  if (range !== undefined) {
+    if (!/^(0|-?[1-9]\d*)$/.test(tenantId)) return null;
+    const value = BigInt(tenantId);
+    return value >= -range && value < range ? tenantId : null;
+  }
+  if (type === 'uuid') return PRINTED_UUID.test(tenantId) ? tenantId : null;
+  return tenantId;
+}
+
+/**
+ * A tenant id given to the tenant API, in the form the rows of `columns` (the DataSource's tenant
+ * columns) bind it: lower case for a uuid column, without leading zeros for an integer column, as
+ * given for text. The form must be the same for every column that can hold the id; a text column
+ * keeps the case of a GUID, so the same GUID in upper case is another tenant there.
+ */
+export function tenantIdOf(columns: readonly ColumnMetadata[], tenantId: unknown): string {
+  const given = checkTenantId(tenantId);
+  const forms = new Set<string>();
+  for (const column of columns) {
+    const form = (keyFormOf(column) as (v: unknown) => string)(given);
+    if (tenantParameter(column, form) !== null) forms.add(form);
+  }
+  if (forms.size > 1) {
+    throw new ConfigError(
+      `the tenant id is stored differently by this DataSource's tenant columns (${[...forms].map((f) => JSON.stringify(f)).join(', ')}); ` +
+        'give it in the one form they all store (lower-case UUIDs, integers without leading zeros)',
+    );
+  }
+  return forms.values().next().value ?? given;
 }
