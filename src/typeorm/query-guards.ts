@@ -159,9 +159,44 @@ function guardUpsertColumns(): void {
       if (Array.isArray(onUpdate.overwrite)) onUpdate.overwrite = completed(onUpdate.overwrite, columns);
       if (Array.isArray(onUpdate.columns)) onUpdate.columns = completed(onUpdate.columns, columns);
       refuseUpsertOfAnotherRow(map, columns);
+      keepUpsertInItsTenant(this as UpsertBuilder, map, columns);
     }
     return getQuery.call(this);
   };
+}
+
+interface UpsertBuilder {
+  alias: string;
+  getMainTableName(): string;
+  getTableName(name: string): string;
+  escape(name: string): string;
+}
+
+/**
+ * An upsert that writes the tenant column but not every encrypted property would, on a conflicting
+ * row of another tenant, move that row to the inserted tenant while the values it does not write
+ * stay bound to the old one: unreadable. Such an upsert updates only a row of the same tenant; a
+ * conflicting row of another tenant is left as it is.
+ */
+function keepUpsertInItsTenant(
+  builder: UpsertBuilder,
+  map: ExpressionMap,
+  columns: readonly EncryptedColumns[],
+): void {
+  const tenant = columns[0]?.tenant;
+  const onUpdate = map.onUpdate as { overwrite?: unknown; columns?: unknown; overwriteCondition?: unknown[] };
+  const written = [onUpdate.overwrite, onUpdate.columns].flatMap((list) =>
+    Array.isArray(list) ? list.map(String) : [],
+  );
+  if (!tenant || !written.includes(tenant.databaseName)) return;
+  if (columns.every((c) => written.includes(c.main.databaseName))) return;
+  const main = builder.getMainTableName();
+  const row = builder.alias !== main ? builder.escape(builder.alias) : builder.getTableName(main);
+  const name = builder.escape(tenant.databaseName);
+  const condition = `${row}.${name} IS NOT DISTINCT FROM EXCLUDED.${name}`;
+  const conditions = (onUpdate.overwriteCondition ??= []) as Array<{ type: string; condition: unknown }>;
+  if (conditions.some((c) => c.condition === condition)) return;
+  conditions.push({ type: conditions.length ? 'and' : 'simple', condition });
 }
 
 /**
@@ -209,10 +244,11 @@ function completed(names: readonly string[], columns: readonly EncryptedColumns[
       column.main,
       ...SIDECAR_ROLES.map((role) => column.sidecars[role]),
       ...(column.plaintext ? [column.plaintext] : []),
-      /* Values are sealed for the inserted row's tenant: an update that keeps the old tenant could not read them. */
-      ...(column.tenant ? [column.tenant] : []),
     ].map((c) => c.databaseName);
     if (!group.some((name) => result.includes(name))) continue;
+    /* Values are sealed for the inserted row's tenant: an update that keeps the old tenant could not
+       read them. The tenant column alone never brings in a value the upsert does not write. */
+    if (column.tenant) group.push(column.tenant.databaseName);
     for (const name of group) if (!result.includes(name)) result.push(name);
   }
   return result;
