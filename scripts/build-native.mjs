@@ -1,18 +1,38 @@
 /**
- * `npm run build:native` (and `pretest`): builds the optional native AES-256-GCM addon
- * (native/gcm.cc, native/binding.gyp) with the node-gyp that ships inside npm, against the running
- * Node's own headers (OpenSSL's included), so nothing is downloaded when they are installed beside
- * Node or `npm config get nodedir` points at them; then copies it to
- * build/Release/typeorm_envelope_gcm.node, where src/crypto/native-gcm.ts looks for it.
+ * Builds and checks the optional native AES-256-GCM addon (native/gcm.cc, native/binding.gyp) with
+ * the node-gyp that ships inside npm, against the running Node's own headers (OpenSSL's included), so
+ * nothing is downloaded when they are installed beside Node or `npm config get nodedir` points at them.
  *
- * Prints one line saying whether the native path is available, and ALWAYS exits 0: without a
- * compiler, Python or headers, src/crypto/aes-gcm.ts keeps using node:crypto.
+ * Modes:
+ * - (none): `npm run build:native` and `pretest` in a checkout: builds
+ *   build/Release/typeorm_envelope_gcm.node, which src/crypto/native-gcm.ts loads first.
+ * - `--install`: the package's `install` script. A no-op when the binary the library would load
+ *   (a local build, else `prebuilds/<platform>-<arch>/` shipped in the package) passes its self-test
+ *   in a fresh process; otherwise compiles as above where a compiler exists.
+ * - `--prebuild`: `npm run build:prebuild`, run by maintainers for each platform shipped: builds,
+ *   strips and self-tests `prebuilds/<platform>-<arch>/typeorm-envelope.napi[.glibc|.musl].node`
+ *   and records it in prebuilds/manifest.json with its hash and the hash of the sources it was built
+ *   from (a test fails when native/ changes without a new prebuild).
+ *   Exits 1 on failure.
+ *
+ * The first two print one line saying whether the native path is available, and ALWAYS exit 0:
+ * without a prebuild, compiler, Python or headers, the library uses node:crypto.
  *
  * Environment: TYPEORM_ENVELOPE_NATIVE=0 skips the build; TYPEORM_ENVELOPE_NATIVE_VERBOSE=1 prints
  * node-gyp's output.
  */
 import { spawnSync } from 'node:child_process';
-import { copyFileSync, existsSync, mkdirSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { createHash } from 'node:crypto';
+import {
+  copyFileSync,
+  existsSync,
+  mkdirSync,
+  readFileSync,
+  renameSync,
+  rmSync,
+  statSync,
+  writeFileSync,
+} from 'node:fs';
 import { createRequire } from 'node:module';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -25,10 +45,18 @@ const logFile = path.join(root, 'build', 'native-build.log');
 const sources = [path.join(nativeDir, 'gcm.cc'), path.join(nativeDir, 'binding.gyp')];
 const BUILD_TIMEOUT_MS = 60_000;
 const verbose = process.env.TYPEORM_ENVELOPE_NATIVE_VERBOSE === '1';
+const mode = process.argv.includes('--prebuild')
+  ? 'prebuild'
+  : process.argv.includes('--install')
+    ? 'install'
+    : 'build';
+const manifestFile = path.join(root, 'prebuilds', 'manifest.json');
 
 /** Loads the addon in a fresh process (a process caches what it dlopen'ed) and checks a GCM vector. */
 const SELF_TEST = `
-const g = require(process.argv[1]);
+const m = { exports: {} };
+process.dlopen(m, process.argv[1], require('node:os').constants.dlopen.RTLD_NOW);
+const g = m.exports;
 const h = (s) => Buffer.from(s, 'hex');
 const key = h('feffe9928665731c6d6a8f9467308308feffe9928665731c6d6a8f9467308308');
 const iv = h('cafebabefacedbaddecaf888');
@@ -44,16 +72,21 @@ g.destroyKey(k);
 process.stdout.write(g.openssl);
 `;
 
-function selfTest() {
-  if (!existsSync(addon)) return { ok: false, reason: 'not built' };
-  const run = spawnSync(process.execPath, ['-e', SELF_TEST, addon], { encoding: 'utf8', timeout: 15_000 });
+function selfTest(file = addon) {
+  if (!existsSync(file)) return { ok: false, reason: 'not built' };
+  const run = spawnSync(process.execPath, ['-e', SELF_TEST, file], { encoding: 'utf8', timeout: 15_000 });
   if (run.status === 0) return { ok: true, openssl: run.stdout.trim() };
   const reason = (run.stderr || run.error?.message || `exit ${run.status}`).trim().split('\n').pop();
   return { ok: false, reason: `self-test failed: ${reason}` };
 }
 
+/** Records the addon's SHA-256 beside it: the library loads no local build without a matching one. */
+function recordHash(file) {
+  writeFileSync(`${file}.sha256`, `${createHash('sha256').update(readFileSync(file)).digest('hex')}\n`);
+}
+
 function upToDate() {
-  if (!existsSync(addon)) return false;
+  if (!existsSync(addon) || !existsSync(`${addon}.sha256`)) return false;
   const builtAt = statSync(addon).mtimeMs;
   return sources.every((file) => statSync(file).mtimeMs <= builtAt);
 }
@@ -93,12 +126,80 @@ function findNodeDir() {
 function report(available, detail) {
   const state = available ? 'available' : 'unavailable, using node:crypto';
   console.log(`typeorm-envelope native AES-GCM: ${state} (${detail})`);
-  process.exit(0);
+  process.exit(mode === 'prebuild' && !available ? 1 : 0);
+}
+
+/** The hash of what a binary is built from, recorded beside each prebuild. */
+function sourcesHash() {
+  const hash = createHash('sha256');
+  for (const file of sources) hash.update(path.basename(file)).update('\0').update(readFileSync(file));
+  return hash.digest('hex');
+}
+
+/** The file the library would load (node-gyp-build's choice), or undefined; never throws. */
+function resolveShipped() {
+  try {
+    const require = createRequire(path.join(root, 'package.json'));
+    return require('node-gyp-build').resolve(root);
+  } catch {
+    return undefined;
+  }
+}
+
+/** `linux-x64` and the libc tag node-gyp-build matches (`glibc`/`musl`, Linux only). */
+function prebuildTarget() {
+  const libc =
+    process.platform !== 'linux'
+      ? undefined
+      : process.report?.getReport().header.glibcVersionRuntime
+        ? 'glibc'
+        : 'musl';
+  const name = ['typeorm-envelope', 'napi', ...(libc ? [libc] : []), 'node'].join('.');
+  return { dir: `${process.platform}-${process.arch}`, file: name };
+}
+
+/** Copies the fresh build into prebuilds/, strips it where `strip` exists, and records it. */
+function writePrebuild(openssl) {
+  const target = prebuildTarget();
+  const dir = path.join(root, 'prebuilds', target.dir);
+  const file = path.join(dir, target.file);
+  mkdirSync(dir, { recursive: true });
+  copyFileSync(addon, file);
+  const strip = spawnSync('strip', ['--strip-unneeded', file], { encoding: 'utf8' });
+  const test = selfTest(file);
+  if (!test.ok) {
+    rmSync(file, { force: true });
+    report(false, `prebuild ${test.reason}`);
+  }
+  const manifest = existsSync(manifestFile) ? JSON.parse(readFileSync(manifestFile, 'utf8')) : {};
+  const key = `${target.dir}/${target.file}`;
+  manifest.builds = {
+    ...manifest.builds,
+    [key]: {
+      sources: sourcesHash(),
+      sha256: createHash('sha256').update(readFileSync(file)).digest('hex'),
+      bytes: statSync(file).size,
+      node: process.versions.node,
+      napi: 8,
+      openssl,
+      stripped: strip.status === 0,
+    },
+  };
+  writeFileSync(manifestFile, `${JSON.stringify(manifest, null, 2)}\n`);
+  report(true, `prebuild written: prebuilds/${key}, ${statSync(file).size} bytes, ${openssl}`);
 }
 
 function main() {
   if (process.env.TYPEORM_ENVELOPE_NATIVE === '0') report(false, 'disabled by TYPEORM_ENVELOPE_NATIVE=0');
-  if (upToDate()) {
+  if (mode === 'install') {
+    const shipped = resolveShipped();
+    const test = shipped ? selfTest(shipped) : { ok: false };
+    if (test.ok) {
+      if (shipped === addon && !existsSync(`${addon}.sha256`)) recordHash(addon);
+      report(true, `${path.relative(root, shipped)}, ${test.openssl}`);
+    }
+  }
+  if (mode === 'build' && upToDate()) {
     const test = selfTest();
     if (test.ok) report(true, `up to date, ${test.openssl}`);
   }
@@ -108,6 +209,7 @@ function main() {
   const args = [nodeGyp, 'rebuild', '--release', ...(nodeDir ? [`--nodedir=${nodeDir}`] : [])];
   /* A failed build leaves no addon behind, so the line printed below is what tests will see. */
   rmSync(addon, { force: true });
+  rmSync(`${addon}.sha256`, { force: true });
   const started = performance.now();
   const run = spawnSync(process.execPath, args, {
     cwd: nativeDir,
@@ -139,6 +241,10 @@ function main() {
     rmSync(addon, { force: true });
     report(false, test.reason);
   }
+  recordHash(addon);
+  if (mode === 'prebuild') writePrebuild(test.openssl);
+  /* An installed package keeps the addon, not node-gyp's intermediate files. */
+  if (mode === 'install') rmSync(path.join(nativeDir, 'build'), { recursive: true, force: true });
   const headers = nodeDir ? `headers from ${nodeDir}` : "node-gyp's headers";
   report(true, `built in ${seconds} s, ${headers}, ${test.openssl}`);
 }

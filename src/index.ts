@@ -16,6 +16,7 @@ export {
 } from '../migrations/1764400000000-TypeormEnvelopeTenantKeys';
 export type { ValueBinding } from './crypto/associated-data';
 export type { ValueType } from './crypto/codec';
+export { type AesBackend, type AesBackendInfo, aesBackend, aesBackendInfo } from './crypto/native-gcm';
 export {
   type AttachOptions,
   EnvelopeEncryption,

@@ -1,10 +1,15 @@
-import { existsSync } from 'node:fs';
-import { join } from 'node:path';
+import { createHash } from 'node:crypto';
+import { existsSync, readFileSync } from 'node:fs';
+import { constants } from 'node:os';
+import { dirname, join, relative, sep } from 'node:path';
 
 /** An OpenSSL AES-256-GCM context pair for one key, made by {@link NativeGcm.createKey}. */
 export type NativeGcmHandle = { readonly __nativeGcmHandle: unique symbol };
 
-/** The optional addon built from native/gcm.cc by `npm run build:native`. */
+/**
+ * The optional addon built from native/gcm.cc: shipped prebuilt in `prebuilds/` (`npm run
+ * build:prebuild`), compiled at install time where no prebuild fits, or by `npm run build:native`.
+ */
 export interface NativeGcm {
   /** Sets up encrypt and decrypt contexts for a 32-byte key; freed by the GC or {@link destroyKey}. */
   createKey(key: Uint8Array): NativeGcmHandle;
@@ -40,29 +45,125 @@ export interface NativeGcm {
   readonly openssl: string;
 }
 
-const ADDON = join('build', 'Release', 'typeorm_envelope_gcm.node');
+/** Which implementation AES-256-GCM runs on: the native addon, or `node:crypto`. */
+export type AesBackend = 'native' | 'node:crypto';
+
+/** What {@link aesBackendInfo} reports: the backend in use and, when it is not the native one, why. */
+export interface AesBackendInfo {
+  /** The implementation `gcmSeal`/`gcmOpen` use for every value and locally wrapped data key. */
+  readonly backend: AesBackend;
+  /** Why the native addon is not used (no build for this platform, not loadable, self-test failed, disabled); absent when it is. */
+  readonly reason?: string;
+  /** The addon file loaded, when the backend is native. */
+  readonly file?: string;
+  /** The OpenSSL version the native addon runs with (Node's own), when the backend is native. */
+  readonly openssl?: string;
+}
+
+const PACKAGE_NAME = 'typeorm-envelope';
 
 /**
- * Where the addon may be, relative to this file: `src/crypto` (ts-node, vitest), `dist/crypto`
- * (tsconfig.build.json), or one level deeper (`dist/src/crypto`, `.bench-build/src/crypto`).
+ * The package's root, found upwards from this file: `src/crypto` in a checkout, `dist/src/crypto`
+ * in the installed package, `.bench-build/src/crypto` in the benchmark build.
  */
-export const NATIVE_GCM_CANDIDATES: readonly string[] = [
-  join(__dirname, '..', '..', ADDON),
-  join(__dirname, '..', '..', '..', ADDON),
-];
-
-function load(): NativeGcm | undefined {
-  if (process.env.TYPEORM_ENVELOPE_NATIVE === '0') return undefined;
-  for (const file of NATIVE_GCM_CANDIDATES) {
-    if (!existsSync(file)) continue;
-    try {
-      const addon = require(file) as NativeGcm;
-      if (typeof addon.createKey === 'function' && selfTest(addon)) return addon;
-    } catch {
-      /* Built for another platform or OpenSSL, or not loadable here: node:crypto is used. */
+function packageRoot(): string | undefined {
+  let dir = __dirname;
+  for (let depth = 0; depth < 5; depth++) {
+    const manifest = join(dir, 'package.json');
+    if (existsSync(manifest)) {
+      try {
+        if ((JSON.parse(readFileSync(manifest, 'utf8')) as { name?: unknown }).name === PACKAGE_NAME)
+          return dir;
+      } catch {
+        /* not ours: keep looking */
+      }
     }
+    dir = dirname(dir);
   }
   return undefined;
+}
+
+/**
+ * The SHA-256 the build recorded for `file`: prebuilds/manifest.json for a shipped prebuild, the
+ * `.sha256` file that scripts/build-native.mjs writes beside a local build after its self-test.
+ */
+function recordedHash(root: string, file: string): string | undefined {
+  const shown = relative(root, file).split(sep).join('/');
+  try {
+    if (shown.startsWith('prebuilds/')) {
+      const manifest = JSON.parse(readFileSync(join(root, 'prebuilds', 'manifest.json'), 'utf8')) as {
+        builds?: Record<string, { sha256?: unknown }>;
+      };
+      const hash = manifest.builds?.[shown.slice('prebuilds/'.length)]?.sha256;
+      return typeof hash === 'string' ? hash : undefined;
+    }
+    return readFileSync(`${file}.sha256`, 'utf8').trim();
+  } catch {
+    return undefined;
+  }
+}
+
+const firstLine = (error: unknown): string =>
+  (error instanceof Error ? error.message : String(error)).trim().split('\n')[0] ?? '';
+
+/**
+ * Finds the addon the way native packages do (`node-gyp-build`: a local `build/Release` first, then
+ * `prebuilds/<platform>-<arch>/` shipped in the package), loads it and checks it against a GCM
+ * vector. Never throws: any failure leaves node:crypto in use, with the reason kept for
+ * {@link aesBackendInfo}.
+ */
+function load(): { addon?: NativeGcm; info: AesBackendInfo } {
+  const fallback = (reason: string) => ({ info: { backend: 'node:crypto', reason } as const });
+  if (process.env.TYPEORM_ENVELOPE_NATIVE === '0') return fallback('disabled by TYPEORM_ENVELOPE_NATIVE=0');
+  const root = packageRoot();
+  if (root === undefined) return fallback(`package root of ${PACKAGE_NAME} not found from ${__dirname}`);
+  let file: string;
+  try {
+    const nodeGypBuild = require('node-gyp-build') as { resolve(dir: string): string };
+    file = nodeGypBuild.resolve(root);
+  } catch (error) {
+    const code = (error as { code?: unknown }).code;
+    return fallback(
+      code === 'MODULE_NOT_FOUND'
+        ? 'node-gyp-build is not installed'
+        : `no native build for ${process.platform}-${process.arch}: ${firstLine(error)}`,
+    );
+  }
+  const shown = relative(root, file).split(sep).join('/');
+  /*
+   * Checked before dlopen: a truncated or damaged shared object can crash the process inside the
+   * dynamic loader (SIGBUS), which no try/catch survives.
+   */
+  const expected = recordedHash(root, file);
+  if (expected === undefined)
+    return fallback(`${shown} has no recorded SHA-256 (rebuild it: npm run build:native)`);
+  try {
+    if (createHash('sha256').update(readFileSync(file)).digest('hex') !== expected) {
+      return fallback(`${shown} does not match its recorded SHA-256 (damaged or replaced)`);
+    }
+  } catch (error) {
+    return fallback(`could not read ${shown}: ${firstLine(error)}`);
+  }
+  let addon: NativeGcm;
+  try {
+    /*
+     * RTLD_NOW, not require()'s lazy binding: an addon whose OpenSSL symbols this Node does not
+     * export then fails here, instead of aborting the process at its first call.
+     */
+    const module = { exports: {} as NativeGcm };
+    process.dlopen(module, file, constants.dlopen.RTLD_NOW);
+    addon = module.exports;
+  } catch (error) {
+    return fallback(`could not load ${shown}: ${firstLine(error)}`);
+  }
+  try {
+    if (typeof addon.createKey !== 'function' || !selfTest(addon)) {
+      return fallback(`${shown} failed its AES-256-GCM self-test`);
+    }
+  } catch (error) {
+    return fallback(`${shown} failed its AES-256-GCM self-test: ${firstLine(error)}`);
+  }
+  return { addon, info: { backend: 'native', file, openssl: addon.openssl } };
 }
 
 /** Test case 16 of the GCM specification, so a miscompiled addon is never used. */
@@ -92,8 +193,29 @@ function selfTest(addon: NativeGcm): boolean {
   }
 }
 
+const loaded = load();
+
 /**
- * The native AES-256-GCM addon when it is built and passes its self-test, unless
+ * The native AES-256-GCM addon when one is found for this platform and passes its self-test, unless
  * `TYPEORM_ENVELOPE_NATIVE=0`; otherwise `undefined` and node:crypto is used.
  */
-export const nativeGcm: NativeGcm | undefined = load();
+export const nativeGcm: NativeGcm | undefined = loaded.addon;
+
+/**
+ * The AES-256-GCM implementation this process uses: `'native'` (the OpenSSL addon shipped in the
+ * package as a prebuilt binary, or compiled at install time) or `'node:crypto'`. Both produce the
+ * same bytes, so values sealed by one open with the other. See {@link aesBackendInfo} for why the
+ * native one is not used.
+ */
+export function aesBackend(): AesBackend {
+  return loaded.info.backend;
+}
+
+/**
+ * The backend in use with, when it is `node:crypto`, the reason the native addon is not used (for
+ * example no prebuilt binary for this platform and no compiler at install time, a binary that does
+ * not load, or `TYPEORM_ENVELOPE_NATIVE=0`). Never throws.
+ */
+export function aesBackendInfo(): AesBackendInfo {
+  return loaded.info;
+}
