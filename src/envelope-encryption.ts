@@ -174,6 +174,8 @@ export class EnvelopeEncryption {
         providerTtl: options.cache?.unwrappedKeyTtl,
       },
     );
+    /* However this instance learns of an offboarding, the tenant's cached keys stop working then. */
+    this.tenantKeyrings.onOffboarded = (tenantId) => this.purgeCache(tenantId);
     this.#encryptor = new FieldEncryptor(this.cache, (tenant) =>
       tenant === undefined ? undefined : this.tenantKeyrings.scope(tenant),
     );
@@ -317,12 +319,7 @@ export class EnvelopeEncryption {
     onlyTenant?: string,
     read?: number,
   ): void {
-    const before = new Map(this.tenantKeyrings.tenants.map((t) => [t.tenantId, t]));
     this.tenantKeyrings.update(tenants, keys, onlyTenant, read);
-    for (const tenant of tenants) {
-      const previous = before.get(tenant.tenantId);
-      if (tenant.state === 'offboarded' && previous?.state !== 'offboarded') this.purgeCache(tenant.tenantId);
-    }
   }
 
   /**

@@ -58,6 +58,11 @@ export class TenantKeyrings {
   readonly #providers: LRUCache<number, Promise<KeyProvider>>;
   readonly #scopes = new Map<string, TenantScope>();
   #resolver: TenantKeyResolver | undefined;
+  /**
+   * Called for each tenant this instance learns was offboarded, by whichever read taught it (a
+   * refresh, or a key version resolved on demand), so that its cached data keys are dropped then.
+   */
+  onOffboarded: ((tenantId: string) => void) | undefined;
   /** Reads of the registry so far, and the read that last set each tenant read alone. */
   #reads = 0;
   readonly #readOf = new Map<string, number>();
@@ -159,8 +164,15 @@ export class TenantKeyrings {
       if (!next) this.#keys.delete(version);
     }
     for (const key of keys) if (inScope(key.tenantId)) this.#keys.set(key.version, key);
+    const offboarded = tenants.filter(
+      (t) =>
+        inScope(t.tenantId) &&
+        t.state === 'offboarded' &&
+        this.#tenants.get(t.tenantId)?.state !== 'offboarded',
+    );
     for (const [tenantId] of this.#tenants) if (inScope(tenantId)) this.#tenants.delete(tenantId);
     for (const tenant of tenants) if (inScope(tenant.tenantId)) this.#tenants.set(tenant.tenantId, tenant);
+    for (const tenant of offboarded) this.onOffboarded?.(tenant.tenantId);
   }
 
   /** Drops the providers built for `tenantId`'s keys (zeroing what they hold); the next use rebuilds them. */
