@@ -449,15 +449,22 @@ export class TenantAdmin {
     };
   }
 
-  /** Reads the tenant's records (or all) from the registry into this instance's keyrings. */
+  /**
+   * Reads the tenant's records (or all) from the registry into this instance's keyrings: what is
+   * committed (a change made through a QueryRunner in a transaction is used once it commits, at the
+   * next refresh).
+   */
   async refresh(tenantId?: string): Promise<void> {
-    if (!(await this.#registry.exists())) return;
+    /* Committed records only: a change made in a caller's transaction that is then rolled back
+       (a failed migration) must never seal rows under a key no record keeps. */
+    const registry = new TenantRegistry(dataSourceOf(this.#target), this.#encryption);
+    if (!(await registry.exists())) return;
     const read = this.#encryption.tenantKeyrings.beginRead();
     if (tenantId === undefined) {
-      const { tenants, keys } = await this.#registry.readAll();
+      const { tenants, keys } = await registry.readAll();
       this.#encryption.applyTenantRecords(tenants, keys, undefined, read);
     } else {
-      const { tenant, keys } = await this.#registry.readTenant(tenantId);
+      const { tenant, keys } = await registry.readTenant(tenantId);
       this.#encryption.applyTenantRecords(tenant ? [tenant] : [], keys, tenantId, read);
     }
   }
