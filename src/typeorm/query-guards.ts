@@ -194,7 +194,8 @@ function keepUpsertInItsTenant(
   const row = builder.alias !== main ? builder.escape(builder.alias) : builder.getTableName(main);
   const name = builder.escape(tenant.databaseName);
   const condition = `${row}.${name} IS NOT DISTINCT FROM EXCLUDED.${name}`;
-  const conditions = (onUpdate.overwriteCondition ??= []) as Array<{ type: string; condition: unknown }>;
+  onUpdate.overwriteCondition ??= [];
+  const conditions = onUpdate.overwriteCondition as Array<{ type: string; condition: unknown }>;
   if (conditions.some((c) => c.condition === condition)) return;
   conditions.push({ type: conditions.length ? 'and' : 'simple', condition });
 }
