@@ -80,18 +80,14 @@ let tarballWithoutPrebuild: string;
 /** Every row saved so far, in order: each later program must read all of them. */
 const saved: Array<[string, string]> = [];
 
-/** Packs the package with the addon's files, optionally leaving the prebuilds out. */
+/** Packs the package as published (the addon's files included), optionally leaving the prebuilds out. */
 function pack(withPrebuilds: boolean, name: string): string {
   const dir = join(work, name);
   mkdirSync(dir);
   const base = packPackage(dir);
+  if (withPrebuilds) return base;
   const pkg = join(dir, 'package-build');
-  for (const entry of NATIVE_FILES) {
-    if (entry === 'prebuilds' && !withPrebuilds) continue;
-    const target = join(pkg, entry);
-    mkdirSync(resolve(target, '..'), { recursive: true });
-    run('cp', ['-R', join(root, entry), target], { cwd: root });
-  }
+  rmSync(join(pkg, 'prebuilds'), { recursive: true, force: true });
   rmSync(base);
   const { stdout } = run('npm', ['pack', '--ignore-scripts', '--json', '--pack-destination', dir], {
     cwd: pkg,

@@ -1,5 +1,5 @@
 import { spawnSync } from 'node:child_process';
-import { copyFileSync, mkdirSync, readdirSync, renameSync, symlinkSync } from 'node:fs';
+import { copyFileSync, cpSync, mkdirSync, readdirSync, readFileSync, renameSync, symlinkSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 
 const root = resolve(__dirname, '../..');
@@ -45,8 +45,11 @@ export function packPackage(workDir: string): string {
   // The entry script loads the build, which needs the peer dependencies (npm pack leaves this out).
   symlinkSync(join(root, 'node_modules'), join(pkg, 'node_modules'));
   run(process.execPath, [join(pkg, 'scripts/write-esm-entry.mjs')], { cwd: pkg });
-  for (const file of ['package.json', 'README.md', 'CHANGELOG.md', 'LICENSE']) {
-    copyFileSync(join(root, file), join(pkg, file));
+  /* Everything package.json `files` publishes besides the build (the native prebuild and its
+     sources among them), so the tarball is the one users install. */
+  const { files = [] } = JSON.parse(readFileSync(join(root, 'package.json'), 'utf8')) as { files?: string[] };
+  for (const file of ['package.json', ...files.filter((f) => f !== 'dist')]) {
+    cpSync(join(root, file), join(pkg, file), { recursive: true });
   }
   const { stdout } = run('npm', ['pack', '--ignore-scripts', '--json', '--pack-destination', workDir], {
     cwd: pkg,
