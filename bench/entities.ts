@@ -2,7 +2,7 @@ import 'reflect-metadata';
 import { randomBytes } from 'node:crypto';
 import { Column, Entity, PrimaryGeneratedColumn } from 'typeorm';
 import { EncryptionTransformer } from 'typeorm-encrypted';
-import { Encrypted, EncryptionTenant } from '../src';
+import { Encrypted, EncryptionTenant } from './library';
 
 /**
  * The same person in three tables: three ~20–30 character strings and one plain column, stored

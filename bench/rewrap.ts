@@ -7,10 +7,9 @@
 import 'reflect-metadata';
 import { randomBytes } from 'node:crypto';
 import { DataSource, In } from 'typeorm';
-import { EnvelopeEncryption, LocalKeyProvider, type RewrapResult, rewrapDataKeys } from '../src';
-import { type EncryptedColumnSql, encryptedColumnsSql } from '../src/rotation/rotation-target';
 import type { BenchDatabase } from './database';
 import { EnvelopePerson } from './entities';
+import { EnvelopeEncryption, LocalKeyProvider, type RewrapResult, rewrapDataKeys } from './library';
 import { collectGarbage, fmtInt, intEnv, median, round1 } from './stats';
 
 const ROWS = intEnv('BENCH_REWRAP_ROWS', 100_000);
@@ -47,6 +46,31 @@ export interface RewrapBenchResult {
 
 function check(condition: unknown, message: string): asserts condition {
   if (!condition) throw new Error(`verification failed (re-wrap): ${message}`);
+}
+
+/** One encrypted property's table and columns, quoted for SQL. */
+interface EncryptedColumnSql {
+  property: string;
+  table: string;
+  ciphertext: string;
+  iv: string;
+  wrappedKey: string;
+  keyVersion: string;
+}
+
+/** The encrypted properties' tables and columns, from the public `encryptedEntities()`. */
+function encryptedColumnsSql(dataSource: DataSource, encryption: EnvelopeEncryption): EncryptedColumnSql[] {
+  const quote = (name: string) => dataSource.driver.escape(name);
+  return encryption.encryptedEntities(dataSource).flatMap(({ metadata, columns }) =>
+    columns.map((c) => ({
+      property: c.main.propertyPath,
+      table: metadata.tablePath.split('.').map(quote).join('.'),
+      ciphertext: quote(c.main.databaseName),
+      iv: quote(c.sidecars.iv.databaseName),
+      wrappedKey: quote(c.sidecars.wrappedKey.databaseName),
+      keyVersion: quote(c.sidecars.keyVersion.databaseName),
+    })),
+  );
 }
 
 interface Triple {

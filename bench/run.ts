@@ -1,24 +1,29 @@
 /**
- * `npm run bench`: plaintext vs typeorm-envelope vs typeorm-encrypted, in one process against one
- * PostgreSQL (see ./database.ts), then the re-wrap section (./rewrap.ts: rewrapDataKeys vs a plain SQL
- * UPDATE) and the tenant section (./tenants.ts: find() of rows spread over many tenants, cold and
- * warm cache). Prints markdown tables and writes bench/results.json.
+ * The benchmark proper: plaintext vs typeorm-envelope vs typeorm-encrypted, in one process against
+ * one PostgreSQL (see ./database.ts), then the re-wrap section (./rewrap.ts: rewrapDataKeys vs a
+ * plain SQL UPDATE) and the tenant section (./tenants.ts: find() of rows spread over many tenants,
+ * cold and warm cache). Prints markdown tables and writes bench/results.json.
+ *
+ * `npm run bench` runs this file inside a project the packed package is installed into (./main.ts),
+ * so it measures the package as installed; `npm run bench -- --from-checkout` runs it from the
+ * compiled checkout. Either way the library is imported through ./library.ts only.
  *
  * Environment: BENCH_ROWS (10000), BENCH_ROUNDS (5 measured, after 1 discarded warm-up round),
  * BENCH_LOOKUPS (1000), BENCH_REWRAP_ROWS (100000), BENCH_REWRAP_ROUNDS (3), BENCH_TENANT_ROWS
  * (10000), BENCH_TENANTS (100), BENCH_TENANT_ROUNDS (5), BENCH_DB (force a database kind),
- * DATABASE_URL.
+ * DATABASE_URL. Set by ./main.ts: BENCH_SOURCE (`installed` or `checkout`), BENCH_TARBALL,
+ * BENCH_CHECKOUT (the repository, whose sources an installed run must not load) and
+ * BENCH_RESULTS_FILE.
  */
-import { gcmBackend } from '../src/crypto/aes-gcm';
 import 'reflect-metadata';
 import { randomBytes } from 'node:crypto';
-import { writeFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
-import { join } from 'node:path';
+import { dirname, join, relative, sep } from 'node:path';
 import { DataSource, type Repository } from 'typeorm';
-import { EnvelopeEncryption, LocalKeyProvider } from '../src';
 import { type BenchDatabase, openDatabase } from './database';
 import { EnvelopePerson, type PersonData, PlainPerson, TypeormEncryptedPerson } from './entities';
+import { aesBackendInfo, EnvelopeEncryption, LocalKeyProvider } from './library';
 import { runRewrapBench } from './rewrap';
 import { collectGarbage, fmtInt, intEnv, median, round1, round2 } from './stats';
 import { runTenantBench } from './tenants';
@@ -143,6 +148,77 @@ function check(condition: unknown, message: string): asserts condition {
   if (!condition) throw new Error(`verification failed: ${message}`);
 }
 
+/** What the benchmark measures: the installed package or the checkout, and its AES backend. */
+interface LibraryUnderTest {
+  source: 'installed' | 'checkout';
+  name: string;
+  version: string;
+  /** The packed tarball the installed run was installed from. */
+  tarball?: string;
+  /** Where the package was loaded from, relative to the benchmark's project. */
+  loadedFrom: string;
+  aesBackend: ReturnType<typeof aesBackendInfo>['backend'];
+  /** Why the native backend is not in use, when it is not. */
+  aesBackendReason?: string;
+  /** The native binary in use, relative to the package. */
+  aesBackendFile?: string;
+  openssl?: string;
+}
+
+function libraryUnderTest(): LibraryUnderTest {
+  const project = join(__dirname, '..', '..');
+  const info = aesBackendInfo();
+  const backend = (root: string) => ({
+    aesBackend: info.backend,
+    ...(info.reason ? { aesBackendReason: info.reason } : {}),
+    ...(info.file ? { aesBackendFile: relative(root, info.file).split(sep).join('/') } : {}),
+    ...(info.openssl ? { openssl: info.openssl } : {}),
+  });
+  if (process.env.BENCH_SOURCE !== 'installed') {
+    const pkg = JSON.parse(readFileSync(join(project, 'package.json'), 'utf8')) as {
+      name: string;
+      version: string;
+    };
+    return {
+      source: 'checkout',
+      name: pkg.name,
+      version: pkg.version,
+      loadedFrom: 'src (compiled checkout)',
+      ...backend(project),
+    };
+  }
+  /* The package resolved by name from this project, and nothing of the checkout's own code loaded. */
+  const entry = require.resolve('typeorm-envelope');
+  const root = dirname(require.resolve('typeorm-envelope/package.json'));
+  check(require.cache[entry] !== undefined, `the installed package (${entry}) is the one loaded`);
+  const checkout = process.env.BENCH_CHECKOUT;
+  if (checkout) {
+    const own = [
+      join(checkout, 'src') + sep,
+      join(checkout, 'dist') + sep,
+      join(checkout, '.bench-build') + sep,
+    ];
+    const stray = Object.keys(require.cache).find((file) => own.some((dir) => file.startsWith(dir)));
+    check(stray === undefined, `an installed run loaded ${stray} from the checkout`);
+  }
+  check(
+    info.backend === 'node:crypto' || info.file?.startsWith(root + sep),
+    `native binary ${info.file} is not the installed package's`,
+  );
+  const pkg = JSON.parse(readFileSync(join(root, 'package.json'), 'utf8')) as {
+    name: string;
+    version: string;
+  };
+  return {
+    source: 'installed',
+    name: pkg.name,
+    version: pkg.version,
+    ...(process.env.BENCH_TARBALL ? { tarball: process.env.BENCH_TARBALL } : {}),
+    loadedFrom: relative(project, entry).split(sep).join('/'),
+    ...backend(root),
+  };
+}
+
 async function main(): Promise<void> {
   const people = makePeople(ROWS);
   const totalChars = people.reduce((sum, p) => sum + charsOf(p), 0);
@@ -192,8 +268,10 @@ async function main(): Promise<void> {
       platform: `${os.platform()} ${os.release()} ${os.arch()}`,
       node: process.version,
       postgres: db.version,
-      aesGcm: gcmBackend(),
+      /** 1, 5 and 15 minutes, when the run started: the figures are only as quiet as the machine. */
+      loadAverage: os.loadavg().map(round2),
     };
+    const library = libraryUnderTest();
     const database = { kind: db.kind, detail: db.detail, version: db.version };
     console.error(
       `bench: ${ROWS} rows, ${LOOKUPS} lookups, ${WARMUP_ROUNDS} warm-up + ${ROUNDS} rounds on ${db.kind}`,
@@ -349,8 +427,18 @@ async function main(): Promise<void> {
     /* Report. */
     const out: string[] = [];
     out.push(
+      library.source === 'installed'
+        ? `Library: ${library.name} ${library.version} as installed from ${library.tarball ?? 'its tarball'} (loaded from ${library.loadedFrom})`
+        : `Library: ${library.name} ${library.version} from the checkout (${library.loadedFrom}), not as installed`,
+    );
+    out.push(
+      `AES-256-GCM backend: ${library.aesBackend}` +
+        (library.aesBackendFile ? ` (${library.aesBackendFile}, ${library.openssl ?? 'OpenSSL'})` : '') +
+        (library.aesBackendReason ? ` (${library.aesBackendReason})` : ''),
+    );
+    out.push(
       `Machine: ${machine.cpu}, ${machine.cores} cores, ${machine.memoryGiB} GiB, Node ${machine.node}; ` +
-        `AES-256-GCM backend: ${machine.aesGcm}`,
+        `load average at start ${machine.loadAverage.join(', ')}`,
     );
     out.push(`PostgreSQL: ${db.version}; database: ${db.kind} (${db.detail})`);
     out.push(
@@ -395,7 +483,8 @@ async function main(): Promise<void> {
     console.log(['', ...tenants.lines].join('\n'));
 
     const results = {
-      machine,
+      library,
+      machine: { ...machine, loadAverageAtEnd: os.loadavg().map(round2) },
       database,
       rounds: ROUNDS,
       warmupRounds: WARMUP_ROUNDS,
@@ -416,7 +505,7 @@ async function main(): Promise<void> {
       tenants: tenants.result,
       generatedAt: new Date().toISOString(),
     };
-    const file = join(__dirname, '..', '..', 'bench', 'results.json');
+    const file = process.env.BENCH_RESULTS_FILE ?? join(__dirname, '..', '..', 'bench', 'results.json');
     writeFileSync(file, `${JSON.stringify(results, null, 2)}\n`);
     console.error(`bench: wrote ${file}`);
   } finally {

@@ -11,15 +11,15 @@
 import 'reflect-metadata';
 import { randomBytes } from 'node:crypto';
 import { DataSource, type Repository } from 'typeorm';
+import { type BenchDatabase, openDatabase } from './database';
+import { EnvelopePerson, type PersonData, PlainPerson, TenantEnvelopePerson } from './entities';
 import {
   type EncryptionContext,
   EnvelopeEncryption,
   LocalKeyProvider,
   TypeormEnvelopeKeyRegistry1764300000000,
   TypeormEnvelopeTenantKeys1764400000000,
-} from '../src';
-import { type BenchDatabase, openDatabase } from './database';
-import { EnvelopePerson, type PersonData, PlainPerson, TenantEnvelopePerson } from './entities';
+} from './library';
 import { collectGarbage, fmtInt, intEnv, median, round1, round2 } from './stats';
 
 const ROWS = intEnv('BENCH_TENANT_ROWS', 10_000);

@@ -1,8 +1,26 @@
 import { spawnSync } from 'node:child_process';
-import { copyFileSync, cpSync, mkdirSync, readdirSync, readFileSync, renameSync, symlinkSync } from 'node:fs';
-import { join, resolve } from 'node:path';
+import {
+  copyFileSync,
+  cpSync,
+  existsSync,
+  mkdirSync,
+  readdirSync,
+  readFileSync,
+  renameSync,
+  symlinkSync,
+} from 'node:fs';
+import { dirname, join } from 'node:path';
 
-const root = resolve(__dirname, '../..');
+/** The repository: the nearest directory above this file with a package.json (the benchmark runs
+    this file compiled, from `.bench-build/test/support`). */
+function repositoryRoot(from: string): string {
+  for (let dir = from; ; dir = dirname(dir)) {
+    if (existsSync(join(dir, 'package.json'))) return dir;
+    if (dirname(dir) === dir) throw new Error(`no package.json above ${from}`);
+  }
+}
+
+const root = repositoryRoot(__dirname);
 const tsc = join(root, 'node_modules/typescript/bin/tsc');
 
 /** Runs a command, failing with its output when it exits non-zero. */
