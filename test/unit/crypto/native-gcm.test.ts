@@ -1,9 +1,10 @@
-import { createCipheriv, createDecipheriv, randomBytes } from 'node:crypto';
+import { randomBytes } from 'node:crypto';
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
-import { gcmBackend, gcmForgetKey, gcmOpen, gcmSeal, TAG_BYTES } from '../../../src/crypto/aes-gcm';
+import { gcmBackend, gcmForgetKey, gcmOpen, gcmSeal } from '../../../src/crypto/aes-gcm';
 import { type NativeGcm, nativeGcm } from '../../../src/crypto/native-gcm';
 import { CachedDataKey } from '../../../src/keys/data-key-cache';
+import { bytes, GCM_VECTORS, type GcmVector, hex, refOpen, refSeal } from '../../support/gcm-reference';
 
 /**
  * The native AES-256-GCM addon (native/gcm.cc) against the GCM specification and against node:crypto.
@@ -18,73 +19,6 @@ const suite = unavailable ? `native AES-256-GCM — skipped: ${unavailable}` : '
 const native = nativeGcm as NativeGcm;
 const nativeIt = it.skipIf(unavailable !== undefined);
 
-/** node:crypto, written out here, as the reference the native path must match byte for byte. */
-function refSeal(key: Uint8Array, iv: Uint8Array, plaintext: Uint8Array, aad: Uint8Array): Buffer {
-  const cipher = createCipheriv('aes-256-gcm', key, iv, { authTagLength: TAG_BYTES });
-  cipher.setAAD(aad);
-  return Buffer.concat([cipher.update(plaintext), cipher.final(), cipher.getAuthTag()]);
-}
-
-function refOpen(key: Uint8Array, iv: Uint8Array, sealed: Uint8Array, aad: Uint8Array): Buffer | undefined {
-  const decipher = createDecipheriv('aes-256-gcm', key, iv, { authTagLength: TAG_BYTES });
-  decipher.setAAD(aad);
-  decipher.setAuthTag(sealed.subarray(sealed.length - TAG_BYTES));
-  const head = decipher.update(sealed.subarray(0, sealed.length - TAG_BYTES));
-  try {
-    return Buffer.concat([head, decipher.final()]);
-  } catch {
-    return undefined;
-  }
-}
-
-const hex = (text: string) => Buffer.from(text, 'hex');
-const K15 = 'feffe9928665731c6d6a8f9467308308feffe9928665731c6d6a8f9467308308';
-const P15 =
-  'd9313225f88406e5a55909c5aff5269a86a7a9531534f7da2e4c303d8a318a72' +
-  '1c3c0c95956809532fcf0e2449a6b525b16aedf5aa0de657ba637b391aafd255';
-const C15 =
-  '522dc1f099567d07f47f37a32a84427d643a8cdcbfe5c0c97598a2bd2555d1aa' +
-  '8cb08e48590dbb3da7b08b1056828838c5f61e6393ba7a0abcc9f662898015ad';
-
-/** McGrew & Viega, test cases 13-16 (256-bit key), typed in from the specification. */
-const VECTORS = [
-  {
-    key: '00'.repeat(32),
-    iv: '00'.repeat(12),
-    p: '',
-    aad: '',
-    c: '',
-    tag: '530f8afbc74536b9a963b4f1c4cb738b',
-  },
-  {
-    key: '00'.repeat(32),
-    iv: '00'.repeat(12),
-    p: '00'.repeat(16),
-    aad: '',
-    c: 'cea7403d4d606b6e074ec5d3baf39d18',
-    tag: 'd0d1c8a799996bf0265b98b5d48ab919',
-  },
-  {
-    key: K15,
-    iv: 'cafebabefacedbaddecaf888',
-    p: P15,
-    aad: '',
-    c: C15,
-    tag: 'b094dac5d93471bdec1a502270e3cc6c',
-  },
-  {
-    key: K15,
-    iv: 'cafebabefacedbaddecaf888',
-    p: P15.slice(0, 120),
-    aad: 'feedfacedeadbeeffeedfacedeadbeefabaddad2',
-    c: C15.slice(0, 120),
-    tag: '76fc6ece0f4e1768cddf8853bb2d551b',
-  },
-];
-
-const bytes = (min: number, max: number) =>
-  fc.uint8Array({ minLength: min, maxLength: max }).map((array) => Buffer.from(array));
-
 describe(suite, () => {
   nativeIt('is the backend gcmSeal/gcmOpen use', () => {
     expect(gcmBackend()).toBe('native');
@@ -92,14 +26,20 @@ describe(suite, () => {
   });
 
   nativeIt('matches the GCM specification vectors, through the addon and through gcmSeal/gcmOpen', () => {
-    for (const v of VECTORS) {
+    for (const v of GCM_VECTORS) {
       const handle = native.createKey(hex(v.key));
-      const sealed = native.seal(handle, hex(v.iv), hex(v.p), hex(v.aad));
-      expect(sealed.toString('hex')).toBe(v.c + v.tag);
-      expect(native.open(handle, hex(v.iv), hex(v.c + v.tag), hex(v.aad))?.toString('hex')).toBe(v.p);
+      const sealed = native.seal(handle, hex(v.iv), hex(v.plaintext), hex(v.aad));
+      expect(sealed.toString('hex')).toBe(v.ciphertext + v.tag);
+      expect(native.open(handle, hex(v.iv), hex(v.ciphertext + v.tag), hex(v.aad))?.toString('hex')).toBe(
+        v.plaintext,
+      );
       native.destroyKey(handle);
-      expect(gcmSeal(hex(v.key), hex(v.iv), hex(v.p), hex(v.aad)).toString('hex')).toBe(v.c + v.tag);
-      expect(gcmOpen(hex(v.key), hex(v.iv), hex(v.c + v.tag), hex(v.aad))?.toString('hex')).toBe(v.p);
+      expect(gcmSeal(hex(v.key), hex(v.iv), hex(v.plaintext), hex(v.aad)).toString('hex')).toBe(
+        v.ciphertext + v.tag,
+      );
+      expect(gcmOpen(hex(v.key), hex(v.iv), hex(v.ciphertext + v.tag), hex(v.aad))?.toString('hex')).toBe(
+        v.plaintext,
+      );
     }
   });
 
@@ -134,11 +74,11 @@ describe(suite, () => {
   });
 
   nativeIt('refuses every single-bit flip of ciphertext, tag, IV and associated data', () => {
-    const v = VECTORS[3] as (typeof VECTORS)[number];
+    const v = GCM_VECTORS[3] as GcmVector;
     const key = hex(v.key);
     const iv = hex(v.iv);
     const aad = hex(v.aad);
-    const sealed = hex(v.c + v.tag);
+    const sealed = hex(v.ciphertext + v.tag);
     const flips = function* (input: Buffer) {
       for (let bit = 0; bit < input.length * 8; bit++) {
         const copy = Buffer.from(input);
@@ -160,7 +100,7 @@ describe(suite, () => {
       count++;
     }
     expect(count).toBe((sealed.length + iv.length + aad.length) * 8);
-    expect(gcmOpen(key, iv, sealed, aad)?.toString('hex')).toBe(v.p);
+    expect(gcmOpen(key, iv, sealed, aad)?.toString('hex')).toBe(v.plaintext);
   });
 
   nativeIt('never serves a stale key schedule after gcmForgetKey and new key bytes', () => {
