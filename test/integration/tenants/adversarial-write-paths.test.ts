@@ -101,6 +101,17 @@ const row = async (id: number) =>
     unknown
   >;
 const cold = () => db.encryption.purgeCache();
+/** A contact of tenant ws-b with every encrypted property set, under the natural key `ref`. */
+const saveTenantBContact = (r: string) =>
+  contacts().save(
+    contacts().create({
+      workspaceId: 'ws-b',
+      ref: r,
+      email: 'b@b.example',
+      profile: { phone: 'b-phone' },
+      address: { city: 'B city', street: 'b street' },
+    }),
+  );
 
 describe('tenant entities as applications write them', () => {
   it('a workspace saved with its contacts by cascade: each contact sealed under the workspace key, read back', async () => {
@@ -189,15 +200,7 @@ describe('tenant entities as applications write them', () => {
 
   it('an upsert naming the tenant and one encrypted property keeps the row’s other encrypted values', async () => {
     const r = ref();
-    const saved = await contacts().save(
-      contacts().create({
-        workspaceId: 'ws-b',
-        ref: r,
-        email: 'b@b.example',
-        profile: { phone: 'b-phone' },
-        address: { city: 'B city', street: 'b street' },
-      }),
-    );
+    const saved = await saveTenantBContact(r);
     const before = await row(saved.id);
     await contacts().upsert({ workspaceId: 'ws-b', ref: r, email: 'b2@b.example' }, ['ref']);
     const after = await row(saved.id);
@@ -216,15 +219,7 @@ describe('tenant entities as applications write them', () => {
 
   it('a partial upsert conflicting with another tenant’s row leaves that row as it is; a full one moves it, readable', async () => {
     const r = ref();
-    const theirs = await contacts().save(
-      contacts().create({
-        workspaceId: 'ws-b',
-        ref: r,
-        email: 'b@b.example',
-        profile: { phone: 'b-phone' },
-        address: { city: 'B city', street: 'b street' },
-      }),
-    );
+    const theirs = await saveTenantBContact(r);
     const before = await row(theirs.id);
     await contacts().upsert({ workspaceId: 'ws-a', ref: r, email: 'a@a.example' }, ['ref']);
     expect(await row(theirs.id)).toEqual(before);
