@@ -105,3 +105,27 @@ describe('tenant keys', () => {
     expect(dump).not.toContain(Buffer.from(key, 'base64').toString('hex'));
   });
 });
+
+describe('an entity kept across its tenant’s onboarding', () => {
+  it('saved after the job moved its row, changed or not, it reads back as last written', async () => {
+    const kept = await contacts().save(
+      contacts().create({ workspaceId: 'ws-kept', email: 'kept@before.example', profile: { phone: '1' } }),
+    );
+    const loaded = await contacts().findOneByOrFail({ id: kept.id });
+    expect((await stored(kept.id)).email_key_version).toBe(1);
+    const added = await db.encryption.tenants.addKey('ws-kept', { kind: 'customer-key', key: customerKey() });
+    expect((await db.encryption.tenants.runJob('ws-kept')).state).toBe('completed');
+    const moved = await stored(kept.id);
+    expect(moved.profile_key_version).toBe(added.version);
+    // one property changed, one kept as loaded before the job
+    loaded.email = 'kept@after.example';
+    await contacts().save(loaded);
+    const row = await stored(kept.id);
+    expect(row.email_key_version).toBe(added.version);
+    expect(row.profile_wrapped_key).toEqual(moved.profile_wrapped_key);
+    expect(row.profile_key_version).toBe(added.version);
+    db.encryption.purgeCache();
+    const back = await contacts().findOneByOrFail({ id: kept.id });
+    expect([back.email, back.profile]).toEqual(['kept@after.example', { phone: '1' }]);
+  });
+});
