@@ -14,6 +14,11 @@ export {
   TENANTS_TABLE,
   TypeormEnvelopeTenantKeys1764400000000,
 } from '../migrations/1764400000000-TypeormEnvelopeTenantKeys';
+export {
+  DATA_KEYS_TABLE,
+  DATA_KEYS_VERSION_INDEX,
+  TypeormEnvelopeDataKeys1764500000000,
+} from '../migrations/1764500000000-TypeormEnvelopeDataKeys';
 export type { ValueBinding } from './crypto/associated-data';
 export type { ValueType } from './crypto/codec';
 export { type AesBackend, type AesBackendInfo, aesBackend, aesBackendInfo } from './crypto/native-gcm';
