@@ -27,6 +27,7 @@ const SOURCES = [
   'bench/database.ts',
   'bench/entities.ts',
   'bench/rewrap.ts',
+  'bench/rewrap-memory.ts',
   'bench/tenants.ts',
   'bench/stats.ts',
   'test/support/postgres-servers.ts',

@@ -49,7 +49,7 @@ function check(condition: unknown, message: string): asserts condition {
 }
 
 /** One encrypted property's table and columns, quoted for SQL. */
-interface EncryptedColumnSql {
+export interface EncryptedColumnSql {
   property: string;
   table: string;
   ciphertext: string;
@@ -59,7 +59,10 @@ interface EncryptedColumnSql {
 }
 
 /** The encrypted properties' tables and columns, from the public `encryptedEntities()`. */
-function encryptedColumnsSql(dataSource: DataSource, encryption: EnvelopeEncryption): EncryptedColumnSql[] {
+export function encryptedColumnsSql(
+  dataSource: DataSource,
+  encryption: EnvelopeEncryption,
+): EncryptedColumnSql[] {
   const quote = (name: string) => dataSource.driver.escape(name);
   return encryption.encryptedEntities(dataSource).flatMap(({ metadata, columns }) =>
     columns.map((c) => ({
@@ -73,11 +76,76 @@ function encryptedColumnsSql(dataSource: DataSource, encryption: EnvelopeEncrypt
   );
 }
 
-interface Triple {
+export interface Triple {
   email: string;
   fullName: string;
   phone: string;
   country: string;
+}
+
+/**
+ * Fills the envelope table with `rows` rows: DATA_KEYS data keys under version 1, VALUES_PER_KEY
+ * people each, bound to table and column only (as rows with database-generated ids are), sealed
+ * once and replicated, interleaved, by one INSERT … SELECT on the server (so the client's memory
+ * does not grow with `rows`).
+ */
+export async function fillSealedRows(
+  dataSource: DataSource,
+  encryption: EnvelopeEncryption,
+  columns: EncryptedColumnSql[],
+  rows: number,
+): Promise<{ triples: Triple[]; distinctDataKeys: number }> {
+  const q = (sql: string, params: unknown[] = []) => dataSource.query(sql, params);
+  const table = (columns[0] as EncryptedColumnSql).table;
+  const { tableName } = dataSource.getMetadata(EnvelopePerson);
+  const triples: Triple[] = [];
+  const sealedHex: string[][] = columns.flatMap(() => [[], [], []]);
+  const wrappedKeys = new Set<string>();
+  for (let key = 0; key < DATA_KEYS; key++) {
+    encryption.cache.renewEncryptionKey();
+    for (let value = 0; value < VALUES_PER_KEY; value++) {
+      const n = key * VALUES_PER_KEY + value;
+      const triple: Triple = {
+        email: `rewrap${n}.k${key}@example.com`,
+        fullName: `Person ${n} Under Data Key ${key}`,
+        phone: `+1 (555) ${String(100 + n).padStart(3, '0')}-${String(1000 + key)} x${n}`,
+        country: `country-${n}`,
+      };
+      triples.push(triple);
+      for (const [c, column] of columns.entries()) {
+        const sealed = await encryption.encryptValue(triple[column.property as keyof Triple], {
+          table: tableName,
+          column: column.property,
+        });
+        check(sealed.keyVersion === 1, 'sealed under version 1');
+        wrappedKeys.add(sealed.wrappedKey.toString('hex'));
+        (sealedHex[3 * c] as string[]).push(sealed.ciphertext.toString('hex'));
+        (sealedHex[3 * c + 1] as string[]).push(sealed.iv.toString('hex'));
+        (sealedHex[3 * c + 2] as string[]).push(sealed.wrappedKey.toString('hex'));
+      }
+    }
+  }
+  const distinctDataKeys = wrappedKeys.size;
+  check(distinctDataKeys === DATA_KEYS, `${distinctDataKeys} data keys sealed the values`);
+  const targets = columns.flatMap((c) => [c.ciphertext, c.iv, c.wrappedKey, c.keyVersion]);
+  const sources = columns.flatMap((_, c) => [
+    `decode(v.c${3 * c}, 'hex')`,
+    `decode(v.c${3 * c + 1}, 'hex')`,
+    `decode(v.c${3 * c + 2}, 'hex')`,
+    '1',
+  ]);
+  const arrays = sealedHex.map((_, i) => `$${i + 3}::text[]`).join(', ');
+  const names = sealedHex.map((_, i) => `c${i}`).join(', ');
+  await q(
+    `INSERT INTO ${table} (${targets.join(', ')}, country)
+     SELECT ${sources.join(', ')}, v.country
+     FROM generate_series(0, $1::int - 1) AS g
+     JOIN unnest($2::text[], ${arrays}) WITH ORDINALITY AS v(country, ${names}, ord)
+       ON v.ord = g % ${triples.length} + 1
+     ORDER BY g`,
+    [rows, triples.map((t) => t.country), ...sealedHex],
+  );
+  return { triples, distinctDataKeys };
 }
 
 /** Runs the section on `db` in a schema of its own; returns the markdown lines and the results. */
@@ -111,59 +179,10 @@ export async function runRewrapBench(
     check(columns.length === 3, `${columns.length} encrypted properties`);
     const table = (columns[0] as EncryptedColumnSql).table;
     const copy = `"${schema}"."bench_envelope_v1"`;
-    const { tableName } = dataSource.getMetadata(EnvelopePerson);
     const q = (sql: string, params: unknown[] = []) => dataSource.query(sql, params);
 
-    /* DATA_KEYS data keys under version 1, VALUES_PER_KEY people each, bound to table and column only
-       (as rows with database-generated ids are); replicated, interleaved, over ROWS rows. */
-    const triples: Triple[] = [];
-    const sealedHex: string[][] = columns.flatMap(() => [[], [], []]);
-    const wrappedKeys = new Set<string>();
-    for (let key = 0; key < DATA_KEYS; key++) {
-      encryption.cache.renewEncryptionKey();
-      for (let value = 0; value < VALUES_PER_KEY; value++) {
-        const n = key * VALUES_PER_KEY + value;
-        const triple: Triple = {
-          email: `rewrap${n}.k${key}@example.com`,
-          fullName: `Person ${n} Under Data Key ${key}`,
-          phone: `+1 (555) ${String(100 + n).padStart(3, '0')}-${String(1000 + key)} x${n}`,
-          country: `country-${n}`,
-        };
-        triples.push(triple);
-        for (const [c, column] of columns.entries()) {
-          const sealed = await encryption.encryptValue(triple[column.property as keyof Triple], {
-            table: tableName,
-            column: column.property,
-          });
-          check(sealed.keyVersion === 1, 'sealed under version 1');
-          wrappedKeys.add(sealed.wrappedKey.toString('hex'));
-          (sealedHex[3 * c] as string[]).push(sealed.ciphertext.toString('hex'));
-          (sealedHex[3 * c + 1] as string[]).push(sealed.iv.toString('hex'));
-          (sealedHex[3 * c + 2] as string[]).push(sealed.wrappedKey.toString('hex'));
-        }
-      }
-    }
-    const distinctDataKeys = wrappedKeys.size;
-    check(distinctDataKeys === DATA_KEYS, `${distinctDataKeys} data keys sealed the values`);
-    const targets = columns.flatMap((c) => [c.ciphertext, c.iv, c.wrappedKey, c.keyVersion]);
-    const sources = columns.flatMap((_, c) => [
-      `decode(v.c${3 * c}, 'hex')`,
-      `decode(v.c${3 * c + 1}, 'hex')`,
-      `decode(v.c${3 * c + 2}, 'hex')`,
-      '1',
-    ]);
-    const arrays = sealedHex.map((_, i) => `$${i + 3}::text[]`).join(', ');
-    const names = sealedHex.map((_, i) => `c${i}`).join(', ');
     const filled = performance.now();
-    await q(
-      `INSERT INTO ${table} (${targets.join(', ')}, country)
-       SELECT ${sources.join(', ')}, v.country
-       FROM generate_series(0, $1::int - 1) AS g
-       JOIN unnest($2::text[], ${arrays}) WITH ORDINALITY AS v(country, ${names}, ord)
-         ON v.ord = g % ${triples.length} + 1
-       ORDER BY g`,
-      [ROWS, triples.map((t) => t.country), ...sealedHex],
-    );
+    const { triples, distinctDataKeys } = await fillSealedRows(dataSource, encryption, columns, ROWS);
     await q(`CREATE TABLE ${copy} AS SELECT * FROM ${table}`);
     const [{ count } = { count: 0 }] = (await q(`SELECT count(*)::int AS count FROM ${table}`)) as Array<{
       count: number;

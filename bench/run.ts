@@ -9,7 +9,8 @@
  * compiled checkout. Either way the library is imported through ./library.ts only.
  *
  * Environment: BENCH_ROWS (10000), BENCH_ROUNDS (5 measured, after 1 discarded warm-up round),
- * BENCH_LOOKUPS (1000), BENCH_REWRAP_ROWS (100000), BENCH_REWRAP_ROUNDS (3), BENCH_TENANT_ROWS
+ * BENCH_LOOKUPS (1000), BENCH_REWRAP_ROWS (100000), BENCH_REWRAP_ROUNDS (3),
+ * BENCH_REWRAP_MEMORY_ROWS (100000,1000000), BENCH_TENANT_ROWS
  * (10000), BENCH_TENANTS (100), BENCH_TENANT_ROUNDS (5), BENCH_DB (force a database kind),
  * DATABASE_URL. Set by ./main.ts: BENCH_SOURCE (`installed` or `checkout`), BENCH_TARBALL,
  * BENCH_CHECKOUT (the repository, whose sources an installed run must not load) and
@@ -32,6 +33,7 @@ import {
 } from './entities';
 import { aesBackendInfo, EnvelopeEncryption, LocalKeyProvider } from './library';
 import { runRewrapBench } from './rewrap';
+import { runRewrapMemoryBench } from './rewrap-memory';
 import { collectGarbage, fmtInt, intEnv, median, round1, round2 } from './stats';
 import { runTenantBench } from './tenants';
 
@@ -561,6 +563,10 @@ async function main(): Promise<void> {
     const rewrap = await runRewrapBench(db);
     console.log(['', ...rewrap.lines].join('\n'));
 
+    /* Re-wrap memory section (./rewrap-memory.ts): peak RSS of one job per table size. */
+    const rewrapMemory = runRewrapMemoryBench(db);
+    console.log(['', ...rewrapMemory.lines].join('\n'));
+
     /* Tenant section (./tenants.ts): rows of many tenants, cold and warm cache, in a schema of its own. */
     const tenants = await runTenantBench(db);
     console.log(['', ...tenants.lines].join('\n'));
@@ -588,6 +594,7 @@ async function main(): Promise<void> {
       },
       providerCalls,
       rewrap: rewrap.result,
+      rewrapMemory: rewrapMemory.result,
       tenants: tenants.result,
       generatedAt: new Date().toISOString(),
     };
