@@ -19,6 +19,10 @@ export {
   DATA_KEYS_VERSION_INDEX,
   TypeormEnvelopeDataKeys1764500000000,
 } from '../migrations/1764500000000-TypeormEnvelopeDataKeys';
+export {
+  JOB_RANGES_TABLE,
+  TypeormEnvelopeJobRanges1764700000000,
+} from '../migrations/1764700000000-TypeormEnvelopeJobRanges';
 export type { ValueBinding } from './crypto/associated-data';
 export type { ValueType } from './crypto/codec';
 export { type AesBackend, type AesBackendInfo, aesBackend, aesBackendInfo } from './crypto/native-gcm';
