@@ -1,9 +1,10 @@
-import type { DataSource, EntityMetadata } from 'typeorm';
+import type { DataSource, EntityMetadata, EntityTarget, ObjectLiteral } from 'typeorm';
 import type { ValueBinding } from './crypto/associated-data';
 import type { ValueType } from './crypto/codec';
 import { ConfigError, withErrorContext } from './errors';
 import { FieldEncryptor, type SealedValue } from './field-encryptor';
 import { DataKeyCache, type DataKeyCacheOptions } from './keys/data-key-cache';
+import { IndexKeys } from './keys/index-keys';
 import type { KeyScope } from './keys/key-scope';
 import { Keyring, type KeyringEntry } from './keys/keyring';
 import {
@@ -23,6 +24,7 @@ import {
 } from './rotation/registry-watcher';
 import { TenantAdmin } from './tenants/tenant-admin';
 import { TenantRegistry } from './tenants/tenant-registry';
+import { attachBlindIndexes, type BlindIndexHelperOptions, blindIndexesOf } from './typeorm/blind-index';
 import { type EncryptedColumns, installEncryptedColumns } from './typeorm/encrypted-columns';
 import { PropertyStateStore } from './typeorm/property-state';
 import { guardEntity } from './typeorm/query-guards';
@@ -150,6 +152,8 @@ export class EnvelopeEncryption {
   /** Every tenant's keys, as the tenant registry records them. */
   readonly tenantKeyrings: TenantKeyrings;
   readonly cache: DataKeyCache;
+  /** The index keys of searchable properties held in memory (bounded like unwrapped data keys). */
+  readonly indexKeys: IndexKeys;
   readonly #encryptor: FieldEncryptor;
   readonly #installed = new WeakMap<DataSource, Map<EntityMetadata, EncryptedColumns[]>>();
   readonly #registry: RegistryWatchOptions | undefined;
@@ -183,6 +187,12 @@ export class EnvelopeEncryption {
     if (this.#registry) checkRegistryWatchOptions(this.#registry);
     this.#tenantRefreshInterval = tenantKeys.refreshInterval ?? this.#registry?.refreshInterval ?? 60_000;
     checkRegistryWatchOptions({ refreshInterval: this.#tenantRefreshInterval });
+    /* Index-key versions are followed as tenants are: a rotation elsewhere is seen within the interval. */
+    this.indexKeys = new IndexKeys({
+      ttl: options.cache?.unwrappedKeyTtl ?? 30 * 60_000,
+      max: options.cache?.maxUnwrappedKeys ?? 1_000,
+      refreshInterval: this.#tenantRefreshInterval,
+    });
   }
 
   /**
@@ -229,6 +239,12 @@ export class EnvelopeEncryption {
         subscriber.openBeforeListeners(metadata, found);
       }
       if (!dataSource.subscribers.includes(subscriber)) dataSource.subscribers.push(subscriber);
+      attachBlindIndexes(dataSource, columns, {
+        indexKeys: encryption.indexKeys,
+        keyringId: encryption.keyring.keyringId,
+        scopeOf: (tenant) => encryption.keyScope(tenant),
+        plaintextOf: (value) => store.originOf(value),
+      });
     };
     /* initialize() rebuilds metadata and subscribers; install right after it has. */
     const target = dataSource as unknown as { buildMetadatas(): Promise<void> };
@@ -410,6 +426,7 @@ export class EnvelopeEncryption {
    * instead of when the cached keys expire. Other tenants' cached keys are left alone.
    */
   purgeCache(tenantId?: string): void {
+    this.indexKeys.purge(tenantId === undefined ? undefined : TenantKeyrings.cachePrefix(tenantId));
     if (tenantId === undefined) {
       this.cache.purge();
       this.tenantKeyrings.forget();
@@ -417,6 +434,31 @@ export class EnvelopeEncryption {
     }
     this.cache.purge(TenantKeyrings.cachePrefix(tenantId));
     this.tenantKeyrings.forget(tenantId);
+  }
+
+  /**
+   * The blind indexes that match `value` in the searchable `property` of `entity`, for query-builder
+   * conditions written as strings (object conditions are rewritten without it): one per index key
+   * queries match (two while an index key is rotated), to compare with `= ANY(…)`. A tenant
+   * entity's query must fix the same tenant as `options.tenant`.
+   *
+   * @example
+   * ```ts
+   * const emails = await encryption.blindIndex(Contact, 'email', 'ada@example.com', { tenant: 'ws-1' });
+   * await dataSource.getRepository(Contact).createQueryBuilder('c')
+   *   .where('c.workspaceId = :ws AND c.email_bidx = ANY(:emails)', { ws: 'ws-1', emails })
+   *   .getMany();
+   * ```
+   */
+  blindIndex(
+    entity: EntityTarget<ObjectLiteral>,
+    property: string,
+    value: unknown,
+    options: BlindIndexHelperOptions = {},
+  ): Promise<Buffer[]> {
+    const dataSource = options.dataSource ?? this.#primary;
+    if (!dataSource) throw new ConfigError('blindIndex() needs a DataSource: attach() one first');
+    return blindIndexesOf(dataSource, entity, property, value, options);
   }
 
   /** Key-provider calls made so far: data keys generated and unwrapped. */

@@ -110,6 +110,16 @@ export class UnsupportedOperationError extends EnvelopeError {
   override name = 'UnsupportedOperationError';
 }
 
+/**
+ * A write would store a value that another row already holds in a property declared
+ * `@Encrypted({ searchable: true, unique: true })` (of the same tenant, for a tenant entity): the
+ * database's unique index on its blind index refused it. Names the entity and property, never the
+ * value nor its index (nor the database's own message, which quotes the index bytes).
+ */
+export class UniqueViolationError extends EnvelopeError {
+  override name = 'UniqueViolationError';
+}
+
 function withContext(message: string, context: ErrorContext): string {
   const parts: string[] = [];
   if (context.tenant !== undefined) parts.push(`tenant ${context.tenant}`);

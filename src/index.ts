@@ -76,6 +76,19 @@ export {
   type TenantKeyFactoryContext,
 } from './keys/tenant-key-factories';
 export type { TenantKeyRecord, TenantKeyState, TenantRecord } from './keys/tenant-keyrings';
+export type { VaultAppRoleAuth, VaultAuth, VaultClock } from './keys/vault-auth';
+export type { VaultFetch } from './keys/vault-http';
+export {
+  type VaultTransitKeyInfo,
+  VaultTransitKeyProvider,
+  type VaultTransitKeyProviderOptions,
+} from './keys/vault-transit-key-provider';
+export {
+  type VaultTransitKeyDescriptor,
+  type VaultTransitTenantOptions,
+  type VaultTransitTenantTarget,
+  vaultTransitKeyFactory,
+} from './keys/vault-transit-tenant-key-factory';
 export { type Mask, maskValue } from './masking';
 export {
   AUDIT_CSV_COLUMNS,

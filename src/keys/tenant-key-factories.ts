@@ -4,6 +4,7 @@ import type { EncryptionContext, KeyProvider } from './key-provider';
 import { TENANT_CONTEXT_KEY } from './key-scope';
 import type { Keyring } from './keyring';
 import { LocalKeyProvider } from './local-key-provider';
+import type { VaultTransitKeyDescriptor } from './vault-transit-tenant-key-factory';
 
 /** A customer-provided 256-bit key, given as base64 of 32 bytes. Stored only wrapped by the application's keyring. */
 export interface CustomerKeyDescriptor {
@@ -29,6 +30,7 @@ export interface AwsKmsKeyDescriptor {
 export type TenantKeyDescriptor =
   | CustomerKeyDescriptor
   | AwsKmsKeyDescriptor
+  | VaultTransitKeyDescriptor
   | ({ kind: string } & Record<string, unknown>);
 
 /** What a factory may use while it prepares or builds a tenant's provider. */

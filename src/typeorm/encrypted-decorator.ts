@@ -2,6 +2,7 @@ import { type ColumnType, getMetadataArgsStorage, type ValueTransformer } from '
 import type { ValueType } from '../crypto/codec';
 import { ConfigError } from '../errors';
 import type { Mask } from '../masking';
+import { registerBlindIndex, type SearchableOption } from './blind-index-decorator';
 
 /** Database column names of the four sidecar columns of one encrypted property. */
 export interface SidecarColumnNames {
@@ -28,7 +29,10 @@ export interface EncryptedOptions {
   /** Base name of the sidecar columns. Default: the property name. */
   name?: string;
   /** Per-column overrides of the sidecar column names. */
-  columnNames?: Partial<SidecarColumnNames>;
+  columnNames?: Partial<SidecarColumnNames> & {
+    /** `bytea`: the blind index of a searchable property. Default `<name>_bidx`. */
+    blindIndex?: string;
+  };
   /**
    * Bind each ciphertext to its row's primary key when the key is known before the write
    * (client-assigned keys, and every update). Default `true`.
@@ -55,6 +59,20 @@ export interface EncryptedOptions {
    * such a row is then an error, never silently read as plaintext.
    */
   readPlaintextFallback?: boolean;
+  /**
+   * Find rows by this property's value: a blind index (a keyed HMAC-SHA256 of the normalised
+   * value, under an index key of the row's keyring or tenant) is stored beside the ciphertext, in
+   * the `<name>_bidx` column, with a B-tree index. `where: { email }`, `In`, `Not` and `IsNull`
+   * then work as on a plaintext column (equality only: no `LIKE`, ranges or ordering). Give
+   * `{ normalize }` to index a normalised form (`'email'`, `'lowercase'`, `'trim'`, `'digits'` or
+   * a function). See docs/blind-indexes.md for what the database learns (equality and frequency).
+   */
+  searchable?: SearchableOption;
+  /**
+   * With `searchable`: makes the blind index unique, per tenant where the entity has an
+   * `@EncryptionTenant()` column. A duplicate is refused with a `UniqueViolationError`.
+   */
+  unique?: boolean;
 }
 
 /** The sidecar roles, in the order their columns are declared. */
@@ -140,6 +158,7 @@ export function Encrypted(options: EncryptedOptions = {}): PropertyDecorator {
       },
     };
     register(definition);
+    registerBlindIndex(definition, options);
   };
 }
 

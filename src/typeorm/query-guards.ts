@@ -8,6 +8,7 @@ import {
 } from 'typeorm';
 import type { ColumnMetadata } from 'typeorm/metadata/ColumnMetadata';
 import { UnsupportedOperationError } from '../errors';
+import { blindIndexColumnOf, searchableColumnOf } from './blind-index-columns';
 import type { EncryptedColumns } from './encrypted-columns';
 import { SIDECAR_ROLES } from './encrypted-decorator';
 import { primaryKeyOf } from './primary-key';
@@ -250,6 +251,9 @@ function completed(names: readonly string[], columns: readonly EncryptedColumns[
     /* Values are sealed for the inserted row's tenant: an update that keeps the old tenant could not
        read them. The tenant column alone never brings in a value the upsert does not write. */
     if (column.tenant) group.push(column.tenant.databaseName);
+    /* A value written without its blind index would be found under the value it replaced. */
+    const index = blindIndexColumnOf(column);
+    if (index) group.push(index.databaseName);
     for (const name of group) if (!result.includes(name)) result.push(name);
   }
   return result;
@@ -312,8 +316,11 @@ function refuseEncryptedSort(map: SelectExpressionMap, key: string): void {
   const found = encryptedReference(map, key);
   if (!found) return;
   throw new UnsupportedOperationError(
-    'results cannot be ordered by an encrypted property (the database would sort random ciphertext); ' +
-      'sort in the application after loading',
+    searchableColumnOf(found.column)
+      ? 'results cannot be ordered by a searchable encrypted property: its blind index keeps equality only, ' +
+          'no order (a keyed hash), and its ciphertext would sort by random bytes; sort in the application after loading'
+      : 'results cannot be ordered by an encrypted property (the database would sort random ciphertext); ' +
+          'sort in the application after loading',
     { entity: found.alias.metadata.name, column: found.column.main.propertyPath },
   );
 }

@@ -1007,3 +1007,17 @@ function describeBody(call: VaultCall, body: Record<string, unknown>): void {
 export async function startVaultEmulator(options?: VaultEmulatorOptions): Promise<VaultEmulator> {
   return VaultEmulator.start(options);
 }
+
+/**
+ * The least-privilege policy of examples/vault-transit/policy.hcl for `keyName` (and `mount`):
+ * what the provider needs to generate, unwrap, wrap, re-wrap and validate, and nothing more.
+ */
+export function transitPolicy(keyName: string, mount = 'transit'): VaultPolicyRule[] {
+  return [
+    { path: `${mount}/datakey/plaintext/${keyName}`, capabilities: ['update'] },
+    { path: `${mount}/decrypt/${keyName}`, capabilities: ['update'] },
+    { path: `${mount}/encrypt/${keyName}`, capabilities: ['update'] },
+    { path: `${mount}/rewrap/${keyName}`, capabilities: ['update'] },
+    { path: `${mount}/keys/${keyName}`, capabilities: ['read'] },
+  ];
+}
