@@ -15,6 +15,10 @@ import {
   type TenantKeyFactory,
 } from './keys/tenant-key-factories';
 import { type TenantKeyRecord, TenantKeyrings, type TenantRecord } from './keys/tenant-keyrings';
+import {
+  type VaultTransitTenantOptions,
+  vaultTransitKeyFactory,
+} from './keys/vault-transit-tenant-key-factory';
 import { describeError } from './rotation/describe-error';
 import { KeyRegistry } from './rotation/key-registry';
 import {
@@ -39,6 +43,13 @@ export interface TenantKeysOptions {
    * tenant's record.
    */
   awsKms?: AwsKmsTenantOptions;
+  /**
+   * How this application reaches tenants' Vault or OpenBao Transit keys (`vault-transit`): its
+   * `auth` (one for all tenants, with the `addresses` tenants may name, or a function giving each
+   * tenant's own), timeouts, retries. The server, mount, namespace and key come from each tenant's
+   * record; credentials are never stored.
+   */
+  vaultTransit?: VaultTransitTenantOptions;
   /** Factories of further key kinds (or replacements of the built-in `customer-key` and `aws-kms`). */
   factories?: readonly TenantKeyFactory[];
   /**
@@ -171,6 +182,7 @@ export class EnvelopeEncryption {
       new TenantKeyFactories([
         customerKeyFactory(),
         awsKmsKeyFactory(tenantKeys.awsKms),
+        vaultTransitKeyFactory(tenantKeys.vaultTransit),
         ...(tenantKeys.factories ?? []),
       ]),
       {
