@@ -3,6 +3,10 @@ import type { ValueBinding } from './crypto/associated-data';
 import type { ValueType } from './crypto/codec';
 import { ConfigError, withErrorContext } from './errors';
 import { FieldEncryptor, type SealedValue } from './field-encryptor';
+import {
+  type AzureKeyVaultTenantOptions,
+  azureKeyVaultKeyFactory,
+} from './keys/azure-key-vault-tenant-key-factory';
 import { DataKeyCache, type DataKeyCacheOptions } from './keys/data-key-cache';
 import { IndexKeys } from './keys/index-keys';
 import type { KeyScope } from './keys/key-scope';
@@ -43,6 +47,12 @@ export interface TenantKeysOptions {
    * tenant's record.
    */
   awsKms?: AwsKmsTenantOptions;
+  /**
+   * How this application reaches Azure Key Vault for tenants' `azure-key-vault` keys: its
+   * `credential` (default `DefaultAzureCredential`, one for all tenants), timeouts, retries. The key
+   * comes from each tenant's record.
+   */
+  azureKeyVault?: AzureKeyVaultTenantOptions;
   /**
    * How this application reaches tenants' Vault or OpenBao Transit keys (`vault-transit`): its
    * `auth` (one for all tenants, with the `addresses` tenants may name, or a function giving each
@@ -182,6 +192,7 @@ export class EnvelopeEncryption {
       new TenantKeyFactories([
         customerKeyFactory(),
         awsKmsKeyFactory(tenantKeys.awsKms),
+        azureKeyVaultKeyFactory(tenantKeys.azureKeyVault),
         vaultTransitKeyFactory(tenantKeys.vaultTransit),
         ...(tenantKeys.factories ?? []),
       ]),

@@ -55,6 +55,19 @@ export {
   type KmsMiddleware,
   type KmsMiddlewareOptions,
 } from './keys/aws-kms-key-provider';
+export {
+  AzureKeyVaultKeyProvider,
+  type AzureKeyVaultClientOptions,
+  type AzureKeyVaultKeyMetadata,
+  type AzureKeyVaultKeyProviderOptions,
+  type AzureKeyVaultRetryOptions,
+  type AzureTokenCredential,
+} from './keys/azure-key-vault-key-provider';
+export {
+  type AzureKeyVaultKeyDescriptor,
+  type AzureKeyVaultTenantOptions,
+  azureKeyVaultKeyFactory,
+} from './keys/azure-key-vault-tenant-key-factory';
 export type { DataKeyCacheOptions } from './keys/data-key-cache';
 export {
   type EncryptionContext,

@@ -1,5 +1,6 @@
 import { ConfigError, EnvelopeError, type ErrorContext } from '../errors';
 import { AwsKmsKeyProvider, type AwsKmsKeyProviderOptions } from './aws-kms-key-provider';
+import type { AzureKeyVaultKeyDescriptor } from './azure-key-vault-tenant-key-factory';
 import type { EncryptionContext, KeyProvider } from './key-provider';
 import { TENANT_CONTEXT_KEY } from './key-scope';
 import type { Keyring } from './keyring';
@@ -30,6 +31,7 @@ export interface AwsKmsKeyDescriptor {
 export type TenantKeyDescriptor =
   | CustomerKeyDescriptor
   | AwsKmsKeyDescriptor
+  | AzureKeyVaultKeyDescriptor
   | VaultTransitKeyDescriptor
   | ({ kind: string } & Record<string, unknown>);
 
