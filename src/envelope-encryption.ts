@@ -8,6 +8,7 @@ import {
   azureKeyVaultKeyFactory,
 } from './keys/azure-key-vault-tenant-key-factory';
 import { DataKeyCache, type DataKeyCacheOptions } from './keys/data-key-cache';
+import { type GcpKmsTenantOptions, gcpKmsKeyFactory } from './keys/gcp-kms-tenant-key-factory';
 import { IndexKeys } from './keys/index-keys';
 import type { KeyScope } from './keys/key-scope';
 import { Keyring, type KeyringEntry } from './keys/keyring';
@@ -53,6 +54,12 @@ export interface TenantKeysOptions {
    * comes from each tenant's record.
    */
   azureKeyVault?: AzureKeyVaultTenantOptions;
+  /**
+   * How this application reaches Google Cloud KMS for tenants' `gcp-kms` keys: its `authClient`
+   * (default application default credentials; one client for all tenants), endpoint, timeouts,
+   * retries. The key comes from each tenant's record.
+   */
+  gcpKms?: GcpKmsTenantOptions;
   /**
    * How this application reaches tenants' Vault or OpenBao Transit keys (`vault-transit`): its
    * `auth` (one for all tenants, with the `addresses` tenants may name, or a function giving each
@@ -194,6 +201,7 @@ export class EnvelopeEncryption {
         awsKmsKeyFactory(tenantKeys.awsKms),
         azureKeyVaultKeyFactory(tenantKeys.azureKeyVault),
         vaultTransitKeyFactory(tenantKeys.vaultTransit),
+        gcpKmsKeyFactory(tenantKeys.gcpKms),
         ...(tenantKeys.factories ?? []),
       ]),
       {

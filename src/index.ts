@@ -70,6 +70,21 @@ export {
 } from './keys/azure-key-vault-tenant-key-factory';
 export type { DataKeyCacheOptions } from './keys/data-key-cache';
 export {
+  type GcpAuthClient,
+  GcpKmsCallError,
+  type GcpKmsClient,
+  type GcpKmsClientOptions,
+  type GcpKmsKeyMetadata,
+  GcpKmsKeyProvider,
+  type GcpKmsKeyProviderOptions,
+  type GcpKmsKeyVersionMetadata,
+} from './keys/gcp-kms-key-provider';
+export {
+  type GcpKmsKeyDescriptor,
+  type GcpKmsTenantOptions,
+  gcpKmsKeyFactory,
+} from './keys/gcp-kms-tenant-key-factory';
+export {
   type EncryptionContext,
   type GeneratedDataKey,
   type KeyDescription,

@@ -1,6 +1,7 @@
 import { ConfigError, EnvelopeError, type ErrorContext } from '../errors';
 import { AwsKmsKeyProvider, type AwsKmsKeyProviderOptions } from './aws-kms-key-provider';
 import type { AzureKeyVaultKeyDescriptor } from './azure-key-vault-tenant-key-factory';
+import type { GcpKmsKeyDescriptor } from './gcp-kms-tenant-key-factory';
 import type { EncryptionContext, KeyProvider } from './key-provider';
 import { TENANT_CONTEXT_KEY } from './key-scope';
 import type { Keyring } from './keyring';
@@ -33,6 +34,7 @@ export type TenantKeyDescriptor =
   | AwsKmsKeyDescriptor
   | AzureKeyVaultKeyDescriptor
   | VaultTransitKeyDescriptor
+  | GcpKmsKeyDescriptor
   | ({ kind: string } & Record<string, unknown>);
 
 /** What a factory may use while it prepares or builds a tenant's provider. */

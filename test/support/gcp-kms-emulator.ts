@@ -17,7 +17,7 @@ import { crc32c } from '../../src/keys/crc32c';
  * through {@link GcpKmsEmulator.connection}.
  */
 
-/** The member the default token (`test`) authenticates as: the application's service account. */
+/** The application's service account: what {@link GcpKmsEmulator.connection} authenticates as by default (so does the token `test`). */
 export const APP_MEMBER = 'serviceAccount:app@typeorm-envelope-test.iam.gserviceaccount.com';
 /** A member holding `roles/cloudkms.admin` on every key the emulator creates: the customer's key administrator. */
 export const ADMIN_MEMBER = 'user:key-admin@customer.example';
@@ -121,7 +121,9 @@ export interface GcpKmsCall {
   principal?: string;
   /** For Encrypt and Decrypt: the additional authenticated data, as UTF-8. */
   aad?: string;
-  /** For Encrypt: the version that encrypted. */
+  /** For Encrypt and Decrypt: the request's byte fields that came with a CRC32C checksum. */
+  checksummed?: string[];
+  /** For Encrypt and Decrypt: the version that encrypted or decrypted. */
   version?: string;
   /** The HTTP status answered (undefined: never answered). */
   status?: number;
@@ -263,6 +265,11 @@ function checkSum(data: Buffer | undefined, sent: number | undefined, dataField:
   return true;
 }
 
+/** The byte fields of a request that came with their `…Crc32c` checksum. */
+function withChecksums(body: Body, fields: string[]): string[] {
+  return fields.filter((field) => body[`${field}Crc32c`] !== undefined && body[`${field}Crc32c`] !== null);
+}
+
 function flipBit(data: Buffer): Buffer {
   const copy = Buffer.from(data);
   if (copy.length > 0) copy[copy.length >> 1] = (copy[copy.length >> 1] as number) ^ 0x10;
@@ -330,7 +337,11 @@ export class GcpKmsEmulator {
 
   private readonly keys = new Map<string, KeyRecord>();
   private readonly byUid = new Map<string, { key: KeyRecord; version: VersionRecord }>();
-  private readonly tokens = new Map<string, string>([['test', APP_MEMBER]]);
+  /* The application's own token first (what tokenFor() hands out); `test` also authenticates as it. */
+  private readonly tokens = new Map<string, string>([
+    [`ya29.emulated-${randomBytes(12).toString('hex')}`, APP_MEMBER],
+    ['test', APP_MEMBER],
+  ]);
   private readonly faultQueue: FaultSpec[] = [];
   private outage: Fault | null = null;
   private latencyMs = 0;
@@ -362,8 +373,8 @@ export class GcpKmsEmulator {
 
   /**
    * The endpoint options and an auth client that authenticates as `member` (default: the
-   * application's service account, token `test`): an `OAuth2Client` holding a fixed access token
-   * that never expires and is never refreshed.
+   * application's service account): an `OAuth2Client` holding a fixed access token that never
+   * expires and is never refreshed.
    */
   connection(member = APP_MEMBER): GcpKmsConnection {
     const authClient = new OAuth2Client();
@@ -697,6 +708,8 @@ export class GcpKmsEmulator {
     if (!version) fail('FAILED_PRECONDITION', `CryptoKey ${key.name} has no primary version.`);
     let plaintext = bytes(body, 'plaintext', true) as Buffer;
     const aad = bytes(body, 'additionalAuthenticatedData', false);
+    call.aad = aad?.toString('utf8') ?? '';
+    call.checksummed = withChecksums(body, ['plaintext', 'additionalAuthenticatedData']);
     if (fault === 'corrupt-request') plaintext = flipBit(plaintext);
     const verifiedPlaintext = checkSum(
       plaintext,
@@ -710,7 +723,6 @@ export class GcpKmsEmulator {
       'additional_authenticated_data',
       'additional_authenticated_data_crc32c',
     );
-    call.aad = aad?.toString('utf8') ?? '';
     const material = this.usable(version);
     const header = Buffer.concat([Buffer.of(CIPHERTEXT_FORMAT), version.uid]);
     const iv = randomBytes(IV_BYTES);
@@ -744,6 +756,8 @@ export class GcpKmsEmulator {
     }
     let ciphertext = bytes(body, 'ciphertext', true) as Buffer;
     const aad = bytes(body, 'additionalAuthenticatedData', false);
+    call.aad = aad?.toString('utf8') ?? '';
+    call.checksummed = withChecksums(body, ['ciphertext', 'additionalAuthenticatedData']);
     if (fault === 'corrupt-request') ciphertext = flipBit(ciphertext);
     checkSum(ciphertext, checksum(body, 'ciphertextCrc32c'), 'ciphertext', 'ciphertext_crc32c');
     checkSum(
@@ -752,7 +766,6 @@ export class GcpKmsEmulator {
       'additional_authenticated_data',
       'additional_authenticated_data_crc32c',
     );
-    call.aad = aad?.toString('utf8') ?? '';
     const invalid = () => fail('INVALID_ARGUMENT', 'Decryption failed: the ciphertext is invalid.');
     if (ciphertext.length < HEADER_BYTES + IV_BYTES + TAG_BYTES || ciphertext[0] !== CIPHERTEXT_FORMAT)
       invalid();
