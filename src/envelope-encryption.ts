@@ -34,6 +34,7 @@ import {
 import { TenantAdmin } from './tenants/tenant-admin';
 import { TenantRegistry } from './tenants/tenant-registry';
 import { attachBlindIndexes, type BlindIndexHelperOptions, blindIndexesOf } from './typeorm/blind-index';
+import { DataKeyTable } from './typeorm/data-key-table';
 import { type EncryptedColumns, installEncryptedColumns } from './typeorm/encrypted-columns';
 import { PropertyStateStore } from './typeorm/property-state';
 import { guardEntity } from './typeorm/query-guards';
@@ -184,6 +185,8 @@ export class EnvelopeEncryption {
   readonly indexKeys: IndexKeys;
   readonly #encryptor: FieldEncryptor;
   readonly #installed = new WeakMap<DataSource, Map<EntityMetadata, EncryptedColumns[]>>();
+  /** The data-key table of each DataSource (compact layout), made on first use. */
+  readonly #dataKeys = new WeakMap<DataSource, DataKeyTable>();
   readonly #registry: RegistryWatchOptions | undefined;
   readonly #tenantRefreshInterval: number;
   /** The first DataSource attached: the one `tenants` works on. */
@@ -259,6 +262,7 @@ export class EnvelopeEncryption {
       this.#encryptor,
       store,
       new SidecarLoader(store),
+      this.#dataKeysOf(dataSource),
     );
     const install = () => {
       columns.clear();
@@ -292,6 +296,22 @@ export class EnvelopeEncryption {
         encryption.#onDestroy(dataSource, await watchRegistry(dataSource, encryption, encryption.#registry));
     };
     return this;
+  }
+
+  /** The data-key table of `dataSource`, closed with it. */
+  #dataKeysOf(dataSource: DataSource): DataKeyTable {
+    let table = this.#dataKeys.get(dataSource);
+    if (!table) {
+      const created = new DataKeyTable(dataSource, this.cache);
+      this.#dataKeys.set(dataSource, created);
+      const destroy = dataSource.destroy;
+      dataSource.destroy = async function (this: DataSource) {
+        await created.close();
+        return destroy.call(this);
+      };
+      table = created;
+    }
+    return table;
   }
 
   /** Runs `stop` when the DataSource is destroyed. */
@@ -444,6 +464,21 @@ export class EnvelopeEncryption {
   /** Encrypts one value outside TypeORM, for the place `binding` names. */
   encryptValue(value: unknown, binding: ValueBinding, type?: ValueType): Promise<SealedValue> {
     return this.#encryptor.seal(value, binding, type);
+  }
+
+  /**
+   * Encrypts one value outside TypeORM as a compact (format 2) value for the place `binding`
+   * names: its data key's row is committed in `dataSource`'s data-key table before this resolves.
+   * For maintenance jobs that write compact columns themselves.
+   */
+  async sealCompact(
+    dataSource: DataSource,
+    value: unknown,
+    binding: ValueBinding,
+    type?: ValueType,
+  ): Promise<Buffer> {
+    const sealed = await this.#encryptor.sealCompact(value, binding, type, this.#dataKeysOf(dataSource));
+    return sealed.ciphertext;
   }
 
   /** Decrypts a value made by {@link encryptValue} (or stored by the TypeORM integration). */

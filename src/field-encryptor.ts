@@ -9,10 +9,21 @@ import {
   type ValueBinding,
 } from './crypto/associated-data';
 import { decodeValue, encodeValue, type ValueType } from './crypto/codec';
+import {
+  COMPACT_BODY_OFFSET,
+  COMPACT_IV_OFFSET,
+  compactHeader,
+  encodeCompact,
+  FORMAT_V2,
+  parseCompact,
+} from './crypto/compact-value';
 import { IvPool } from './crypto/iv-pool';
 import { type ErrorContext, IntegrityError, withErrorContext } from './errors';
 import { type CachedDataKey, type DataKeyCache, NOT_CACHED } from './keys/data-key-cache';
 import type { KeyScope } from './keys/key-scope';
+
+/** The encryption-context entry naming a wrapped data key's keyring. */
+const KEYRING_CONTEXT_KEY = 'typeorm-envelope:keyring';
 
 /**
  * The key scope of a value's tenant (`undefined`: the value is not a tenant's): which master keys
@@ -20,16 +31,48 @@ import type { KeyScope } from './keys/key-scope';
  */
 export type KeyScopeResolver = (tenant: string | undefined) => KeyScope | undefined;
 
-/** The four stored parts of one encrypted value. */
+/**
+ * One encrypted value. In the sidecar layout (format 1) these are its four stored columns; in the
+ * compact layout (format 2) `ciphertext` is the whole stored value, `dataKeyId` names its data key's
+ * row in the data-key table, and `wrappedKey` and `keyVersion` are that row's (not stored with it).
+ */
 export interface SealedValue {
-  /** `[format][flags][AES-256-GCM ciphertext][tag]`. */
+  /** Format 1: `[format][flags][AES-256-GCM ciphertext][tag]`. Format 2: the whole compact value. */
   ciphertext: Buffer;
-  /** The 96-bit IV, unique per value. */
+  /** The 96-bit IV, unique per value (for format 2, a view into `ciphertext`). */
   iv: Buffer;
   /** The data key, wrapped by master-key version `keyVersion`. */
   wrappedKey: Buffer;
   /** The master-key version that wrapped the data key. */
   keyVersion: number;
+  /** Format 2 only: the id of the data key's row in the data-key table. */
+  dataKeyId?: bigint;
+}
+
+/**
+ * The data-key table as the field encryptor needs it to seal compact values: the id of a data
+ * key's row, registering the key (committed) first when it has none yet.
+ */
+export interface DataKeyRegistrar {
+  /** The id of `dataKey`'s row, when it is known without asking the database. */
+  knownId(dataKey: CachedDataKey): bigint | undefined;
+  /**
+   * Registers `dataKey` of `scope` (idempotently; one registration however many callers) and
+   * resolves to its row's id once the row is committed.
+   */
+  register(dataKey: CachedDataKey, scope: KeyScope): Promise<bigint>;
+}
+
+/** A row of the data-key table, as read. */
+export interface DataKeyRecord {
+  id: bigint;
+  /** The keyring id the data key was wrapped for. */
+  keyring: string;
+  /** The tenant the data key serves (`null`: the application's own). */
+  tenant: string | null;
+  /** The master-key version wrapping it now. */
+  keyVersion: number;
+  wrappedKey: Buffer;
 }
 
 /**
@@ -65,32 +108,97 @@ export class FieldEncryptor {
   }
 
   /**
+   * Encrypts a non-null value as a compact (format 2) value: its data key's row is registered
+   * through `registrar` (committed) before this resolves, so no stored value can name a key row
+   * that does not exist. A failed registration rejects: nothing is to be stored.
+   */
+  async sealCompact(
+    value: unknown,
+    binding: ValueBinding,
+    declared: ValueType | undefined,
+    registrar: DataKeyRegistrar,
+  ): Promise<SealedValue> {
+    const scope = this.#scope(binding);
+    return this.#withPlaintext(value, declared, (plaintext) =>
+      this.cache.withEncryptionKey(
+        (key, dataKey) => this.#sealCompact(key, dataKey, plaintext, binding, registrar, scope),
+        scope,
+      ),
+    );
+  }
+
+  /**
+   * Like {@link sealCompact}, synchronously when the encrypting data key is cached and its row
+   * known; a promise when the key is cached but its row is being registered; else `NOT_CACHED`.
+   */
+  trySealCompact(
+    value: unknown,
+    binding: ValueBinding,
+    declared: ValueType | undefined,
+    registrar: DataKeyRegistrar,
+  ): SealedValue | Promise<SealedValue> | typeof NOT_CACHED {
+    const scope = this.#scope(binding);
+    return this.#withPlaintext(value, declared, (plaintext) =>
+      this.cache.tryWithEncryptionKey(
+        (key, dataKey) => this.#sealCompact(key, dataKey, plaintext, binding, registrar, scope),
+        scope,
+      ),
+    );
+  }
+
+  /**
+   * Checks that a row of the data-key table may open a value of `binding`'s row: the same keyring
+   * and the same tenant. Anything else is an `IntegrityError` naming the data-key id, raised before
+   * any key is used.
+   */
+  checkKeyRecord(record: DataKeyRecord, binding: ValueBinding, context: ErrorContext = {}): void {
+    const scope = this.#scope(binding);
+    const at = { ...context, ...tenantOf(binding) };
+    if (record.keyring !== scope.context[KEYRING_CONTEXT_KEY]) {
+      throw new IntegrityError(
+        `data key ${record.id} of the data-key table belongs to another keyring than this one`,
+        at,
+      );
+    }
+    if (record.tenant !== (binding.tenant ?? null)) {
+      throw new IntegrityError(
+        `data key ${record.id} of the data-key table belongs to another tenant than the value's row`,
+        at,
+      );
+    }
+  }
+
+  /**
    * Decrypts a sealed value. Any altered byte, or a value moved to another table, column or row,
    * is an `IntegrityError` carrying `context`.
    */
   async open(sealed: SealedValue, binding: ValueBinding, context: ErrorContext = {}): Promise<unknown> {
-    const { body, aad } = this.#parse(sealed, binding, context);
+    const parts = this.#parse(sealed, binding, context);
     let plaintext: Buffer | undefined;
     try {
       plaintext = await this.cache.withDecryptionKey(
         sealed.keyVersion,
         sealed.wrappedKey,
-        (key) => this.#gcmOpen(key, sealed, body, aad, binding),
+        (key) => this.#gcmOpen(key, parts, binding),
         this.scopeOf(binding.tenant),
       );
     } catch (error) {
-      throw withErrorContext(error, { ...context, keyVersion: sealed.keyVersion, ...tenantOf(binding) });
+      throw withErrorContext(unwrapFailure(error, sealed), {
+        ...context,
+        keyVersion: sealed.keyVersion,
+        ...tenantOf(binding),
+      });
     }
     return this.#decode(plaintext, sealed, { ...context, ...tenantOf(binding) });
   }
 
   /** Like {@link open}, synchronously, when the data key is cached; else `NOT_CACHED`. */
   tryOpen(sealed: SealedValue, binding: ValueBinding, context: ErrorContext = {}): unknown {
-    const { body, aad } = this.#parse(sealed, binding, context);
+    const parts = this.#parse(sealed, binding, context);
     const plaintext = this.cache.tryWithDecryptionKey(
       sealed.keyVersion,
       sealed.wrappedKey,
-      (key) => this.#gcmOpen(key, sealed, body, aad, binding),
+      (key) => this.#gcmOpen(key, parts, binding),
       this.scopeOf(binding.tenant),
     );
     return plaintext === NOT_CACHED
@@ -102,15 +210,49 @@ export class FieldEncryptor {
    * Opens under the binding's column, then under each of its former columns (a renamed
    * property), so that rows written before the rename still read until they are re-encrypted.
    */
-  #gcmOpen(key: Buffer, sealed: SealedValue, body: Buffer, aad: Buffer, binding: ValueBinding) {
-    const opened = gcmOpen(key, sealed.iv, body, aad);
+  #gcmOpen(key: Buffer, parts: OpenParts, binding: ValueBinding) {
+    const opened = gcmOpen(key, parts.iv, parts.body, parts.aad);
     if (opened !== undefined || !binding.formerColumns?.length) return opened;
-    const header = sealed.ciphertext.subarray(0, HEADER_BYTES);
     for (const column of binding.formerColumns) {
-      const former = gcmOpen(key, sealed.iv, body, associatedData(header, { ...binding, column }));
+      const former = gcmOpen(key, parts.iv, parts.body, associatedData(parts.header, { ...binding, column }));
       if (former !== undefined) return former;
     }
     return undefined;
+  }
+
+  /** The scope a value of `binding` is sealed and opened in. */
+  #scope(binding: ValueBinding): KeyScope {
+    return this.scopeOf(binding.tenant) ?? this.cache.defaultScope;
+  }
+
+  /**
+   * Seals the body synchronously (the data-key id is not in the associated data), then frames it
+   * with the id of the key's row: at once when known, else once the row is registered.
+   */
+  #sealCompact(
+    key: Buffer,
+    dataKey: CachedDataKey,
+    plaintext: Buffer,
+    binding: ValueBinding,
+    registrar: DataKeyRegistrar,
+    scope: KeyScope,
+  ): SealedValue | Promise<SealedValue> {
+    const flags = flagsOf(binding);
+    const iv = this.#ivs.next();
+    const body = gcmSeal(key, iv, plaintext, associatedData(compactHeader(flags), binding));
+    const { wrappedKey, version } = dataKey;
+    const frame = (dataKeyId: bigint): SealedValue => {
+      const ciphertext = encodeCompact({ flags, dataKeyId, iv, body });
+      return {
+        ciphertext,
+        iv: ciphertext.subarray(COMPACT_IV_OFFSET, COMPACT_BODY_OFFSET),
+        wrappedKey,
+        keyVersion: version,
+        dataKeyId,
+      };
+    };
+    const known = registrar.knownId(dataKey);
+    return known !== undefined ? frame(known) : registrar.register(dataKey, scope).then(frame);
   }
 
   #withPlaintext<T>(value: unknown, declared: ValueType | undefined, fn: (plaintext: Buffer) => T): T {
@@ -130,11 +272,7 @@ export class FieldEncryptor {
   }
 
   #seal(key: Buffer, dataKey: CachedDataKey, plaintext: Buffer, binding: ValueBinding): SealedValue {
-    const flags =
-      (binding.primaryKey === undefined ? 0 : FLAG_PRIMARY_KEY_BOUND) |
-      (binding.schema === undefined ? 0 : FLAG_SCHEMA_BOUND) |
-      (binding.tenant === undefined ? 0 : FLAG_TENANT_BOUND);
-    const header = Buffer.of(FORMAT_V1, flags);
+    const header = Buffer.of(FORMAT_V1, flagsOf(binding));
     const iv = this.#ivs.next();
     return {
       ciphertext: Buffer.concat([header, gcmSeal(key, iv, plaintext, associatedData(header, binding))]),
@@ -144,19 +282,31 @@ export class FieldEncryptor {
     };
   }
 
-  #parse(sealed: SealedValue, binding: ValueBinding, context: ErrorContext) {
-    const header = sealed.ciphertext.subarray(0, HEADER_BYTES);
-    const knownFlags = FLAG_PRIMARY_KEY_BOUND | FLAG_SCHEMA_BOUND | FLAG_TENANT_BOUND;
-    if (
-      sealed.ciphertext.length < HEADER_BYTES ||
-      header[0] !== FORMAT_V1 ||
-      ((header[1] ?? 0) & ~knownFlags) !== 0
-    ) {
-      throw new IntegrityError('ciphertext has an unknown format', {
-        ...context,
-        keyVersion: sealed.keyVersion,
-      });
+  /** The parts to authenticate: format 1 (the sidecar layout's) or format 2 (compact), by byte 0. */
+  #parse(sealed: SealedValue, binding: ValueBinding, context: ErrorContext): OpenParts {
+    let parts: { header: Buffer; iv: Buffer; body: Buffer };
+    if (sealed.ciphertext[0] === FORMAT_V2) {
+      try {
+        parts = parseCompact(sealed.ciphertext);
+      } catch (error) {
+        throw withErrorContext(error, { ...context, keyVersion: sealed.keyVersion });
+      }
+    } else {
+      const header = sealed.ciphertext.subarray(0, HEADER_BYTES);
+      const knownFlags = FLAG_PRIMARY_KEY_BOUND | FLAG_SCHEMA_BOUND | FLAG_TENANT_BOUND;
+      if (
+        sealed.ciphertext.length < HEADER_BYTES ||
+        header[0] !== FORMAT_V1 ||
+        ((header[1] ?? 0) & ~knownFlags) !== 0
+      ) {
+        throw new IntegrityError('ciphertext has an unknown format', {
+          ...context,
+          keyVersion: sealed.keyVersion,
+        });
+      }
+      parts = { header, iv: sealed.iv, body: sealed.ciphertext.subarray(HEADER_BYTES) };
     }
+    const { header } = parts;
     if (binding.tenant !== undefined && ((header[1] ?? 0) & FLAG_TENANT_BOUND) === 0) {
       /* A tenant's row holds only values bound to its tenant: any other was put there from elsewhere. */
       throw new IntegrityError('encrypted value is not bound to the tenant of its row', {
@@ -165,12 +315,13 @@ export class FieldEncryptor {
         keyVersion: sealed.keyVersion,
       });
     }
-    return { body: sealed.ciphertext.subarray(HEADER_BYTES), aad: associatedData(header, binding) };
+    return { ...parts, aad: associatedData(header, binding) };
   }
 
   #decode(plaintext: Buffer | undefined, sealed: SealedValue, context: ErrorContext): unknown {
     if (plaintext === undefined) {
-      throw new IntegrityError('encrypted value failed authentication', {
+      const under = sealed.dataKeyId === undefined ? '' : ` under data key ${sealed.dataKeyId}`;
+      throw new IntegrityError(`encrypted value failed authentication${under}`, {
         ...context,
         keyVersion: sealed.keyVersion,
       });
@@ -183,6 +334,36 @@ export class FieldEncryptor {
       plaintext.fill(0);
     }
   }
+}
+
+/** The parts of a stored value that are authenticated, and its associated data. */
+interface OpenParts {
+  header: Buffer;
+  iv: Buffer;
+  body: Buffer;
+  aad: Buffer;
+}
+
+function flagsOf(binding: ValueBinding): number {
+  return (
+    (binding.primaryKey === undefined ? 0 : FLAG_PRIMARY_KEY_BOUND) |
+    (binding.schema === undefined ? 0 : FLAG_SCHEMA_BOUND) |
+    (binding.tenant === undefined ? 0 : FLAG_TENANT_BOUND)
+  );
+}
+
+/**
+ * A compact value's wrapped key lives in the data-key table: an integrity failure unwrapping it
+ * names the row, so that it can be restored from the backup taken with the data.
+ */
+function unwrapFailure(error: unknown, sealed: SealedValue): unknown {
+  if (sealed.dataKeyId === undefined || !(error instanceof IntegrityError)) return error;
+  return new IntegrityError(
+    `data key ${sealed.dataKeyId} of the data-key table does not unwrap (its wrapped key was altered, or ` +
+      `is not the one registered; restore the row from the backup taken with the data): ${error.detail}`,
+    error.context,
+    { cause: error },
+  );
 }
 
 function tenantOf(binding: ValueBinding): { tenant?: string } {

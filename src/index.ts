@@ -162,6 +162,13 @@ export {
   type TenantStatus,
 } from './tenants/tenant-admin';
 export type { TenantJob, TenantJobState } from './tenants/tenant-registry';
-export { Encrypted, type EncryptedOptions, type SidecarColumnNames } from './typeorm/encrypted-decorator';
+export {
+  Encrypted,
+  type EncryptedDefaults,
+  type EncryptedOptions,
+  encryptedWith,
+  type SidecarColumnNames,
+  type StorageLayout,
+} from './typeorm/encrypted-decorator';
 export { EncryptionTenant } from './typeorm/encryption-tenant';
 export { maskEntity } from './typeorm/mask-entity';

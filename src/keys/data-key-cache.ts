@@ -146,6 +146,7 @@ export class DataKeyCache {
   readonly #renewAfter: number;
   readonly #clock: { now(): number };
   readonly #unwrappedTtl: number;
+  readonly #maxUnwrapped: number;
   /** The unwrapped key used last (it is also in the cache; never kept past its TTL or eviction). */
   #lastUnwrapped: CachedDataKey | undefined;
   /** The encrypting-key id built last, reused while writes stay in one scope and version (the common case). */
@@ -161,6 +162,8 @@ export class DataKeyCache {
   #epoch = 0;
   /** Provider calls made through this cache, by kind. */
   readonly stats = { generated: 0, unwrapped: 0 };
+  /** Called by every `purge()`, with its scope prefix (caches kept beside this one drop theirs too). */
+  readonly #purgeListeners = new Set<(scopePrefix?: string) => void>();
 
   constructor(keyring: Keyring, options: DataKeyCacheOptions = {}) {
     const o = { ...DEFAULTS, ...definedOptions(options) };
@@ -193,6 +196,7 @@ export class DataKeyCache {
     this.#renewAfter = o.dataKeyMaxAge - refreshAhead;
     this.#clock = options.clock ?? performance;
     this.#unwrappedTtl = o.unwrappedKeyTtl;
+    this.#maxUnwrapped = o.maxUnwrappedKeys;
     /* lru-cache reuses a clock reading for `ttlResolution` ms of real time (default 1): with a
        given clock, every reading must come from it, or an advance is ignored for that long. */
     const perf = options.clock ? { perf: options.clock, ttlResolution: 0 } : {};
@@ -417,6 +421,7 @@ export class DataKeyCache {
    */
   purge(scopePrefix?: string): void {
     this.#epoch += 1;
+    for (const listener of this.#purgeListeners) listener(scopePrefix);
     if (scopePrefix === undefined) {
       this.#pending.clear();
       this.#generating.clear();
@@ -433,6 +438,25 @@ export class DataKeyCache {
     for (const cache of [this.#encrypting, this.#unwrapped] as LRUCache<string, CachedDataKey>[]) {
       for (const id of [...cache.keys()]) if (matches(id)) cache.delete(id);
     }
+  }
+
+  /**
+   * Runs `listener` at every `purge()` (with its scope prefix), so that what is cached beside the
+   * data keys (such as rows of the data-key table) is dropped with them. Returns its removal.
+   */
+  onPurge(listener: (scopePrefix?: string) => void): () => void {
+    this.#purgeListeners.add(listener);
+    return () => this.#purgeListeners.delete(listener);
+  }
+
+  /** The scope used when none is given: the application's keyring. */
+  get defaultScope(): KeyScope {
+    return this.#keyring;
+  }
+
+  /** The bounds of unwrapped keys (TTL in ms and count), which caches kept beside this one share. */
+  get unwrappedKeyLimits(): { ttl: number; max: number; clock: { now(): number } } {
+    return { ttl: this.#unwrappedTtl, max: this.#maxUnwrapped, clock: this.#clock };
   }
 
   /** Number of encrypting data keys currently held (one per writing scope and version). */

@@ -1,5 +1,6 @@
 import type { EntityMetadata } from 'typeorm';
 import type { ColumnMetadata } from 'typeorm/metadata/ColumnMetadata';
+import { FORMAT_V2 } from '../crypto/compact-value';
 import { ConfigError, IntegrityError, UnsupportedOperationError } from '../errors';
 import type { SealedValue } from '../field-encryptor';
 import {
@@ -7,19 +8,31 @@ import {
   encryptedDefinition,
   SIDECAR_ROLES,
   type SidecarRole,
+  type StorageLayout,
 } from './encrypted-decorator';
 import { tenantColumnOf } from './encryption-tenant';
 import { unbindableKeyColumns } from './primary-key';
 import { PENDING_SIDECAR, PendingPlaintext, type PropertyStateStore } from './property-state';
 import { formerPaths } from './value-binding';
 
-/** The four columns of one encrypted property in one entity's built metadata. */
+/** The columns of one encrypted property in one entity's built metadata. */
 export interface EncryptedColumns {
   definition: EncryptedPropertyDefinition;
   entity: EntityMetadata;
-  /** The ciphertext column; TypeORM knows it by the plaintext property's name and path. */
+  /** The layout new values of this property are written in. */
+  layout: StorageLayout;
+  /** The other layout the column may still hold values of (`migrateFrom`). */
+  migrateFrom?: StorageLayout;
+  /**
+   * The main column: a sidecar value's ciphertext, or a whole compact value. TypeORM knows it by
+   * the plaintext property's name and path.
+   */
   main: ColumnMetadata;
-  sidecars: Record<SidecarRole, ColumnMetadata>;
+  /**
+   * The sidecar columns, when mapped: always in the sidecar layout, in the compact layout only
+   * while migrating from sidecars (`migrateFrom: 'sidecars'`).
+   */
+  sidecars?: Record<SidecarRole, ColumnMetadata>;
   /** The plaintext column being migrated from (`plaintextColumn` option), if any. */
   plaintext?: ColumnMetadata;
   /** The entity's `@EncryptionTenant()` column, if it has one: values are bound to the row's tenant. */
@@ -44,15 +57,18 @@ export function installEncryptedColumns(
     const definition = encryptedDefinition(main.target, main.propertyName);
     if (!definition) continue;
     const context = { entity: entity.name, column: main.propertyPath };
-    const sidecars = {} as Record<SidecarRole, ColumnMetadata>;
-    for (const role of SIDECAR_ROLES) {
-      const column = entity.columns.find(
-        (c) =>
-          c.propertyName === definition.sidecarProperties[role] &&
-          c.embeddedMetadata === main.embeddedMetadata,
-      );
-      if (!column) throw new ConfigError('sidecar column is missing', context);
-      sidecars[role] = column;
+    let sidecars: Record<SidecarRole, ColumnMetadata> | undefined;
+    if (definition.mapsSidecars) {
+      sidecars = {} as Record<SidecarRole, ColumnMetadata>;
+      for (const role of SIDECAR_ROLES) {
+        const column = entity.columns.find(
+          (c) =>
+            c.propertyName === definition.sidecarProperties[role] &&
+            c.embeddedMetadata === main.embeddedMetadata,
+        );
+        if (!column) throw new ConfigError('sidecar column is missing', context);
+        sidecars[role] = column;
+      }
     }
     if (main.embeddedMetadata?.embeddedMetadataTree.some((e) => e.isArray)) {
       throw new ConfigError('@Encrypted() is not supported inside embedded arrays', context);
@@ -66,8 +82,10 @@ export function installEncryptedColumns(
     const columns: EncryptedColumns = {
       definition,
       entity,
+      layout: definition.layout,
+      ...(definition.migrateFrom ? { migrateFrom: definition.migrateFrom } : {}),
       main,
-      sidecars,
+      ...(sidecars ? { sidecars } : {}),
       plaintext,
       tenant,
       holderOf: holderFor(main),
@@ -124,7 +142,7 @@ function refuseUnreadableShapes(columns: EncryptedColumns): void {
       );
     }
   }
-  const own = new Set<ColumnMetadata>([main, ...Object.values(sidecars)]);
+  const own = new Set<ColumnMetadata>([main, ...Object.values(sidecars ?? {})]);
   const constraints = [...entity.uniques, ...entity.indices.filter((index) => index.isUnique)];
   if (constraints.some((constraint) => constraint.columns.some((c) => own.has(c)))) {
     throw new ConfigError(
@@ -177,12 +195,9 @@ function overrideColumnAccess(columns: EncryptedColumns, store: PropertyStateSto
     if (value instanceof PendingPlaintext) return role === 'ciphertext' ? value : PENDING_SIDECAR;
     /* TypeORM's insert and update value sets copy the ciphertext column's value: follow it back. */
     const origin = store.originOf(value);
-    if (origin)
-      return role === 'ciphertext' || role === 'iv'
-        ? origin.sealed[role]
-        : sharedPartSql(origin.sealed, role);
+    if (origin) return sealedPart(origin.sealed, role, true);
     const sealed = store.currentSealed(entity, path, value);
-    if (sealed) return sealed[role];
+    if (sealed) return sealedPart(sealed, role, false);
     /* Only where conditions ask for a transformed value of an object the library never saw. */
     if (transform === true && !store.get(entity, path)) {
       if (isNullTest(value)) return value; // null-ness is not encrypted: IsNull() and Not(IsNull())
@@ -227,8 +242,8 @@ function overrideColumnAccess(columns: EncryptedColumns, store: PropertyStateSto
     };
   }
 
-  for (const role of SIDECAR_ROLES) {
-    const column = sidecars[role];
+  for (const role of sidecars ? SIDECAR_ROLES : []) {
+    const column = (sidecars as Record<SidecarRole, ColumnMetadata>)[role];
     column.getEntityValue = (entity: object, transform?: boolean) => partOf(entity, role, transform);
     column.setEntityValue = (entity: object, value: unknown) => {
       if (value === PENDING_SIDECAR || value === undefined || typeof value === 'function') return;
@@ -240,6 +255,37 @@ function overrideColumnAccess(columns: EncryptedColumns, store: PropertyStateSto
         role === 'keyVersion' ? (value === null ? null : Number(value)) : rawBytes(value, columns, role);
     };
   }
+}
+
+/**
+ * What a column of the value holds for `sealed`: a compact value is all in the main column (its
+ * sidecar columns, where still mapped, are NULL); a sidecar value's wrapped key and key version
+ * are given as SQL literals in TypeORM's value sets (`sql`).
+ */
+function sealedPart(sealed: SealedValue, role: 'ciphertext' | SidecarRole, sql: boolean): unknown {
+  if (role === 'ciphertext') return sealed.ciphertext;
+  if (isCompact(sealed)) return null;
+  if (role === 'iv' || !sql) return sealed[role];
+  return sharedPartSql(sealed, role);
+}
+
+/** Whether a sealed value is a compact one (format 2): its first byte says. */
+export function isCompact(sealed: SealedValue): boolean {
+  return sealed.ciphertext[0] === FORMAT_V2;
+}
+
+/** The sidecar columns of a property, where mapped (none for a compact property not migrating). */
+export function sidecarColumnsOf(columns: EncryptedColumns): ColumnMetadata[] {
+  const { sidecars } = columns;
+  return sidecars ? SIDECAR_ROLES.map((role) => sidecars[role]) : [];
+}
+
+/**
+ * Every column one value of the property is written to: the main column, the sidecar columns where
+ * mapped, the plaintext column being migrated from. A write names all of them or none.
+ */
+export function storedColumnsOf(columns: EncryptedColumns): ColumnMetadata[] {
+  return [columns.main, ...sidecarColumnsOf(columns), ...(columns.plaintext ? [columns.plaintext] : [])];
 }
 
 const PARTIAL_WRITE =
@@ -323,12 +369,7 @@ function whereGuard(columns: EncryptedColumns, store: PropertyStateStore) {
  * for that path, so all four sidecar columns are written together.
  */
 function overridePropertyPathLookup(entity: EntityMetadata, found: EncryptedColumns[]): void {
-  const byPath = new Map(
-    found.map((c) => [
-      c.main.propertyPath,
-      [c.main, ...SIDECAR_ROLES.map((r) => c.sidecars[r]), ...(c.plaintext ? [c.plaintext] : [])],
-    ]),
-  );
+  const byPath = new Map(found.map((c) => [c.main.propertyPath, storedColumnsOf(c)]));
   const original = entity.findColumnsWithPropertyPath.bind(entity);
   entity.findColumnsWithPropertyPath = (propertyPath: string) =>
     byPath.get(propertyPath) ?? original(propertyPath);

@@ -16,8 +16,31 @@ export interface SidecarColumnNames {
   keyVersion: string;
 }
 
+/**
+ * How an encrypted property is stored:
+ * - `'sidecars'`: four columns (`<name>_ciphertext`, `_iv`, `_wrapped_key`, `_key_version`), each
+ *   value carrying its own wrapped data key;
+ * - `'compact'`: one `bytea` column (`<name>_ciphertext`) holding a self-describing value that
+ *   names its data key's row in the library's data-key table (the `TypeormEnvelopeDataKeys`
+ *   migration), which must then be backed up and restored with the data.
+ */
+export type StorageLayout = 'sidecars' | 'compact';
+
 /** Options of {@link Encrypted}. */
 export interface EncryptedOptions {
+  /**
+   * How the property is stored (see {@link StorageLayout}). Default `'sidecars'`, or the default
+   * of the decorator made by {@link encryptedWith}.
+   */
+  layout?: StorageLayout;
+  /**
+   * While a table moves from one layout to the other: the layout its rows may still hold. Both
+   * formats are read from the main column (the sidecar columns stay mapped, nullable); every write
+   * stores the declared `layout` (from sidecars to compact, the sidecar columns are set to NULL).
+   * Remove it, and the sidecar columns if the target is compact, once the layout migration job has
+   * converted every row.
+   */
+  migrateFrom?: StorageLayout;
   /**
    * The value type. Values of another type are refused on write. Default: from the property's
    * TypeScript type where TypeORM can see it (`string`, `number`, `boolean`, `Date`, `Buffer`,
@@ -81,6 +104,12 @@ export type SidecarRole = (typeof SIDECAR_ROLES)[number];
 
 /** Everything the library knows of one `@Encrypted()` property. */
 export interface EncryptedPropertyDefinition {
+  /** The layout new values are written in. */
+  layout: StorageLayout;
+  /** The other layout rows may still hold (see `migrateFrom`). */
+  migrateFrom?: StorageLayout;
+  /** Whether the sidecar columns are mapped: the sidecar layout, or compact migrating from it. */
+  mapsSidecars: boolean;
   /** The class the decorator was applied to (an entity, a parent class or an embedded class). */
   // biome-ignore lint/complexity/noBannedTypes: decorators receive any class constructor
   target: Function;
@@ -105,9 +134,10 @@ export interface EncryptedPropertyDefinition {
 const definitions = new Map<Function, Map<string, EncryptedPropertyDefinition>>();
 
 /**
- * Marks an entity property as encrypted. The property is stored in four sidecar columns
- * (`<name>_ciphertext`, `<name>_iv`, `<name>_wrapped_key`, `<name>_key_version`) and never as
- * plaintext; reads and writes through repositories and query builders stay as they were.
+ * Marks an entity property as encrypted. By default the property is stored in four sidecar columns
+ * (`<name>_ciphertext`, `<name>_iv`, `<name>_wrapped_key`, `<name>_key_version`); with
+ * `layout: 'compact'` in one (`<name>_ciphertext`) beside the data-key table. Never as plaintext;
+ * reads and writes through repositories and query builders stay as they were.
  *
  * @example
  * ```ts
@@ -124,7 +154,21 @@ export function Encrypted(options: EncryptedOptions = {}): PropertyDecorator {
     if (typeof property !== 'string') throw new ConfigError('@Encrypted() needs a string property name');
     const target = prototype.constructor;
     const baseName = options.name ?? property;
+    const layout = checkedLayout(options.layout ?? 'sidecars', 'layout', target, property);
+    const migrateFrom =
+      options.migrateFrom === undefined
+        ? undefined
+        : checkedLayout(options.migrateFrom, 'migrateFrom', target, property);
+    if (migrateFrom === layout) {
+      throw new ConfigError(`migrateFrom names the property's own layout ('${layout}')`, {
+        entity: target.name,
+        column: property,
+      });
+    }
     const definition: EncryptedPropertyDefinition = {
+      layout,
+      ...(migrateFrom ? { migrateFrom } : {}),
+      mapsSidecars: layout === 'sidecars' || migrateFrom === 'sidecars',
       target,
       propertyName: property,
       type: options.type ?? typeFromDesign(Reflect.getMetadata?.('design:type', prototype, property)),
@@ -177,17 +221,27 @@ function register(definition: EncryptedPropertyDefinition): void {
   /* While an old plaintext column is migrated from, its rows have no ciphertext until the backfill
      reaches them: NOT NULL sidecars could not even be added to a populated table. */
   const columnsNullable = nullable || definition.plaintext !== undefined;
-  const column = (property: string, name: string, type: 'bytea' | 'int', transformer?: ValueTransformer) =>
+  /* Between layouts, rows of the other one have no sidecar values (or compact ones have none). */
+  const sidecarsNullable = columnsNullable || definition.migrateFrom !== undefined;
+  const column = (
+    property: string,
+    name: string,
+    type: 'bytea' | 'int',
+    transformer?: ValueTransformer,
+    isNullable = columnsNullable,
+  ) =>
     storage.columns.push({
       target,
       propertyName: property,
       mode: 'regular',
-      options: { name, type, nullable: columnsNullable, ...(transformer ? { transformer } : {}) },
+      options: { name, type, nullable: isNullable, ...(transformer ? { transformer } : {}) },
     });
   column(propertyName, columns.ciphertext, 'bytea', refuseWithoutEncryption(definition));
-  column(definition.sidecarProperties.iv, columns.iv, 'bytea');
-  column(definition.sidecarProperties.wrappedKey, columns.wrappedKey, 'bytea');
-  column(definition.sidecarProperties.keyVersion, columns.keyVersion, 'int');
+  if (definition.mapsSidecars) {
+    column(definition.sidecarProperties.iv, columns.iv, 'bytea', undefined, sidecarsNullable);
+    column(definition.sidecarProperties.wrappedKey, columns.wrappedKey, 'bytea', undefined, sidecarsNullable);
+    column(definition.sidecarProperties.keyVersion, columns.keyVersion, 'int', undefined, sidecarsNullable);
+  }
   const plaintext = definition.plaintext;
   if (plaintext) {
     storage.columns.push({
@@ -216,6 +270,41 @@ function refuseWithoutEncryption(definition: EncryptedPropertyDefinition): Value
     },
     from: (value: unknown) => value,
   };
+}
+
+/** Options an application-wide `@Encrypted()` default may set (see {@link encryptedWith}). */
+export type EncryptedDefaults = Pick<EncryptedOptions, 'layout' | 'bindPrimaryKey'>;
+
+/**
+ * Makes an `@Encrypted()` decorator with other defaults, for an application-wide choice decided at
+ * import time (so TypeORM's CLI, which reads only the entity classes, sees the same columns as the
+ * running application). Options given to the decorator win over the defaults.
+ *
+ * @example
+ * ```ts
+ * // encrypted.ts, imported by every entity
+ * export const Encrypted = encryptedWith({ layout: 'compact' });
+ * ```
+ */
+export function encryptedWith(
+  defaults: EncryptedDefaults,
+): (options?: EncryptedOptions) => PropertyDecorator {
+  if (!defaults || typeof defaults !== 'object') throw new ConfigError('encryptedWith() needs its defaults');
+  const fixed = { ...defaults };
+  return (options: EncryptedOptions = {}) => Encrypted({ ...fixed, ...definedOnly(options) });
+}
+
+function definedOnly(options: EncryptedOptions): EncryptedOptions {
+  return Object.fromEntries(Object.entries(options).filter(([, v]) => v !== undefined)) as EncryptedOptions;
+}
+
+// biome-ignore lint/complexity/noBannedTypes: decorators receive any class constructor
+function checkedLayout(value: unknown, option: string, target: Function, property: string): StorageLayout {
+  if (value === 'sidecars' || value === 'compact') return value;
+  throw new ConfigError(`${option} must be 'sidecars' or 'compact', got ${JSON.stringify(String(value))}`, {
+    entity: target.name,
+    column: property,
+  });
 }
 
 /** The definition of `propertyName` declared on `target`, if it is encrypted. */

@@ -9,8 +9,7 @@ import {
 import type { ColumnMetadata } from 'typeorm/metadata/ColumnMetadata';
 import { UnsupportedOperationError } from '../errors';
 import { blindIndexColumnOf, searchableColumnOf } from './blind-index-columns';
-import type { EncryptedColumns } from './encrypted-columns';
-import { SIDECAR_ROLES } from './encrypted-decorator';
+import { type EncryptedColumns, sidecarColumnsOf, storedColumnsOf } from './encrypted-columns';
 import { primaryKeyOf } from './primary-key';
 
 /**
@@ -229,7 +228,7 @@ function refuseUpsertOfAnotherRow(map: ExpressionMap, columns: readonly Encrypte
     metadata.primaryColumns.every((c) => target.has(c.databaseName) || target.has(c.propertyPath));
   if (onKey) return;
   const written = new Set([...names(onUpdate.overwrite), ...names(onUpdate.columns)]);
-  const encrypted = bound.flatMap((c) => [c.main, ...SIDECAR_ROLES.map((role) => c.sidecars[role])]);
+  const encrypted = bound.flatMap((c) => [c.main, ...sidecarColumnsOf(c)]);
   if (!keyNames.some((n) => written.has(n)) && !encrypted.some((c) => written.has(c.databaseName))) return;
   const first = bound[0] as EncryptedColumns;
   throw new UnsupportedOperationError(
@@ -242,11 +241,7 @@ function refuseUpsertOfAnotherRow(map: ExpressionMap, columns: readonly Encrypte
 function completed(names: readonly string[], columns: readonly EncryptedColumns[]): string[] {
   const result = [...names];
   for (const column of columns) {
-    const group = [
-      column.main,
-      ...SIDECAR_ROLES.map((role) => column.sidecars[role]),
-      ...(column.plaintext ? [column.plaintext] : []),
-    ].map((c) => c.databaseName);
+    const group = storedColumnsOf(column).map((c) => c.databaseName);
     if (!group.some((name) => result.includes(name))) continue;
     /* Values are sealed for the inserted row's tenant: an update that keeps the old tenant could not
        read them. The tenant column alone never brings in a value the upsert does not write. */
@@ -301,7 +296,7 @@ function completeSelections(map: SelectExpressionMap): void {
     if (!found) continue;
     const { alias, column } = found;
     const others = [
-      ...SIDECAR_ROLES.map((role) => column.sidecars[role]),
+      ...sidecarColumnsOf(column),
       ...(column.plaintext ? [column.plaintext] : []),
       ...(column.tenant ? [column.tenant] : []),
     ];

@@ -1,5 +1,5 @@
 import type { EntityMetadata, QueryRunner } from 'typeorm';
-import type { EncryptedColumns } from './encrypted-columns';
+import { type EncryptedColumns, sidecarColumnsOf } from './encrypted-columns';
 import { tenantText } from './encryption-tenant';
 import { primaryKeyOf } from './primary-key';
 import type { PropertyStateStore } from './property-state';
@@ -92,7 +92,7 @@ export class SidecarLoader {
         [
           ...metadata.primaryColumns.map((c) => c.propertyPath),
           column.main.propertyPath,
-          ...Object.values(column.sidecars).map((c) => c.propertyPath),
+          ...sidecarColumnsOf(column).map((c) => c.propertyPath),
           ...(column.plaintext ? [column.plaintext.propertyPath] : []),
           ...(column.tenant ? [column.tenant.propertyPath] : []),
         ].map((p) => `row.${p}`),

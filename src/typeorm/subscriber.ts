@@ -7,7 +7,9 @@ import type {
   QueryRunner,
   UpdateEvent,
 } from 'typeorm';
+import type { ValueBinding } from '../crypto/associated-data';
 import { FLAG_PRIMARY_KEY_BOUND } from '../crypto/associated-data';
+import { COMPACT_BODY_OFFSET, COMPACT_IV_OFFSET, FORMAT_V2, parseCompact } from '../crypto/compact-value';
 import {
   type ErrorContext,
   IntegrityError,
@@ -15,8 +17,9 @@ import {
   ValueTypeError,
   withErrorContext,
 } from '../errors';
-import type { FieldEncryptor, SealedValue } from '../field-encryptor';
+import type { DataKeyRecord, FieldEncryptor, SealedValue } from '../field-encryptor';
 import { NOT_CACHED } from '../keys/data-key-cache';
+import type { DataKeyTable } from './data-key-table';
 import type { EncryptedColumns } from './encrypted-columns';
 import { tenantText } from './encryption-tenant';
 import { legacyValue } from './legacy-value';
@@ -49,6 +52,7 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
     private readonly encryptor: FieldEncryptor,
     private readonly store: PropertyStateStore,
     private readonly sidecars: SidecarLoader,
+    private readonly dataKeys: DataKeyTable,
   ) {}
 
   beforeInsert(event: InsertEvent<object>): Promise<void> | undefined {
@@ -254,19 +258,27 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
         );
       }
       const binding = valueBinding(metadata, column, bindPrimaryKey ? primaryKey : undefined, tenant);
-      let sealed: SealedValue | typeof NOT_CACHED;
-      try {
-        sealed = this.encryptor.trySeal(value, binding, type);
-      } catch (error) {
+      const compact = column.layout === 'compact';
+      const failed = (error: unknown) => {
         throw withErrorContext(error, { entity: metadata.name, column: path });
+      };
+      let sealed: SealedValue | Promise<SealedValue> | typeof NOT_CACHED;
+      try {
+        sealed = compact
+          ? this.encryptor.trySealCompact(value, binding, type, this.dataKeys)
+          : this.encryptor.trySeal(value, binding, type);
+      } catch (error) {
+        failed(error);
+        continue;
       }
-      if (sealed !== NOT_CACHED) record(sealed);
-      else
-        pending.push(
-          this.encryptor.seal(value, binding, type).then(record, (error: unknown) => {
-            throw withErrorContext(error, { entity: metadata.name, column: path });
-          }),
-        );
+      if (sealed === NOT_CACHED) {
+        /* A compact value waits for its data key's row to be committed: see DataKeyTable. */
+        sealed = compact
+          ? this.encryptor.sealCompact(value, binding, type, this.dataKeys)
+          : this.encryptor.seal(value, binding, type);
+      }
+      if (sealed instanceof Promise) pending.push(sealed.then(record, failed));
+      else record(sealed);
     }
     return pending.length ? Promise.all(pending).then(() => undefined) : undefined;
   }
@@ -305,11 +317,17 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
     if (!holder || !state || !loaded || loaded.ciphertext === undefined) return undefined;
     const { ciphertext, iv, wrappedKey, keyVersion } = loaded;
     const tenant = loaded.tenant !== undefined ? loaded.tenant : tenantOf([column], entity);
-    if (
-      !refetched &&
-      (iv === undefined || wrappedKey === undefined || keyVersion === undefined || tenant === undefined)
-    ) {
-      /* A partial `select` named the property: fetch its other columns (and the row's tenant), then decrypt. */
+    const sidecarsMissing =
+      column.sidecars !== undefined &&
+      (iv === undefined || wrappedKey === undefined || keyVersion === undefined);
+    /* A value bound to its row's key cannot be opened without it (a partial select may leave it out). */
+    const keyMissing =
+      !!ciphertext &&
+      ((ciphertext[1] ?? 0) & FLAG_PRIMARY_KEY_BOUND) !== 0 &&
+      loaded.primaryKey === undefined &&
+      primaryKeyOf(metadata, entity) === undefined;
+    if (!refetched && (sidecarsMissing || tenant === undefined || keyMissing)) {
+      /* A partial `select` named the property: fetch its other columns (and the row's tenant and key), then decrypt. */
       return this.sidecars
         .load(metadata, column, entity, queryRunner)
         .then(() => this.#openLoaded(metadata, column, entity, undefined, true));
@@ -332,6 +350,22 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
       holder[property] = value;
       return undefined;
     }
+    if (tenant === undefined) {
+      throw new IntegrityError(
+        'the row of this value could not be read again to learn its tenant',
+        loadContext(metadata, column, entity, loaded),
+      );
+    }
+    if (ciphertext[0] === FORMAT_V2)
+      return this.#openCompact(metadata, column, entity, holder, loaded, tenant);
+    if (!column.sidecars) {
+      throw new IntegrityError(
+        ciphertext[0] === 1
+          ? "a sidecar-layout value is in a compact column whose sidecar columns are not mapped (declare migrateFrom: 'sidecars' until the table is migrated)"
+          : 'ciphertext has an unknown format',
+        loadContext(metadata, column, entity, loaded),
+      );
+    }
     if ((iv ?? null) === null || (wrappedKey ?? null) === null || (keyVersion ?? null) === null) {
       throw new IntegrityError(
         'encrypted value is missing a sidecar column',
@@ -342,12 +376,6 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
     const sealed = loaded as SealedValue;
     const bound = ((ciphertext[1] ?? 0) & FLAG_PRIMARY_KEY_BOUND) !== 0;
     const primaryKey = bound ? (loaded.primaryKey ?? primaryKeyOf(metadata, entity)) : undefined;
-    if (tenant === undefined) {
-      throw new IntegrityError(
-        'the row of this value could not be read again to learn its tenant',
-        loadContext(metadata, column, entity, loaded),
-      );
-    }
     const binding = valueBinding(metadata, column, primaryKey, tenant);
     let opened: unknown;
     try {
@@ -361,6 +389,99 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
         (error: unknown) =>
           Promise.reject(withErrorContext(error, loadContext(metadata, column, entity, loaded))),
       );
+    }
+    this.#recordOpened(entity, column, holder, opened, sealed);
+    return undefined;
+  }
+
+  /**
+   * Opens a compact value: its data key's row comes from this instance's copy when it holds one,
+   * else from the data-key table, read with every other id the result set needs (one query). A
+   * missing row, or one of another keyring or tenant, is an `IntegrityError` naming the data-key id,
+   * raised before any key is used. A value that fails to open with a copy held from an earlier
+   * read is tried once more with the row as it is now (another instance may have re-wrapped it).
+   */
+  #openCompact(
+    metadata: EntityMetadata,
+    column: EncryptedColumns,
+    entity: object,
+    holder: Record<string, unknown>,
+    loaded: LoadedColumns,
+    tenant: string | null,
+  ): Promise<void> | undefined {
+    const ciphertext = loaded.ciphertext as Buffer;
+    let id: bigint;
+    try {
+      id = parseCompact(ciphertext).dataKeyId;
+    } catch (error) {
+      throw withErrorContext(error, loadContext(metadata, column, entity, loaded));
+    }
+    const bound = ((ciphertext[1] ?? 0) & FLAG_PRIMARY_KEY_BOUND) !== 0;
+    const primaryKey = bound ? (loaded.primaryKey ?? primaryKeyOf(metadata, entity)) : undefined;
+    const binding = valueBinding(metadata, column, primaryKey, tenant);
+    const open = (record: DataKeyRecord | undefined, fresh: boolean): Promise<void> | undefined => {
+      const failed = (error: unknown): Promise<void> => {
+        if (fresh)
+          return Promise.reject(withErrorContext(error, loadContext(metadata, column, entity, loaded)));
+        this.dataKeys.forget(id);
+        return this.dataKeys.resolve(id).then((now) => {
+          if (now && record && sameRecord(now, record))
+            throw withErrorContext(error, loadContext(metadata, column, entity, loaded));
+          return open(now, true);
+        });
+      };
+      try {
+        const result = this.#openWithRecord(
+          ciphertext,
+          id,
+          record,
+          binding,
+          loaded,
+          metadata,
+          column,
+          entity,
+          holder,
+        );
+        return result?.catch(failed);
+      } catch (error) {
+        return failed(error);
+      }
+    };
+    const held = this.dataKeys.peek(id);
+    if (held) return open(held, false);
+    return this.dataKeys.resolve(id).then((record) => open(record, true));
+  }
+
+  #openWithRecord(
+    ciphertext: Buffer,
+    id: bigint,
+    record: DataKeyRecord | undefined,
+    binding: ValueBinding,
+    loaded: LoadedColumns,
+    metadata: EntityMetadata,
+    column: EncryptedColumns,
+    entity: object,
+    holder: Record<string, unknown>,
+  ): Promise<void> | undefined {
+    if (!record) {
+      throw new IntegrityError(
+        `data key ${id} is not in the data-key table: restore it from the backup taken with the data`,
+        loadContext(metadata, column, entity, loaded),
+      );
+    }
+    this.encryptor.checkKeyRecord(record, binding);
+    const sealed: SealedValue = {
+      ciphertext,
+      iv: ciphertext.subarray(COMPACT_IV_OFFSET, COMPACT_BODY_OFFSET),
+      wrappedKey: record.wrappedKey,
+      keyVersion: record.keyVersion,
+      dataKeyId: id,
+    };
+    const opened = this.encryptor.tryOpen(sealed, binding);
+    if (opened === NOT_CACHED) {
+      return this.encryptor
+        .open(sealed, binding)
+        .then((value) => this.#recordOpened(entity, column, holder, value, sealed));
     }
     this.#recordOpened(entity, column, holder, opened, sealed);
     return undefined;
@@ -426,6 +547,16 @@ function refuseIncompleteMove(
 function definedIn(column: EncryptedColumns, entity: object): boolean {
   const value = column.holderOf(entity, false)?.[column.definition.propertyName];
   return value !== undefined;
+}
+
+/** Whether two reads of one data-key row found it the same. */
+function sameRecord(a: DataKeyRecord, b: DataKeyRecord): boolean {
+  return (
+    a.keyVersion === b.keyVersion &&
+    a.keyring === b.keyring &&
+    a.tenant === b.tenant &&
+    a.wrappedKey.equals(b.wrappedKey)
+  );
 }
 
 /** Where a loaded value came from, for errors (computed only when one is raised). */
