@@ -11,6 +11,9 @@ import type { KeyScope } from '../keys/key-scope';
 const KEYRING_CONTEXT_KEY = 'typeorm-envelope:keyring';
 /** Connections of the table's own pool: registrations and look-ups are rare and short. */
 const POOL_SIZE = 2;
+/** Bounds of the rows held (each about 200 bytes). */
+const MIN_RECORDS = 10_000;
+const MAX_RECORDS = 1_000_000;
 
 interface Waiter {
   resolve(record: DataKeyRecord | undefined): void;
@@ -56,7 +59,9 @@ export class DataKeyTable implements DataKeyRegistrar {
     this.#dataSource = dataSource;
     const { ttl, max, clock } = cache.unwrappedKeyLimits;
     this.#records = new LRUCache<string, DataKeyRecord>({
-      max,
+      /* Rows hold no secret and are small: more of them than of unwrapped keys, so a key evicted
+         from the data-key cache is unwrapped again without asking the table for its row. */
+      max: Math.min(Math.max(max * 4, MIN_RECORDS), MAX_RECORDS),
       ttl,
       ...(clock === performance ? {} : { perf: clock, ttlResolution: 0 }),
     });

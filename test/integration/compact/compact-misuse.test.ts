@@ -1,7 +1,8 @@
 import { randomBytes } from 'node:crypto';
 import { DataSource } from 'typeorm';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { ConfigError, EnvelopeEncryption, IntegrityError } from '../../../src';
+import { ConfigError, EnvelopeEncryption, IntegrityError, KeyAccessDeniedError } from '../../../src';
+import type { EncryptionContext } from '../../../src/keys/key-provider';
 import { CountingKeyProvider } from '../../support/counting-key-provider';
 import { rawQuery } from '../../support/database';
 import { type EncryptedTestDatabase, encryptedDatabase, RecordingLogger } from '../../support/typeorm';
@@ -389,5 +390,67 @@ describe('re-wrapped key rows', () => {
     db.encryption.purgeCache();
     const cold = await people().findOneByOrFail({ id: saved.id });
     expect([cold.email, cold.address]).toEqual(['rewrap-changed@example.com', { street: 'R', city: 'W' }]);
+  });
+});
+
+/** A master key that its owner can disable, as a KMS key is disabled after a rotation. */
+class DisablableKeyProvider extends CountingKeyProvider {
+  disabled = false;
+
+  protected override _unwrapDataKey(wrappedKey: Buffer, context: EncryptionContext): Promise<Buffer> {
+    if (this.disabled) return Promise.reject(new KeyAccessDeniedError('the master key is disabled'));
+    return super._unwrapDataKey(wrappedKey, context);
+  }
+}
+
+describe('a copy of a key row held from an earlier read', () => {
+  it('is read again when it no longer opens (re-wrapped elsewhere, old master key disabled)', async () => {
+    const oldKey = new DisablableKeyProvider();
+    const newKey = new CountingKeyProvider();
+    const small = await encryptedDatabase(ENTITIES, {
+      prefix: 'compact_stale',
+      migrations: COMPACT_MIGRATIONS,
+      encryption: {
+        keys: [
+          { version: 1, provider: oldKey },
+          { version: 2, provider: newKey },
+        ],
+        /* One unwrapped key at a time: reading under a second key evicts the first. */
+        cache: { maxUnwrappedKeys: 1 },
+      },
+    });
+    try {
+      const repo = small.dataSource.getRepository(CompactPerson);
+      const make = (email: string) => repo.create({ email, address: null, plan: 'stale' });
+      const first = await repo.save(make('first@example.com'));
+      small.encryption.cache.renewEncryptionKey();
+      const second = await repo.save(make('second@example.com'));
+      small.encryption.purgeCache();
+      /* Both rows are now held; only the second data key is. */
+      expect((await repo.findOneByOrFail({ id: first.id })).email).toBe('first@example.com');
+      expect((await repo.findOneByOrFail({ id: second.id })).email).toBe('second@example.com');
+      const id = dataKeyIdOf((await storedRow(small, 'compact_people', first.id)).email_ciphertext as Buffer);
+      const [row] = (await keyRows(small)).filter((r) => r.id === id);
+      const context = { 'typeorm-envelope:keyring': 'default' };
+      const plaintextKey = await oldKey.unwrapDataKey(row?.wrapped_key as Buffer, context);
+      const rewrapped = await newKey.wrapDataKey(plaintextKey, context);
+      plaintextKey.fill(0);
+      await rawQuery(
+        small.schema.url,
+        `UPDATE ${keyTable(small)} SET wrapped_key = $1, key_version = 2 WHERE id = $2`,
+        [rewrapped, id],
+      );
+      oldKey.disabled = true;
+      newKey.reset();
+      const from = small.logger.lines.length;
+      expect((await repo.findOneByOrFail({ id: first.id })).email).toBe('first@example.com');
+      expect(keyTableQueries(small, from, 'SELECT')).toHaveLength(1);
+      expect(newKey.calls.unwrap).toBe(1);
+      /* A failure the table cannot explain stays a failure: the second key's row is unchanged. */
+      small.encryption.purgeCache();
+      await expect(repo.findOneByOrFail({ id: second.id })).rejects.toBeInstanceOf(KeyAccessDeniedError);
+    } finally {
+      await small.close();
+    }
   });
 });
