@@ -77,7 +77,7 @@ describe('with the client’s request logging switched on', () => {
   it('the provider’s client logs nothing: no data key, wrapped or unwrapped, reaches the output', async () => {
     const kms = new GcpKmsKeyProvider({ keyName, ...emulator.connection() });
     const key = randomBytes(32);
-    let unwrapped = Buffer.alloc(0);
+    let unwrapped: Buffer = Buffer.alloc(0);
     const output = await captured(async () => {
       const wrapped = await kms.wrapDataKey(key, CONTEXT);
       unwrapped = await kms.unwrapDataKey(wrapped, CONTEXT);
