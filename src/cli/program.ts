@@ -8,10 +8,11 @@ import { FIRST_TENANT_KEY_VERSION } from '../keys/keyring';
 import { auditLogToCsv, auditLogToJson } from '../rotation/audit-export';
 import { backfillEncryptedColumns } from '../rotation/backfill';
 import { AUDIT_EVENTS, type AuditEvent, KeyRegistry } from '../rotation/key-registry';
+import { migrateLayout } from '../rotation/migrate-layout';
 import { reencryptColumns } from '../rotation/reencrypt';
 import { rewrapDataKeys } from '../rotation/rewrap';
 import { rotationMigrationName, rotationMigrationSource } from '../rotation/rotation-migration-template';
-import { encryptionStatus } from '../rotation/status';
+import { encryptionStatus, type PropertyStatus } from '../rotation/status';
 import { type VerifyResult, verifyEncryptedColumns } from '../rotation/verify';
 import { oneOf, parseTime, parsePositiveInteger as parseVersion } from './arguments';
 import { loadProject } from './load-project';
@@ -63,15 +64,7 @@ export function buildProgram(): Command {
         const lines = [
           `active key version: ${encryption.keyring.activeVersion} (configured: ${encryption.keyring.versions.join(', ')})`,
           '',
-          table(
-            properties.map((p) => ({
-              entity: p.entity,
-              property: p.property,
-              ...byVersion(p.rowsByVersion),
-              null: p.nullRows,
-              'pending backfill': p.pendingBackfill,
-            })),
-          ),
+          table(properties.map(statusRow)),
         ];
         if (keys.length) {
           lines.push(
@@ -257,6 +250,48 @@ export function buildProgram(): Command {
     );
 
   program
+    .command('migrate-layout')
+    .description(
+      "convert stored values to their property's layout (properties declaring migrateFrom), resumably",
+    )
+    .option('--entity <name...>', 'only these entities')
+    .option('--batch-size <rows>', 'rows per transaction', parseVersion, 500)
+    .option('--tenant <id>', "only this tenant's rows")
+    .option('--dry-run', 'count the values still in the old layout, change nothing')
+    .action((options: { entity?: string[]; batchSize: number; tenant?: string; dryRun?: boolean }) =>
+      run(async ({ dataSource, encryption }, global) => {
+        const progress = new Progress(!global.json);
+        const result = await migrateLayout(dataSource, encryption, {
+          entities: options.entity,
+          batchSize: options.batchSize,
+          dryRun: options.dryRun,
+          ...(options.tenant === undefined ? {} : { tenant: options.tenant }),
+          onProgress: (p) => progress.update(`${p.entity}.${p.property}`, p.rowsDone, p.rowsTotal),
+        });
+        progress.stop();
+        failOn(
+          result.error,
+          result.properties.some((p) => p.failures.length > 0),
+        );
+        if (global.json) return result;
+        return [
+          result.dryRun ? 'values still in the old layout (nothing changed):' : 'layout migration:',
+          table(
+            result.properties.map((p) => ({
+              entity: p.entity,
+              property: p.property,
+              from: p.from,
+              to: p.to,
+              rows: p.rowsTotal,
+              ...(result.dryRun ? {} : { migrated: p.rowsMigrated, skipped: p.rowsSkipped }),
+              failures: p.failures.length,
+            })),
+          ),
+        ].join('\n');
+      })(),
+    );
+
+  program
     .command('verify')
     .description(
       'decrypt every stored value; report failures by primary key (never the values), and rows of offboarded tenants apart',
@@ -269,7 +304,7 @@ export function buildProgram(): Command {
           entities: options.entity,
           ...(options.tenant === undefined ? {} : { tenant: options.tenant }),
         });
-        failOn(result.error, result.failed > 0);
+        failOn(result.error, result.failed > 0 || (result.keyTable?.failed ?? 0) > 0);
         return global.json ? result : verifyText(result);
       })(),
     );
@@ -378,19 +413,7 @@ async function tenantStatus(
   const tenant = await encryption.tenantsOf(dataSource).status(tenantId);
   const properties = await encryptionStatus(dataSource, encryption, { tenant: tenant.tenantId });
   if (global.json) return { tenant, properties };
-  return [
-    tenantStatusText(tenant),
-    '',
-    table(
-      properties.map((p) => ({
-        entity: p.entity,
-        property: p.property,
-        ...byVersion(p.rowsByVersion),
-        null: p.nullRows,
-        'pending backfill': p.pendingBackfill,
-      })),
-    ),
-  ].join('\n');
+  return [tenantStatusText(tenant), '', table(properties.map(statusRow))].join('\n');
 }
 
 /**
@@ -463,14 +486,39 @@ async function rewrapAndReport(
     entities: options.entity,
     dryRun: options.dryRun,
     onProgress: (p) => progress.update(`${p.entity}.${p.property}`, p.rowsDone, p.rowsTotal),
+    onKeyRowProgress: (p) => progress.update('data-key table', p.keyRowsDone, p.keyRowsTotal),
   });
   progress.stop();
+  const keyTable = result.keyTable;
   failOn(
     result.error,
-    result.properties.some((p) => p.failures.length > 0),
+    result.properties.some((p) => p.failures.length > 0) || (keyTable?.failures.length ?? 0) > 0,
   );
   if (global.json) return result;
   const offboarded = result.properties.reduce((n, p) => n + p.offboardedRows, 0);
+  const keyRowLines = keyTable
+    ? [
+        `data-key table (compact properties): ${result.dryRun ? 'would re-wrap' : 're-wrapped'} ${result.dryRun ? keyTable.keyRowsTotal : keyTable.keyRowsRewrapped} of ${keyTable.keyRowsTotal} key rows, ${keyTable.dataRowsTouched} data rows written` +
+          (keyTable.keyRowsSkipped
+            ? `; ${keyTable.keyRowsSkipped} changed meanwhile by another job, left as they are`
+            : '') +
+          (keyTable.offboardedKeyRows
+            ? `; ${keyTable.offboardedKeyRows} of offboarded tenants left as they are`
+            : ''),
+        ...(keyTable.failures.length
+          ? [
+              table(
+                keyTable.failures.map((f) => ({
+                  'data key': f.dataKeyId,
+                  keyVersion: f.keyVersion,
+                  ...(f.tenant === undefined ? {} : { tenant: f.tenant }),
+                  error: f.error,
+                })),
+              ),
+            ]
+          : []),
+      ]
+    : [];
   return [
     `${tenant === undefined ? '' : `tenant ${tenant}: `}${result.dryRun ? 'would re-wrap' : 're-wrapped'} to key version ${result.toVersion}: ${result.rewrapCalls} data keys re-wrapped, ${result.verificationCalls} checked` +
       (offboarded ? `; ${offboarded} values of offboarded tenants left as they are` : ''),
@@ -485,6 +533,7 @@ async function rewrapAndReport(
         ms: Math.round(p.durationMs),
       })),
     ),
+    ...keyRowLines,
   ].join('\n');
 }
 
@@ -514,6 +563,27 @@ function verifyText(result: VerifyResult): string {
         })),
       ),
     );
+  }
+  const keyTable = result.keyTable;
+  if (keyTable) {
+    lines.push(
+      '',
+      `data-key table: ${keyTable.keyRowsChecked} key rows checked, ${keyTable.failed} failed` +
+        (keyTable.offboarded ? `, ${keyTable.offboarded} of offboarded tenants` : ''),
+    );
+    if (keyTable.failures.length) {
+      lines.push(
+        table(
+          keyTable.failures.map((f) => ({
+            'data key': f.dataKeyId,
+            keyVersion: f.keyVersion,
+            ...(f.tenant === undefined ? {} : { tenant: f.tenant }),
+            error: f.error,
+          })),
+        ),
+        'restore the failed key rows from the backup taken with the data: the values that name them cannot be read without them',
+      );
+    }
   }
   const offboarded = result.properties.filter((p) => p.offboarded > 0);
   if (offboarded.length) {
@@ -575,6 +645,24 @@ function jsonSafe(_key: string, value: unknown): unknown {
   if (value instanceof Error) return { name: value.name, message: value.message };
   if (typeof value === 'bigint') return value.toString();
   return value;
+}
+
+/** One property in the `status` table; the layout columns only for properties that involve the compact layout. */
+function statusRow(p: PropertyStatus): Record<string, unknown> {
+  return {
+    entity: p.entity,
+    property: p.property,
+    ...byVersion(p.rowsByVersion),
+    null: p.nullRows,
+    'pending backfill': p.pendingBackfill,
+    ...(p.layout === undefined
+      ? {}
+      : {
+          layout: p.migrateFrom ? `${p.migrateFrom} → ${p.layout}` : p.layout,
+          ...(p.migrateFrom ? { 'left to migrate': p.valuesByLayout?.[p.migrateFrom] ?? 0 } : {}),
+          'no key row': p.valuesWithoutKeyRow ?? 0,
+        }),
+  };
 }
 
 function byVersion(rows: Record<string, number>): Record<string, number> {

@@ -1,11 +1,10 @@
 import type { EnvelopeEncryption } from '../envelope-encryption';
-import type { SealedValue } from '../field-encryptor';
 import { tenantParameter, tenantText } from '../typeorm/encryption-tenant';
 import { legacyValue } from '../typeorm/legacy-value';
 import { primaryKeyOfRow } from '../typeorm/primary-key';
 import { valueBinding } from '../typeorm/value-binding';
 import { describeError } from './describe-error';
-import { inBatchTransaction, recordJobEnd, writeSealed } from './job';
+import { inBatchTransaction, recordJobEnd, type StoredValue, writeValue } from './job';
 import { KeyRegistry } from './key-registry';
 import {
   type EntitySelector,
@@ -14,6 +13,7 @@ import {
   type RotationTarget,
   withQueryRunner,
 } from './rotation-target';
+import { sealStored } from './stored-values';
 
 /** Options of {@link backfillEncryptedColumns}. */
 export interface BackfillOptions {
@@ -43,8 +43,9 @@ export interface BackfillResult {
 }
 
 /**
- * Encrypts the values of existing plaintext columns into their sidecar columns, for properties
- * declared with `@Encrypted({ plaintextColumn })`. Rows are taken in primary-key-ordered batches
+ * Encrypts the values of existing plaintext columns into their encrypted columns (the four
+ * sidecars, or the one compact column), for properties declared with
+ * `@Encrypted({ plaintextColumn })`. Rows are taken in primary-key-ordered batches
  * and only where the ciphertext is still NULL, so the job can be stopped and run again at any time.
  * Each row is written (all four columns in one statement) only if it still has no ciphertext and
  * its old column still holds the value that was read, so a value the application writes meanwhile
@@ -91,13 +92,17 @@ export async function backfillEncryptedColumns(
             key: Record<string, unknown>;
             text: unknown;
             tenant: unknown;
-            sealed: SealedValue;
+            sealed: StoredValue;
           }> = [];
           for (const row of rows) {
             const key = Object.fromEntries(keyNames.map((n) => [n, row[n]]));
             const primaryKey = primaryKeyOfRow(column.metadata, key) as string;
             try {
-              const sealed = await encryption.encryptor.seal(
+              /* In the property's layout (compact: its data key's row committed first). */
+              const sealed = await sealStored(
+                runner,
+                encryption,
+                column,
                 legacyValue(row.plaintext, definition.type),
                 valueBinding(
                   column.metadata,
@@ -105,7 +110,6 @@ export async function backfillEncryptedColumns(
                   definition.bindPrimaryKey ? primaryKey : undefined,
                   column.columns.tenant ? tenantText(column.columns.tenant, row.tenant) : undefined,
                 ),
-                definition.type,
               );
               prepared.push({ key, text: row.plaintext_text, tenant: row.tenant_text ?? null, sealed });
             } catch (error) {
@@ -121,7 +125,7 @@ export async function backfillEncryptedColumns(
                * sets the ciphertext) or through the old column (a release that predates the
                * encryption, still running during a rolling deploy; the next run encrypts it).
                */
-              const done = await writeSealed(
+              const done = await writeValue(
                 runner,
                 column,
                 key,

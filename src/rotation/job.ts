@@ -1,8 +1,9 @@
 import type { QueryRunner } from 'typeorm';
+import { ConfigError } from '../errors';
 import type { SealedValue } from '../field-encryptor';
 import { describeError } from './describe-error';
 import type { AuditEvent, KeyRegistry } from './key-registry';
-import type { EncryptedColumnSql } from './rotation-target';
+import { type EncryptedColumnSql, hasSidecars } from './rotation-target';
 
 /** Times a batch is tried again after PostgreSQL aborted it to break a deadlock with the application. */
 const BATCH_ATTEMPTS = 5;
@@ -39,31 +40,53 @@ function isRetryable(error: unknown): boolean {
   return code === '40P01' || code === '40001';
 }
 
+/** A value as a job writes it: a sidecar value (format 1, four columns) or a compact one (format 2). */
+export type StoredValue = { format: 1; sealed: SealedValue } | { format: 2; value: Buffer };
+
 /**
- * Writes a sealed value's four columns into the row with primary key `key` (database column
- * name → value) in one UPDATE, only where `guard` (a condition on the row, its parameters
- * numbered after the key's) still holds. Returns whether the row was written.
+ * Writes a value into the row with primary key `key` (database column name → value) in one
+ * UPDATE, only where `guard` (a condition on the row, its parameters numbered after the key's)
+ * still holds. Returns whether the row was written. A sidecar value sets all four columns; a
+ * compact value sets the main column, and the sidecar columns to NULL where they are mapped (a
+ * property migrating from the sidecar layout), so a row never holds parts of two values.
  *
  * Under PostgreSQL's default READ COMMITTED isolation the guard is checked again against the
  * row as it is once any concurrent writer has committed, so a row the application changed after
- * the job read it is left as the application wrote it; and since all four columns are set by one
- * statement, a row never holds parts of two values.
+ * the job read it is left as the application wrote it.
  */
-export async function writeSealed(
+export async function writeValue(
   runner: QueryRunner,
   column: EncryptedColumnSql,
   key: Record<string, unknown>,
-  sealed: SealedValue,
+  stored: StoredValue,
   guard: (nextParameter: number) => { sql: string; params: unknown[] },
   alsoSet = '',
 ): Promise<boolean> {
   const keyValues = column.metadata.primaryColumns.map((c) => key[c.databaseName]);
-  const keySql = column.primaryKey.map((quoted, i) => `${quoted} = $${5 + i}`).join(' AND ');
-  const condition = guard(5 + keyValues.length);
+  let set: string;
+  let values: unknown[];
+  if (stored.format === 1) {
+    if (!hasSidecars(column)) {
+      throw new ConfigError('a sidecar value cannot be written: the property maps no sidecar columns', {
+        entity: column.entity,
+        column: column.property,
+      });
+    }
+    const { iv, wrappedKey, keyVersion } = column.sidecars;
+    set = `${column.ciphertext} = $1, ${iv} = $2, ${wrappedKey} = $3, ${keyVersion} = $4`;
+    const { sealed } = stored;
+    values = [sealed.ciphertext, sealed.iv, sealed.wrappedKey, sealed.keyVersion];
+  } else {
+    const sidecars = column.sidecars;
+    set = `${column.ciphertext} = $1${sidecars ? `, ${sidecars.iv} = NULL, ${sidecars.wrappedKey} = NULL, ${sidecars.keyVersion} = NULL` : ''}`;
+    values = [stored.value];
+  }
+  const first = values.length + 1;
+  const keySql = column.primaryKey.map((quoted, i) => `${quoted} = $${first + i}`).join(' AND ');
+  const condition = guard(first + keyValues.length);
   const result = (await runner.query(
-    `UPDATE ${column.table} SET ${column.ciphertext} = $1, ${column.iv} = $2, ${column.wrappedKey} = $3,
-            ${column.keyVersion} = $4${alsoSet} WHERE ${keySql} AND ${condition.sql}`,
-    [sealed.ciphertext, sealed.iv, sealed.wrappedKey, sealed.keyVersion, ...keyValues, ...condition.params],
+    `UPDATE ${column.table} SET ${set}${alsoSet} WHERE ${keySql} AND ${condition.sql}`,
+    [...values, ...keyValues, ...condition.params],
     true,
   )) as { affected?: number };
   return (result.affected ?? 0) > 0;
@@ -75,7 +98,7 @@ export async function writeSealed(
  */
 export async function recordJobEnd(
   audit: KeyRegistry,
-  job: 'rotation' | 'reencryption' | 'backfill',
+  job: 'rotation' | 'reencryption' | 'backfill' | 'layout-migration',
   keyVersion: number,
   outcome: {
     error?: unknown;

@@ -7,7 +7,18 @@ import {
 import { TENANT_KEYS_TABLE } from '../../migrations/1764400000000-TypeormEnvelopeTenantKeys';
 import type { EnvelopeEncryption, KeyValidation } from '../envelope-encryption';
 import { ConfigError, UnsupportedOperationError } from '../errors';
-import { dataSourceOf, encryptedColumnsSql, type RotationTarget, withQueryRunner } from './rotation-target';
+import { indexKeysWrappedBy } from './rotate-index-key';
+import {
+  dataKeyIdSql,
+  dataKeyTablePath,
+  dataSourceOf,
+  encryptedColumnsSql,
+  holdsCompact,
+  isCompactSql,
+  keyTableExists,
+  type RotationTarget,
+  withQueryRunner,
+} from './rotation-target';
 
 /** The lifecycle state of a master-key version. */
 export type KeyState = 'active' | 'decrypt-only' | 'retired';
@@ -43,6 +54,11 @@ export const AUDIT_EVENTS = [
   'backfill-started',
   'backfill-finished',
   'backfill-failed',
+  'index-key-rotated',
+  'blind-indexes-filled',
+  'layout-migration-started',
+  'layout-migration-finished',
+  'layout-migration-failed',
   'tenant-key-added',
   'tenant-key-validated',
   'tenant-key-activated',
@@ -220,7 +236,8 @@ export class KeyRegistry {
 
   /**
    * Retires `version`: kept on record for audit, no longer expected to decrypt anything. Refused
-   * while it is active or while any row still uses it (run the re-wrap first).
+   * while it is active, while any row still uses it, or while a row of the data-key table is still
+   * wrapped by it (run the re-wrap first).
    */
   async retire(version: number): Promise<void> {
     const rows = await this.rowsUsingVersion(version);
@@ -241,6 +258,20 @@ export class KeyRegistry {
           { keyVersion: version },
         );
       }
+      const keyRows = await this.#keyRowsWrappedBy(runner, version);
+      if (keyRows > 0) {
+        throw new UnsupportedOperationError(
+          `${keyRows} rows of the data-key table are still wrapped by this key version; re-wrap them first (typeorm-envelope rotate)`,
+          { keyVersion: version },
+        );
+      }
+      const indexKeys = await indexKeysWrappedBy(runner, this.#encryption.keyring.keyringId, version);
+      if (indexKeys > 0) {
+        throw new UnsupportedOperationError(
+          `${indexKeys} index keys of searchable properties are still wrapped by this key version; re-wrap first (typeorm-envelope rotate)`,
+          { keyVersion: version },
+        );
+      }
       const tenantKeys = await this.#tenantKeysWrappedBy(runner, version);
       if (tenantKeys > 0) {
         throw new UnsupportedOperationError(
@@ -256,19 +287,45 @@ export class KeyRegistry {
     });
   }
 
-  /** How many stored values (across all encrypted properties) use `version`. */
+  /**
+   * How many stored values (across all encrypted properties) use `version`: sidecar values by their
+   * version column, compact values by their key row's (a join, made only when a key row of this
+   * keyring has that version).
+   */
   async rowsUsingVersion(version: number): Promise<number> {
     return this.#run(async (runner) => {
       let total = 0;
+      const keyRows = await this.#keyRowsWrappedBy(runner, version);
       for (const column of encryptedColumnsSql(this.#target, this.#encryption)) {
-        const [row] = (await runner.query(
-          `SELECT count(*)::int AS n FROM ${column.table} WHERE ${column.keyVersion} = $1`,
-          [version],
-        )) as Array<{ n: number }>;
-        total += row?.n ?? 0;
+        if (column.sidecars) {
+          const [row] = (await runner.query(
+            `SELECT count(*)::int AS n FROM ${column.table} WHERE ${column.sidecars.keyVersion} = $1`,
+            [version],
+          )) as Array<{ n: number }>;
+          total += row?.n ?? 0;
+        }
+        if (keyRows > 0 && holdsCompact(column)) {
+          const value = `t.${column.ciphertext}`;
+          const [row] = (await runner.query(
+            `SELECT count(*)::int AS n FROM ${column.table} t JOIN ${column.dataKeyTable} k ON k.id = ${dataKeyIdSql(value)}
+             WHERE ${isCompactSql(value)} AND k.keyring = $1 AND k.key_version = $2`,
+            [this.#encryption.keyring.keyringId, version],
+          )) as Array<{ n: number }>;
+          total += row?.n ?? 0;
+        }
       }
       return total;
     });
+  }
+
+  /** Rows of the data-key table of this keyring whose key this version wraps (none without the table). */
+  async #keyRowsWrappedBy(runner: QueryRunner, version: number): Promise<number> {
+    if (!(await keyTableExists(runner))) return 0;
+    const [row] = (await runner.query(
+      `SELECT count(*)::int AS n FROM ${dataKeyTablePath(this.#target)} WHERE keyring = $1 AND key_version = $2`,
+      [this.#encryption.keyring.keyringId, version],
+    )) as Array<{ n: number }>;
+    return row?.n ?? 0;
   }
 
   /** Appends an entry to the audit log (a no-op when the tables do not exist). */

@@ -1,7 +1,6 @@
 import type { EnvelopeEncryption } from '../envelope-encryption';
-import type { SealedValue } from '../field-encryptor';
 import { describeError } from './describe-error';
-import { inBatchTransaction, recordJobEnd, writeSealed } from './job';
+import { inBatchTransaction, recordJobEnd, type StoredValue, writeValue } from './job';
 import { KeyRegistry } from './key-registry';
 import {
   type EntitySelector,
@@ -10,6 +9,7 @@ import {
   withQueryRunner,
 } from './rotation-target';
 import { type SealedRow, sealedRowBatches } from './sealed-rows';
+import { StoredValueOpener, sealStored } from './stored-values';
 
 /** Options of {@link reencryptColumns}. */
 export interface ReencryptOptions {
@@ -39,6 +39,8 @@ export interface ReencryptResult {
 /**
  * Re-encrypts every stored value under fresh data keys and the active master-key version: for
  * use after a suspected data-key compromise (a plain rotation only re-wraps the data keys).
+ * Values are written in their property's layout: a compact property's values under a fresh data
+ * key whose row is committed in the data-key table before any value names it.
  * Values are decrypted and sealed again, bound to their row's primary key; each row is updated
  * (all four columns in one statement) only if it still holds the ciphertext that was read, so a
  * value the application writes meanwhile is never overwritten (the row counts as skipped).
@@ -73,14 +75,18 @@ export async function reencryptColumns(
         };
         result.properties.push(outcome);
         const bindKey = column.columns.definition.bindPrimaryKey;
+        const opener = new StoredValueOpener(runner, encryption);
+        const context = { entity: column.entity, column: column.property };
         for await (const rows of sealedRowBatches(runner, column, options.batchSize ?? 500, options.tenant)) {
           /* Decrypt and seal first, outside the transaction: no row is locked during key-provider calls. */
-          const prepared: Array<{ row: SealedRow; fresh: SealedValue }> = [];
+          await opener.load(rows);
+          const prepared: Array<{ row: SealedRow; fresh: StoredValue }> = [];
           for (const row of rows) {
             try {
-              const value = await encryption.encryptor.open(row.sealed, row.binding);
+              const value = await opener.open(row, context);
               const binding = bindKey ? row.binding : { ...row.binding, primaryKey: undefined };
-              const fresh = await encryption.encryptor.seal(value, binding, column.columns.definition.type);
+              /* In the property's layout: a compact property's sidecar values become compact ones. */
+              const fresh = await sealStored(runner, encryption, column, value, binding);
               prepared.push({ row, fresh });
             } catch (error) {
               outcome.failures.push({ primaryKey: row.primaryKey, error: describeError(error) });
@@ -92,12 +98,12 @@ export async function reencryptColumns(
               /*
                * Only where the row still holds the ciphertext that was read: any value the
                * application wrote meanwhile has another ciphertext (a fresh IV), and wins. A
-               * concurrent re-wrap changes only the wrapped key and version of the same value, so
-               * replacing all four columns with a fresh sealing of that value loses nothing.
+               * concurrent re-wrap changes only the wrapped key and version of the same value (or
+               * only its key row), so replacing it with a fresh sealing of that value loses nothing.
                */
-              const done = await writeSealed(runner, column, row.key, fresh, (p) => ({
+              const done = await writeValue(runner, column, row.key, fresh, (p) => ({
                 sql: `${column.ciphertext} = $${p}`,
-                params: [row.sealed.ciphertext],
+                params: [row.stored],
               }));
               if (done) n += 1;
             }

@@ -8,12 +8,17 @@ import { tenantParameter, tenantText } from '../typeorm/encryption-tenant';
 import { describeError } from './describe-error';
 import { recordJobEnd } from './job';
 import { KeyRegistry } from './key-registry';
+import { type KeyTableRewrapResult, rewrapKeyTable } from './rewrap-key-table';
+import { type IndexKeysRewrap, rewrapIndexKeys } from './rotate-index-key';
 import {
-  type EncryptedColumnSql,
   type EntitySelector,
   encryptedColumnsSql,
+  hasSidecars,
+  holdsCompact,
+  keyTableExists,
   primaryKeyBatches,
   type RotationTarget,
+  type SidecarColumnSql,
   withQueryRunner,
 } from './rotation-target';
 
@@ -39,6 +44,8 @@ export interface RewrapOptions {
   dryRun?: boolean;
   /** Called after each batch. */
   onProgress?: (progress: RewrapProgress) => void;
+  /** Called after each key row of the data-key table (compact properties). */
+  onKeyRowProgress?: (progress: { keyRowsDone: number; keyRowsTotal: number }) => void;
 }
 
 /** Progress of one encrypted property. */
@@ -85,10 +92,20 @@ export interface RewrapResult {
   /** Key-provider calls that checked a new wrapped key before it was written. */
   verificationCalls: number;
   /**
+   * The data-key table's rows re-wrapped for compact properties (present when a selected property
+   * is compact, or, without `entities`, whenever the table exists). No data row is written for them.
+   */
+  keyTable?: KeyTableRewrapResult;
+  /**
    * Customer-provided tenant keys (stored wrapped by the application keyring) re-wrapped under
    * `toVersion`, and those that could not be; only when re-wrapping the application keyring's rows.
    */
   storedTenantKeys?: StoredTenantKeysRewrap;
+  /**
+   * Index keys of searchable properties re-wrapped under `toVersion` (the keys, and so every stored
+   * blind index, stay the same), and those that could not be.
+   */
+  indexKeys?: IndexKeysRewrap;
   durationMs: number;
   error?: unknown;
 }
@@ -106,6 +123,11 @@ export interface RewrapResult {
  * and version, so a row the application rewrote meanwhile is never overwritten. Each batch commits
  * on its own (unless `target` is a QueryRunner in a transaction), so after a crash the job is
  * simply run again. Memory holds one batch of keys and the distinct data keys.
+ *
+ * Compact properties (`layout: 'compact'`) keep their wrapped keys in the data-key table: its rows
+ * are re-wrapped instead, each verified the same way and updated only while it still holds the
+ * wrapped key and version that were read (see `result.keyTable`). The work is one provider call per
+ * data key, whatever the number of data rows, and no data row is written.
  *
  * @example
  * ```ts
@@ -157,14 +179,32 @@ export async function rewrapDataKeys(
         audited,
       );
     await withQueryRunner(target, async (runner) => {
-      for (const column of encryptedColumnsSql(target, encryption, options.entities)) {
+      const columns = encryptedColumnsSql(target, encryption, options.entities);
+      for (const column of columns) {
         if (tenant !== undefined && !column.tenant) continue;
-        result.properties.push(await rewrapProperty(runner, column, rewrapper, batchSize, options));
+        /* Sidecar values (a compact property migrating from sidecars holds some) are re-wrapped row by row. */
+        if (hasSidecars(column))
+          result.properties.push(await rewrapProperty(runner, column, rewrapper, batchSize, options));
+      }
+      /*
+       * Compact values refer to rows of the data-key table: those rows are re-wrapped, never the
+       * data rows. A key row may serve any compact property, so with `entities` the table is
+       * re-wrapped when one of them is compact; without, whenever the table exists (leftover key
+       * rows would keep their master-key version from being retired).
+       */
+      const compact = options.entities ? columns.some(holdsCompact) : await keyTableExists(runner);
+      if (compact) {
+        result.keyTable = await rewrapKeyTable(runner, rewrapper, {
+          ...(tenant === undefined ? {} : { tenant }),
+          dryRun: result.dryRun,
+          ...(options.onKeyRowProgress ? { onProgress: options.onKeyRowProgress } : {}),
+        });
       }
     });
     if (tenant === undefined && !result.dryRun) {
       result.storedTenantKeys = await rewrapStoredTenantKeys(target, encryption, toVersion);
     }
+    if (!result.dryRun) result.indexKeys = await rewrapIndexKeys(target, encryption, toVersion, tenant);
   } catch (error) {
     result.error = error;
   }
@@ -176,9 +216,19 @@ export async function rewrapDataKeys(
       error: result.error,
       failures:
         result.properties.reduce((n, p) => n + p.failures.length, 0) +
-        (result.storedTenantKeys?.failures.length ?? 0),
+        (result.indexKeys?.failures.length ?? 0) +
+        (result.storedTenantKeys?.failures.length ?? 0) +
+        (result.keyTable?.failures.length ?? 0),
       counts: {
         ...(result.storedTenantKeys ? { storedTenantKeysRewrapped: result.storedTenantKeys.rewrapped } : {}),
+        ...(result.indexKeys ? { indexKeysRewrapped: result.indexKeys.rewrapped } : {}),
+        ...(result.keyTable
+          ? {
+              keyRowsRewrapped: result.keyTable.keyRowsRewrapped,
+              keyRowsTotal: result.keyTable.keyRowsTotal,
+              dataRowsTouched: result.keyTable.dataRowsTouched,
+            }
+          : {}),
         rowsRewrapped: result.properties.reduce((n, p) => n + p.rowsRewrapped, 0),
         rowsTotal: result.properties.reduce((n, p) => n + p.rowsTotal, 0),
         rewrapCalls: result.rewrapCalls,
@@ -195,7 +245,7 @@ function entityNames(options: RewrapOptions): string[] | 'all' {
 
 async function rewrapProperty(
   runner: QueryRunner,
-  column: EncryptedColumnSql,
+  column: SidecarColumnSql,
   rewrapper: Rewrapper,
   batchSize: number,
   options: RewrapOptions,
@@ -279,18 +329,19 @@ interface DistinctDataKey {
  */
 async function distinctDataKeys(
   runner: QueryRunner,
-  column: EncryptedColumnSql,
+  column: SidecarColumnSql,
   toVersion: number,
   tenant: string | undefined,
 ): Promise<DistinctDataKey[]> {
   const tenantSql = column.tenant ? `${column.tenant}` : 'NULL';
+  const { keyVersion, wrappedKey } = column.sidecars;
   const filter =
-    tenant === undefined ? `${column.keyVersion} < ${FIRST_TENANT_KEY_VERSION}` : `${column.tenant} = $2`;
+    tenant === undefined ? `${keyVersion} < ${FIRST_TENANT_KEY_VERSION}` : `${column.tenant} = $2`;
   const rows = (await runner.query(
-    `SELECT ${column.keyVersion} AS version, ${column.wrappedKey} AS wrapped, ${tenantSql} AS tenant,
+    `SELECT ${keyVersion} AS version, ${wrappedKey} AS wrapped, ${tenantSql} AS tenant,
             ${tenantSql}::text AS tenant_text, count(*)::int AS rows
      FROM ${column.table}
-     WHERE ${column.keyVersion} IS NOT NULL AND ${column.keyVersion} <> $1 AND ${filter} GROUP BY 1, 2, 3`,
+     WHERE ${keyVersion} IS NOT NULL AND ${keyVersion} <> $1 AND ${filter} GROUP BY 1, 2, 3`,
     tenant === undefined || !column.columns.tenant
       ? [toVersion]
       : [toVersion, tenantParameter(column.columns.tenant, tenant)],
@@ -314,7 +365,7 @@ async function distinctDataKeys(
 /** One UPDATE for the rows of one key range: old wrapped key → new wrapped key, via a VALUES map. */
 async function updateBatch(
   runner: QueryRunner,
-  column: EncryptedColumnSql,
+  column: SidecarColumnSql,
   batch: { condition: string; params: unknown[] },
   mapping: Mapping[],
   toVersion: number,
@@ -327,10 +378,11 @@ async function updateBatch(
   const toParam = `$${base + 4 * mapping.length + 1}`;
   /* A wrapped key is bound to its tenant: it is replaced only in rows of that tenant. */
   const sameTenant = column.tenant ? ` AND ${column.tenant}::text IS NOT DISTINCT FROM m.tenant` : '';
+  const { keyVersion, wrappedKey } = column.sidecars;
   const result = await runner.query(
-    `UPDATE ${column.table} SET ${column.wrappedKey} = m.new_wrapped, ${column.keyVersion} = ${toParam}::int
+    `UPDATE ${column.table} SET ${wrappedKey} = m.new_wrapped, ${keyVersion} = ${toParam}::int
      FROM (VALUES ${values.join(', ')}) AS m(old_wrapped, old_version, tenant, new_wrapped)
-     WHERE ${column.wrappedKey} = m.old_wrapped AND ${column.keyVersion} = m.old_version${sameTenant} AND ${batch.condition}`,
+     WHERE ${wrappedKey} = m.old_wrapped AND ${keyVersion} = m.old_version${sameTenant} AND ${batch.condition}`,
     [...batch.params, ...mapping.flat(), toVersion],
     true,
   );
@@ -341,7 +393,7 @@ async function updateBatch(
  * Re-wraps each distinct data key once per job (keys shared by several properties are re-wrapped
  * once) and checks every new wrapped key before it is used.
  */
-class Rewrapper {
+export class Rewrapper {
   readonly #done = new Map<string, Promise<Buffer>>();
 
   constructor(

@@ -1,13 +1,24 @@
 import type { DataSource, EntityMetadata, QueryRunner } from 'typeorm';
+import { DATA_KEYS_TABLE } from '../../migrations/1764500000000-TypeormEnvelopeDataKeys';
 import type { EncryptedEntity, EnvelopeEncryption } from '../envelope-encryption';
 import { ConfigError } from '../errors';
 import type { EncryptedColumns } from '../typeorm/encrypted-columns';
+import type { StorageLayout } from '../typeorm/encrypted-decorator';
 
 /** An entity, by class or by entity or table name. */
 export type EntitySelector = string | (abstract new (...args: never[]) => unknown);
 
 /** Where a rotation job runs: a DataSource, or a QueryRunner (inside a migration's `up`). */
 export type RotationTarget = DataSource | QueryRunner;
+
+export type { StorageLayout };
+
+/** The sidecar columns of one property, quoted for SQL (to read and to write). */
+export interface SidecarColumnsSql {
+  iv: string;
+  wrappedKey: string;
+  keyVersion: string;
+}
 
 /** One encrypted property's table and columns, quoted for SQL. */
 export interface EncryptedColumnSql {
@@ -17,12 +28,65 @@ export interface EncryptedColumnSql {
   columns: EncryptedColumns;
   table: string;
   primaryKey: string[];
+  /** The main column: a sidecar value's ciphertext (format 1), or a whole compact value (format 2). */
   ciphertext: string;
-  iv: string;
-  wrappedKey: string;
+  /** The layout new values of this property are written in. */
+  layout: StorageLayout;
+  /** The layout the column may still hold values of, while it is migrated (`migrateFrom`). */
+  migrateFrom?: StorageLayout;
+  /** The sidecar columns, when the property maps them (sidecars layout, or compact migrating from it). */
+  sidecars?: SidecarColumnsSql;
+  /**
+   * The stored value's master-key version as an SQL expression, to read and never to assign: the
+   * sidecar column for sidecar values, the `key_version` of the value's row in the data-key table
+   * for compact values (NULL for a NULL value).
+   */
   keyVersion: string;
+  /** The data-key table, quoted (in the DataSource's schema). */
+  dataKeyTable: string;
   /** The entity's `@EncryptionTenant()` column, quoted, if it has one. */
   tenant?: string;
+}
+
+/** A property whose column can hold sidecar values (format 1): its sidecar columns are mapped. */
+export type SidecarColumnSql = EncryptedColumnSql & { sidecars: SidecarColumnsSql };
+
+/** Whether the property's sidecar columns are mapped (it can hold sidecar values). */
+export function hasSidecars(column: EncryptedColumnSql): column is SidecarColumnSql {
+  return column.sidecars !== undefined;
+}
+
+/** Whether the column can hold compact values (format 2). */
+export function holdsCompact(column: EncryptedColumnSql): boolean {
+  return column.layout === 'compact' || column.migrateFrom === 'compact';
+}
+
+/** The data-key id of a compact value, in SQL: bytes 2-9 of the value, unsigned big-endian. */
+export function dataKeyIdSql(value: string): string {
+  return `('x' || encode(substring(${value} from 3 for 8), 'hex'))::bit(64)::bigint`;
+}
+
+/** Whether a stored value is a compact one (format 2), in SQL (NULL for a NULL value). */
+export function isCompactSql(value: string): string {
+  return `(get_byte(${value}, 0) = 2)`;
+}
+
+/** The data-key table's path in the DataSource's schema, quoted. */
+export function dataKeyTablePath(target: RotationTarget): string {
+  return libraryTablePath(target, DATA_KEYS_TABLE);
+}
+
+/** Whether the data-key table exists (the `TypeormEnvelopeDataKeys` migration ran). */
+export async function keyTableExists(runner: QueryRunner): Promise<boolean> {
+  return (await runner.hasTable(libraryTablePath(runner, DATA_KEYS_TABLE, false))) as boolean;
+}
+
+/** The path of one of the library's tables in the DataSource's schema, quoted (or plain, for `hasTable`). */
+export function libraryTablePath(target: RotationTarget, table: string, quoted = true): string {
+  const dataSource = dataSourceOf(target);
+  const schema = (dataSource.options as { schema?: string }).schema;
+  const parts = schema ? [schema, table] : [table];
+  return quoted ? parts.map((p) => dataSource.driver.escape(p)).join('.') : parts.join('.');
 }
 
 /** Runs `fn` with a query runner: the given one, or a new one released afterwards. */
@@ -67,6 +131,7 @@ export function encryptedColumnsSql(
   /* Entities of one single-table inheritance share a table and its inherited columns: each stored
      column is worked on once. */
   const seen = new Set<string>();
+  const dataKeyTable = libraryTablePath(target, DATA_KEYS_TABLE);
   return selected.flatMap(({ metadata, columns }) => {
     if (metadata.primaryColumns.length === 0) {
       throw new ConfigError('rotation needs a primary key', { entity: metadata.name });
@@ -78,20 +143,55 @@ export function encryptedColumnsSql(
       seen.add(id);
       return true;
     });
-    return unseen.map((c) => ({
-      entity: metadata.name,
-      property: c.main.propertyPath,
-      metadata,
-      columns: c,
-      table,
-      primaryKey: metadata.primaryColumns.map((p) => quote(p.databaseName)),
-      ciphertext: quote(c.main.databaseName),
-      iv: quote(c.sidecars.iv.databaseName),
-      wrappedKey: quote(c.sidecars.wrappedKey.databaseName),
-      keyVersion: quote(c.sidecars.keyVersion.databaseName),
-      ...(c.tenant ? { tenant: quote(c.tenant.databaseName) } : {}),
-    }));
+    return unseen.map((c) => {
+      const { layout, migrateFrom, sidecars: mapped } = layoutOf(c);
+      const ciphertext = quote(c.main.databaseName);
+      const sidecars = mapped && {
+        iv: quote(mapped.iv.databaseName),
+        wrappedKey: quote(mapped.wrappedKey.databaseName),
+        keyVersion: quote(mapped.keyVersion.databaseName),
+      };
+      const compact = layout === 'compact' || migrateFrom === 'compact';
+      const keyRowVersion = `(SELECT k.key_version FROM ${dataKeyTable} k WHERE k.id = ${dataKeyIdSql(ciphertext)})`;
+      const keyVersion = !compact
+        ? (sidecars?.keyVersion ?? 'NULL::int')
+        : sidecars
+          ? `(CASE WHEN ${isCompactSql(ciphertext)} THEN ${keyRowVersion} ELSE ${sidecars.keyVersion} END)`
+          : keyRowVersion;
+      return {
+        entity: metadata.name,
+        property: c.main.propertyPath,
+        metadata,
+        columns: c,
+        table,
+        primaryKey: metadata.primaryColumns.map((p) => quote(p.databaseName)),
+        ciphertext,
+        layout,
+        ...(migrateFrom ? { migrateFrom } : {}),
+        ...(sidecars ? { sidecars } : {}),
+        keyVersion,
+        dataKeyTable,
+        ...(c.tenant ? { tenant: quote(c.tenant.databaseName) } : {}),
+      };
+    });
   });
+}
+
+/**
+ * The layout of an installed property, the layout it migrates from, and its sidecar columns when
+ * they are mapped.
+ */
+function layoutOf(columns: EncryptedColumns): {
+  layout: StorageLayout;
+  migrateFrom?: StorageLayout;
+  sidecars?: EncryptedColumns['sidecars'];
+} {
+  const { layout, migrateFrom, sidecars } = columns;
+  return {
+    layout,
+    ...(migrateFrom && migrateFrom !== layout ? { migrateFrom } : {}),
+    ...(sidecars ? { sidecars } : {}),
+  };
 }
 
 function matches(entity: EncryptedEntity, wanted: EntitySelector): boolean {

@@ -1,13 +1,20 @@
+import type { QueryRunner } from 'typeorm';
 import type { EnvelopeEncryption } from '../envelope-encryption';
-import { TenantOffboardedError } from '../errors';
+import { IntegrityError, TenantOffboardedError } from '../errors';
+import { FIRST_TENANT_KEY_VERSION } from '../keys/keyring';
 import { describeError } from './describe-error';
+import type { KeyRowFailure } from './rewrap-key-table';
 import {
+  dataKeyTablePath,
   type EntitySelector,
   encryptedColumnsSql,
+  holdsCompact,
+  keyTableExists,
   type RotationTarget,
   withQueryRunner,
 } from './rotation-target';
 import { rowsWithoutCiphertextBatches, sealedRowBatches } from './sealed-rows';
+import { StoredValueOpener } from './stored-values';
 
 /** Options of {@link verifyEncryptedColumns}. */
 export interface VerifyOptions {
@@ -24,8 +31,13 @@ export interface VerifyOptions {
 /** A row that cannot be read as encrypted: where, and why (never the value). */
 export interface VerifyFailure {
   primaryKey: string;
-  /** The stored master-key version; `null` for a row with no ciphertext. */
+  /**
+   * The stored master-key version (of a compact value, its key row's); `null` for a row with no
+   * ciphertext, or a compact value whose key row is missing.
+   */
   keyVersion: number | null;
+  /** The data-key id a compact value names (decimal text), whether or not its key row exists. */
+  dataKeyId?: string;
   error: string;
   /** The row's tenant, for entities with a tenant column. */
   tenant?: string;
@@ -61,6 +73,19 @@ export interface VerifyResult {
   failed: number;
   pendingBackfill: number;
   offboarded: number;
+  /**
+   * The data-key table (when a checked property is compact, or, without `entities`, whenever the
+   * table exists): every key row of this keyring (with `tenant`, of that tenant) unwrapped. A key
+   * row that does not unwrap is listed by its data-key id; the values that name it fail too.
+   */
+  keyTable?: {
+    keyRowsChecked: number;
+    /** Key rows that do not unwrap (altered, or under a key this instance cannot use). */
+    failed: number;
+    /** Key rows of offboarded tenants: unreadable by design. */
+    offboarded: number;
+    failures: KeyRowFailure[];
+  };
   error?: unknown;
 }
 
@@ -90,7 +115,8 @@ export async function verifyEncryptedColumns(
   const maxListed = options.maxListedFailures ?? 1_000;
   try {
     await withQueryRunner(target, async (runner) => {
-      for (const column of encryptedColumnsSql(target, encryption, options.entities)) {
+      const columns = encryptedColumnsSql(target, encryption, options.entities);
+      for (const column of columns) {
         const outcome = {
           entity: column.entity,
           property: column.property,
@@ -107,15 +133,23 @@ export async function verifyEncryptedColumns(
           if (outcome.failures.length < maxListed) outcome.failures.push(failure);
         };
         const batchSize = options.batchSize ?? 1_000;
+        const opener = new StoredValueOpener(runner, encryption);
+        const context = { entity: column.entity, column: column.property };
         for await (const rows of sealedRowBatches(runner, column, batchSize, options.tenant)) {
+          await opener.load(rows);
           for (const row of rows) {
             outcome.rowsChecked += 1;
             try {
-              await encryption.encryptor.open(row.sealed, row.binding);
+              await opener.open(row, context);
             } catch (error) {
+              const id = row.value.format === 2 ? row.value.dataKeyId : undefined;
               fail({
                 primaryKey: row.primaryKey,
-                keyVersion: row.sealed.keyVersion,
+                keyVersion:
+                  row.value.format === 1
+                    ? (row.value.sealed?.keyVersion ?? null)
+                    : ((id === undefined ? undefined : opener.keyRow(id)?.keyVersion) ?? null),
+                ...(id === undefined ? {} : { dataKeyId: id }),
                 error: describeError(error),
                 ...(row.tenant === null ? {} : { tenant: row.tenant }),
                 ...(error instanceof TenantOffboardedError ? { offboarded: true } : {}),
@@ -145,9 +179,71 @@ export async function verifyEncryptedColumns(
         result.pendingBackfill += outcome.pendingBackfill;
         result.offboarded += outcome.offboarded;
       }
+      const compact = options.entities ? columns.some(holdsCompact) : await keyTableExists(runner);
+      if (compact) result.keyTable = await verifyKeyRows(runner, encryption, options);
     });
   } catch (error) {
     result.error = error;
   }
   return result;
+}
+
+/** Key rows read per query while verifying: memory holds one page, whatever the number of data keys. */
+const KEY_ROW_PAGE = 500;
+
+/**
+ * Unwraps every key row of this keyring (with `tenant`, of that tenant) in its own scope (keyring
+ * and tenant bound into the wrap): a row altered, copied from another tenant, or under a master key
+ * this instance cannot use fails, and is listed by its data-key id.
+ */
+async function verifyKeyRows(
+  runner: QueryRunner,
+  encryption: EnvelopeEncryption,
+  options: VerifyOptions,
+): Promise<NonNullable<VerifyResult['keyTable']>> {
+  const table = dataKeyTablePath(runner);
+  const maxListed = options.maxListedFailures ?? 1_000;
+  const checked = { keyRowsChecked: 0, failed: 0, offboarded: 0, failures: [] as KeyRowFailure[] };
+  const tenantFilter = options.tenant === undefined ? '' : ' AND tenant_id = $3';
+  let after = '0';
+  for (;;) {
+    const page = (await runner.query(
+      `SELECT id::text AS id, tenant_id, key_version, wrapped_key FROM ${table}
+       WHERE keyring = $1 AND id > $2::bigint${tenantFilter} ORDER BY id LIMIT ${KEY_ROW_PAGE}`,
+      [encryption.keyring.keyringId, after, ...(options.tenant === undefined ? [] : [options.tenant])],
+    )) as Array<{ id: string; tenant_id: string | null; key_version: number; wrapped_key: Buffer }>;
+    for (const row of page) {
+      after = row.id;
+      checked.keyRowsChecked += 1;
+      const tenant = row.tenant_id ?? undefined;
+      try {
+        /* A tenant's own key version in a row of no tenant names a key that cannot be this row's. */
+        if (tenant === undefined && row.key_version >= FIRST_TENANT_KEY_VERSION) {
+          throw new IntegrityError('a tenant key version in a key row that belongs to no tenant', {
+            keyVersion: row.key_version,
+          });
+        }
+        await encryption.cache.withDecryptionKey(
+          row.key_version,
+          row.wrapped_key,
+          () => true,
+          encryption.keyScope(tenant),
+        );
+      } catch (error) {
+        const offboarded = error instanceof TenantOffboardedError;
+        if (offboarded) checked.offboarded += 1;
+        else checked.failed += 1;
+        if (!offboarded && checked.failures.length < maxListed) {
+          checked.failures.push({
+            dataKeyId: row.id,
+            keyVersion: row.key_version,
+            ...(tenant === undefined ? {} : { tenant }),
+            error: describeError(error),
+          });
+        }
+      }
+    }
+    if (page.length < KEY_ROW_PAGE) break;
+  }
+  return checked;
 }
