@@ -288,6 +288,13 @@ export class EnvelopeEncryption {
     target.buildMetadatas = async function (this: unknown) {
       await buildMetadatas.call(this);
       install();
+      /* A compact property needs a server that serves a second session during a transaction. */
+      if (
+        [...columns.values()].some((found) =>
+          found.some((c) => c.layout === 'compact' || c.migrateFrom === 'compact'),
+        )
+      )
+        await encryption.#dataKeysOf(dataSource).checkServer();
       /* Recorded references first: validation and every first use compare the keys with them. */
       await new KeyRegistry(dataSource, encryption).loadReferences();
       await encryption.#followTenants(dataSource);

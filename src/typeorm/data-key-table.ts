@@ -131,6 +131,30 @@ export class DataKeyTable implements DataKeyRegistrar {
     return id;
   }
 
+  /**
+   * Refuses servers that run one session at a time (PGlite): a data key first used inside a
+   * transaction (`save()` runs in one) is registered on another connection, which such a server
+   * would only serve after the transaction, so the write would wait forever. Called at
+   * `initialize()` when an entity uses the compact layout.
+   */
+  async checkServer(): Promise<void> {
+    const runner = this.#dataSource.createQueryRunner('master');
+    let version: string;
+    try {
+      const [row] = (await runner.query('SELECT version() AS "version"')) as Array<{ version?: unknown }>;
+      version = String(row?.version ?? '');
+    } finally {
+      await runner.release();
+    }
+    if (/\bPGlite\b/i.test(version)) {
+      throw new ConfigError(
+        'the compact layout registers each new data key on a connection of its own while the write that ' +
+          'needs it waits in its transaction, and PGlite serves one session at a time, so that write would ' +
+          "never finish; use layout: 'sidecars' with PGlite (or a PostgreSQL server)",
+      );
+    }
+  }
+
   /** The row of `id`, when this instance holds it (read or registered within the TTL). */
   peek(id: bigint): DataKeyRecord | undefined {
     return this.#records.get(String(id));

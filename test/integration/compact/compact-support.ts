@@ -1,6 +1,12 @@
-import { expect } from 'vitest';
+import { expect, inject } from 'vitest';
 import { rawQuery } from '../../support/database';
 import type { EncryptedTestDatabase } from '../../support/typeorm';
+
+/**
+ * PGlite serves one session at a time, which the compact layout refuses (see the PGlite test):
+ * these tests need a PostgreSQL server.
+ */
+export const onPglite = inject('databaseKind') === 'pglite';
 
 /** A row of the data-key table, as stored. */
 export interface KeyRow {
