@@ -21,7 +21,8 @@ interface Request {
 }
 
 /**
- * Fetches the sidecar columns of rows that a partial `select` loaded with only the ciphertext.
+ * Fetches what a partial `select` left out of rows it loaded with only the ciphertext: the sidecar
+ * columns, and the primary key and tenant a value is bound to (a compact value needs only those).
  * TypeORM starts `afterLoad` for every row of a result before awaiting any, so the requests of one
  * result are gathered in a microtask and served by one query per entity and property.
  */
