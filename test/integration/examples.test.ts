@@ -58,6 +58,31 @@ describe('examples/aws-kms (npm run example:aws-kms)', () => {
   }, 240_000);
 });
 
+describe('examples/vault-transit (npm run example:vault-transit)', () => {
+  it('runs on the Vault emulator: one datakey for the writes, rotation by Transit rewrap, revocation, and exits 0', () => {
+    const output = runScript('example:vault-transit', { VAULT_ADDR: undefined, VAULT_TRANSIT_KEY: undefined });
+
+    for (const email of ['alice@example.com', 'bob@example.org', 'carol@example.net']) {
+      expect(output).toContain(email);
+    }
+    expect(output).toContain('plaintext email or city anywhere in the stored rows: no');
+    // All the writes share one datakey; a cold read of every row one decrypt.
+    expect(output).toMatch(/^\s*datakey\s+1\s+1\s+0\s*$/m);
+    expect(output).toMatch(/^\s*decrypt\s+1\s+0\s+1\s*$/m);
+    // rotate, then a re-wrap inside Vault: wrapped keys move from vault:v1 to vault:v2, data unchanged.
+    expect(output).toMatch(/rewrapDataKeys: 1 Transit rewrap call\(s\)/);
+    expect(output).toMatch(/wrapped keys before: vault:v1:/);
+    expect(output).toMatch(/wrapped keys after: {2}vault:v2:/);
+    expect(output).toContain('email_ciphertext of all 1003 rows unchanged: yes');
+    expect(output).toContain('min_decryption_version=2 (version 1 retired): all rows still read: yes');
+    // Revocation: cached reads go on, then purgeCache() makes the next read fail.
+    expect(output).toContain('still works from the cached data key -> alice@example.com');
+    expect(output).toMatch(/read after purgeCache\(\) -> KeyAccessDeniedError: Vault denied decrypt/);
+    // No token or secret id printed (Vault tokens start with hvs.).
+    expect(output).not.toMatch(/hvs\.[A-Za-z0-9_-]{8,}/);
+  }, 240_000);
+});
+
 describe('examples/nestjs (npm run example:nestjs)', () => {
   it('runs a NestJS application context whose TypeORM DataSource encrypts, and exits 0', () => {
     const output = runScript('example:nestjs');
