@@ -60,7 +60,10 @@ describe('examples/aws-kms (npm run example:aws-kms)', () => {
 
 describe('examples/vault-transit (npm run example:vault-transit)', () => {
   it('runs on the Vault emulator: one datakey for the writes, rotation by Transit rewrap, revocation, and exits 0', () => {
-    const output = runScript('example:vault-transit', { VAULT_ADDR: undefined, VAULT_TRANSIT_KEY: undefined });
+    const output = runScript('example:vault-transit', {
+      VAULT_ADDR: undefined,
+      VAULT_TRANSIT_KEY: undefined,
+    });
 
     for (const email of ['alice@example.com', 'bob@example.org', 'carol@example.net']) {
       expect(output).toContain(email);
