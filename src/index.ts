@@ -20,10 +20,15 @@ export {
   TypeormEnvelopeDataKeys1764500000000,
 } from '../migrations/1764500000000-TypeormEnvelopeDataKeys';
 export {
+  INDEX_KEYS_TABLE,
+  TypeormEnvelopeIndexKeys1764600000000,
+} from '../migrations/1764600000000-TypeormEnvelopeIndexKeys';
+export {
   JOB_RANGES_TABLE,
   TypeormEnvelopeJobRanges1764700000000,
 } from '../migrations/1764700000000-TypeormEnvelopeJobRanges';
 export type { ValueBinding } from './crypto/associated-data';
+export type { BuiltInNormalizer, Normalizer } from './crypto/blind-index';
 export type { ValueType } from './crypto/codec';
 export { type AesBackend, type AesBackendInfo, aesBackend, aesBackendInfo } from './crypto/native-gcm';
 export {
@@ -42,6 +47,7 @@ export {
   KeyAccessDeniedError,
   KeyProviderError,
   TenantOffboardedError,
+  UniqueViolationError,
   UnknownKeyVersionError,
   UnsupportedOperationError,
   ValueTypeError,
@@ -145,6 +151,16 @@ export {
   type RewrapResult,
   rewrapDataKeys,
 } from './rotation/rewrap';
+export {
+  fillBlindIndexes,
+  type IndexJobProgress,
+  type IndexJobResult,
+  type IndexKeyJobOptions,
+  type IndexKeysRewrap,
+  type PropertyIndexResult,
+  rewrapIndexKeys,
+  rotateIndexKey,
+} from './rotation/rotate-index-key';
 export type { EntitySelector, RotationTarget } from './rotation/rotation-target';
 export { encryptionStatus, type PropertyStatus } from './rotation/status';
 export {
@@ -162,6 +178,8 @@ export {
   type TenantStatus,
 } from './tenants/tenant-admin';
 export type { TenantJob, TenantJobState } from './tenants/tenant-registry';
+export type { BlindIndexHelperOptions } from './typeorm/blind-index';
+export type { SearchableOption, SearchableOptions } from './typeorm/blind-index-decorator';
 export {
   Encrypted,
   type EncryptedDefaults,

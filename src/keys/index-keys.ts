@@ -146,6 +146,7 @@ export class IndexKeys {
   #epoch = 0;
   /** Key-provider calls made for index keys. */
   readonly stats = { generated: 0, unwrapped: 0 };
+  readonly #refreshInterval: number;
 
   constructor(options: IndexKeysOptions) {
     for (const [name, value] of Object.entries(options)) {
@@ -153,6 +154,7 @@ export class IndexKeys {
         throw new ConfigError(`index-key option ${name} must be a positive number, got ${String(value)}`);
       }
     }
+    this.#refreshInterval = options.refreshInterval;
     this.#records = new LRUCache<string, ScopeEntry>({
       max: 100_000,
       ttl: options.refreshInterval,
@@ -282,6 +284,11 @@ export class IndexKeys {
     } catch (error) {
       throw withErrorContext(error, errorContext);
     }
+  }
+
+  /** How long a scope's list of versions is trusted before it is read again, in ms. */
+  get refreshInterval(): number {
+    return this.#refreshInterval;
   }
 
   /** Number of unwrapped index keys held now. */

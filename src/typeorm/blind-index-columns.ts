@@ -62,18 +62,21 @@ export function searchableColumnOf(columns: EncryptedColumns): SearchableColumn 
   return byColumns.get(columns);
 }
 
-/** Set while TypeORM builds an update's SET list: only then does a property's path name its index too. */
-let buildingUpdate = 0;
+/** The values of the UPDATE whose SET list TypeORM is building: only then does a property's path name its index. */
+const buildingUpdate: object[] = [];
 
-/** Runs `fn` (TypeORM building an UPDATE's SET list) with searchable paths naming their index column. */
-export function whileBuildingUpdate<T>(fn: () => T): T {
-  buildingUpdate += 1;
+/** Runs `fn` (TypeORM building the SET list of `values`) with searchable paths naming their index column. */
+export function whileBuildingUpdate<T>(values: object | undefined, fn: () => T): T {
+  buildingUpdate.push(values ?? {});
   try {
     return fn();
   } finally {
-    buildingUpdate -= 1;
+    buildingUpdate.pop();
   }
 }
+
+/** Index values this library computed: TypeORM copies them into the value sets it builds. */
+const computed = new WeakSet<Buffer>();
 
 /** Objects the query rewriter built: their index property holds a condition, not a value. */
 export const whereCopies = new WeakSet<object>();
@@ -145,12 +148,19 @@ export function installBlindIndexes(
   if (!found.length) return found;
   byMetadata.set(metadata, new Map(found.map((s) => [s.columns.main.propertyPath, s])));
   /* An update's SET map names the property: its index column is written with it. */
-  const byPath = new Map(found.map((s) => [s.columns.main.propertyPath, s.index]));
+  const byPath = new Map(found.map((s) => [s.columns.main.propertyPath, s]));
   const previous = metadata.findColumnsWithPropertyPath.bind(metadata);
   metadata.findColumnsWithPropertyPath = (propertyPath: string) => {
     const columns = previous(propertyPath);
-    const index = buildingUpdate > 0 ? byPath.get(propertyPath) : undefined;
-    return index && !columns.includes(index) ? [...columns, index] : columns;
+    const values = buildingUpdate[buildingUpdate.length - 1];
+    const searchable = values ? byPath.get(propertyPath) : undefined;
+    /*
+     * A query-builder update names the tenant of a tenant entity (the encryption subscriber requires
+     * it): the index is computed for it. The value set TypeORM builds for a save names the index
+     * column itself when its value changed, and no tenant unless the row moves: nothing to add then.
+     */
+    if (!searchable || !values || rowTenant(searchable.columns, values) === undefined) return columns;
+    return columns.includes(searchable.index) ? columns : [...columns, searchable.index];
   };
   return found;
 }
@@ -166,6 +176,9 @@ function overrideIndexAccess(searchable: SearchableColumn): void {
     const holder = columns.holderOf(entity, false);
     if (!holder) return undefined;
     if (whereCopies.has(holder)) return holder[definition.property];
+    /* A value set TypeORM built from its diff carries the index computed for the entity. */
+    const carried = holder[definition.property];
+    if (Buffer.isBuffer(carried) && computed.has(carried)) return carried;
     let value = holder[property];
     if (value === undefined || value === null) return value;
     const origin = searchable.runtime.plaintextOf(value);
@@ -220,6 +233,7 @@ export function writeIndex(
     return memo.index;
   }
   const index = key.index(searchable.place, searchable.placeId, inputOf(searchable, value, tenant));
+  computed.add(index);
   if (memoized) {
     let forHolder = memos.get(holder);
     if (!forHolder) {

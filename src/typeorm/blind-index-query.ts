@@ -382,8 +382,8 @@ export function installQueryRewriting(): void {
   };
   const update = UpdateQueryBuilder.prototype as unknown as Record<string, (...args: unknown[]) => unknown>;
   const createUpdateExpression = update.createUpdateExpression as (this: unknown) => unknown;
-  update.createUpdateExpression = function (this: unknown) {
-    return whileBuildingUpdate(() => createUpdateExpression.call(this));
+  update.createUpdateExpression = function (this: { expressionMap: { valuesSet?: object } }) {
+    return whileBuildingUpdate(this.expressionMap.valuesSet, () => createUpdateExpression.call(this));
   };
   const runner = PostgresQueryRunner.prototype as unknown as Record<
     string,
