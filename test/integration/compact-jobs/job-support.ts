@@ -1,5 +1,9 @@
+import { inject } from 'vitest';
 import { rawQuery } from '../../support/database';
 import type { EncryptedTestDatabase } from '../../support/typeorm';
+
+/** PGlite serves one session at a time: the compact layout is refused there, and these tests skip. */
+export const onPglite = inject('databaseKind') === 'pglite';
 
 /** A row of the data-key table, as stored. */
 export interface StoredKeyRow {
