@@ -8,7 +8,6 @@ import { TENANT_KEYS_TABLE } from '../../migrations/1764400000000-TypeormEnvelop
 import type { EnvelopeEncryption, KeyValidation } from '../envelope-encryption';
 import { ConfigError, UnsupportedOperationError } from '../errors';
 import { indexKeysWrappedBy } from './rotate-index-key';
-import { indexKeysWrappedBy } from './rotate-index-key';
 import {
   dataKeyIdSql,
   dataKeyTablePath,
@@ -55,8 +54,6 @@ export const AUDIT_EVENTS = [
   'backfill-started',
   'backfill-finished',
   'backfill-failed',
-  'index-key-rotated',
-  'blind-indexes-filled',
   'index-key-rotated',
   'blind-indexes-filled',
   'layout-migration-started',
@@ -265,13 +262,6 @@ export class KeyRegistry {
       if (keyRows > 0) {
         throw new UnsupportedOperationError(
           `${keyRows} rows of the data-key table are still wrapped by this key version; re-wrap them first (typeorm-envelope rotate)`,
-          { keyVersion: version },
-        );
-      }
-      const indexKeys = await indexKeysWrappedBy(runner, this.#encryption.keyring.keyringId, version);
-      if (indexKeys > 0) {
-        throw new UnsupportedOperationError(
-          `${indexKeys} index keys of searchable properties are still wrapped by this key version; re-wrap first (typeorm-envelope rotate)`,
           { keyVersion: version },
         );
       }

@@ -8,7 +8,6 @@ import { tenantParameter, tenantText } from '../typeorm/encryption-tenant';
 import { describeError } from './describe-error';
 import { recordJobEnd } from './job';
 import { KeyRegistry } from './key-registry';
-import { type IndexKeysRewrap, rewrapIndexKeys } from './rotate-index-key';
 import { type KeyTableRewrapResult, rewrapKeyTable } from './rewrap-key-table';
 import { type IndexKeysRewrap, rewrapIndexKeys } from './rotate-index-key';
 import {
@@ -102,11 +101,6 @@ export interface RewrapResult {
    * `toVersion`, and those that could not be; only when re-wrapping the application keyring's rows.
    */
   storedTenantKeys?: StoredTenantKeysRewrap;
-  /**
-   * Index keys of searchable properties re-wrapped under `toVersion` (the keys, and so every stored
-   * blind index, stay the same), and those that could not be.
-   */
-  indexKeys?: IndexKeysRewrap;
   /**
    * Index keys of searchable properties re-wrapped under `toVersion` (the keys, and so every stored
    * blind index, stay the same), and those that could not be.
@@ -211,7 +205,6 @@ export async function rewrapDataKeys(
       result.storedTenantKeys = await rewrapStoredTenantKeys(target, encryption, toVersion);
     }
     if (!result.dryRun) result.indexKeys = await rewrapIndexKeys(target, encryption, toVersion, tenant);
-    if (!result.dryRun) result.indexKeys = await rewrapIndexKeys(target, encryption, toVersion, tenant);
   } catch (error) {
     result.error = error;
   }
@@ -224,12 +217,10 @@ export async function rewrapDataKeys(
       failures:
         result.properties.reduce((n, p) => n + p.failures.length, 0) +
         (result.indexKeys?.failures.length ?? 0) +
-        (result.indexKeys?.failures.length ?? 0) +
         (result.storedTenantKeys?.failures.length ?? 0) +
         (result.keyTable?.failures.length ?? 0),
       counts: {
         ...(result.storedTenantKeys ? { storedTenantKeysRewrapped: result.storedTenantKeys.rewrapped } : {}),
-        ...(result.indexKeys ? { indexKeysRewrapped: result.indexKeys.rewrapped } : {}),
         ...(result.indexKeys ? { indexKeysRewrapped: result.indexKeys.rewrapped } : {}),
         ...(result.keyTable
           ? {
