@@ -11,6 +11,7 @@ import {
   encryptedColumnsSql,
   primaryKeyBatches,
   type RotationTarget,
+  requireKeyTableFor,
   withQueryRunner,
 } from './rotation-target';
 import { sealStored } from './stored-values';
@@ -64,7 +65,12 @@ export async function backfillEncryptedColumns(
     await audit.record('backfill-started', encryption.keyring.activeVersion, {});
     await withQueryRunner(target, async (runner) => {
       const dataSource = runner.connection;
-      for (const column of encryptedColumnsSql(target, encryption, options.entities)) {
+      const columns = encryptedColumnsSql(target, encryption, options.entities);
+      await requireKeyTableFor(
+        runner,
+        columns.filter((c) => c.columns.definition.plaintext),
+      );
+      for (const column of columns) {
         const { definition } = column.columns;
         if (!definition.plaintext) continue;
         if (options.tenant !== undefined && !column.tenant) continue;

@@ -11,6 +11,7 @@ import {
   encryptedColumnsSql,
   isCompactSql,
   type RotationTarget,
+  requireKeyTableFor,
   type StorageLayout,
   withQueryRunner,
 } from './rotation-target';
@@ -113,6 +114,7 @@ export async function migrateLayout(
     }
     if (!result.dryRun) await audit.record('layout-migration-started', version, {}, about);
     await withQueryRunner(target, async (runner) => {
+      await requireKeyTableFor(runner, columns);
       for (const column of columns) {
         const outcome: PropertyLayoutMigration = {
           entity: column.entity,

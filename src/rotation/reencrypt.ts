@@ -6,6 +6,7 @@ import {
   type EntitySelector,
   encryptedColumnsSql,
   type RotationTarget,
+  requireKeyTableFor,
   withQueryRunner,
 } from './rotation-target';
 import { type SealedRow, sealedRowBatches } from './sealed-rows';
@@ -65,7 +66,9 @@ export async function reencryptColumns(
     /* Never seal under the data key that may be compromised. */
     encryption.cache.renewEncryptionKey();
     await withQueryRunner(target, async (runner) => {
-      for (const column of encryptedColumnsSql(target, encryption, options.entities)) {
+      const columns = encryptedColumnsSql(target, encryption, options.entities);
+      await requireKeyTableFor(runner, columns);
+      for (const column of columns) {
         const outcome = {
           entity: column.entity,
           property: column.property,

@@ -81,6 +81,22 @@ export async function keyTableExists(runner: QueryRunner): Promise<boolean> {
   return (await runner.hasTable(libraryTablePath(runner, DATA_KEYS_TABLE, false))) as boolean;
 }
 
+/**
+ * Refuses, with a `ConfigError` naming the migration, to work on compact values without the
+ * data-key table (instead of failing on every row, or with a driver error).
+ */
+export async function requireKeyTableFor(
+  runner: QueryRunner,
+  columns: readonly EncryptedColumnSql[],
+): Promise<void> {
+  const compact = columns.find(holdsCompact);
+  if (!compact || (await keyTableExists(runner))) return;
+  throw new ConfigError(
+    'compact values need the data-key table: add TypeormEnvelopeDataKeys1764500000000 to the DataSource migrations and run it',
+    { entity: compact.entity, column: compact.property },
+  );
+}
+
 /** The path of one of the library's tables in the DataSource's schema, quoted (or plain, for `hasTable`). */
 export function libraryTablePath(target: RotationTarget, table: string, quoted = true): string {
   const dataSource = dataSourceOf(target);

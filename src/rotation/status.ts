@@ -7,6 +7,7 @@ import {
   holdsCompact,
   isCompactSql,
   type RotationTarget,
+  requireKeyTableFor,
   type StorageLayout,
   withQueryRunner,
 } from './rotation-target';
@@ -55,7 +56,9 @@ export async function encryptionStatus(
 ): Promise<PropertyStatus[]> {
   return withQueryRunner(target, async (runner) => {
     const out: PropertyStatus[] = [];
-    for (const column of encryptedColumnsSql(target, encryption, options.entities)) {
+    const columns = encryptedColumnsSql(target, encryption, options.entities);
+    await requireKeyTableFor(runner, columns);
+    for (const column of columns) {
       if (options.tenant !== undefined && !column.tenant) continue;
       const filter = options.tenant === undefined ? '' : `WHERE t.${column.tenant} = $1`;
       const legacy = column.columns.definition.plaintext?.column;

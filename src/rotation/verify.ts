@@ -11,6 +11,7 @@ import {
   holdsCompact,
   keyTableExists,
   type RotationTarget,
+  requireKeyTableFor,
   withQueryRunner,
 } from './rotation-target';
 import { rowsWithoutCiphertextBatches, sealedRowBatches } from './sealed-rows';
@@ -116,6 +117,7 @@ export async function verifyEncryptedColumns(
   try {
     await withQueryRunner(target, async (runner) => {
       const columns = encryptedColumnsSql(target, encryption, options.entities);
+      await requireKeyTableFor(runner, columns);
       for (const column of columns) {
         const outcome = {
           entity: column.entity,

@@ -1,9 +1,11 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import {
+  ConfigError,
   encryptionStatus,
   IntegrityError,
   KeyRegistry,
   LocalKeyProvider,
+  reencryptColumns,
   rewrapDataKeys,
   UnsupportedOperationError,
   verifyEncryptedColumns,
@@ -211,5 +213,27 @@ describe.skipIf(onPglite)('retiring a master-key version', () => {
     expect(rotation.keyTable).toMatchObject({ keyRowsRewrapped: 1, failures: [] });
     await registry.retire(1);
     expect((await registry.list()).find((k) => k.version === 1)?.state).toBe('retired');
+  });
+});
+
+describe.skipIf(onPglite)('jobs on compact properties without the data-key table', () => {
+  it('are refused with a ConfigError naming the migration, before any row is read', async () => {
+    const bare = await encryptedDatabase([JobCard], { prefix: 'cj_no_table' });
+    try {
+      await rawQuery(
+        bare.schema.url,
+        `INSERT INTO "${bare.schema.schema}".job_cards (number_ciphertext) VALUES ('\\x02')`,
+      );
+      const named = /TypeormEnvelopeDataKeys1764500000000/;
+      const verified = await verifyEncryptedColumns(bare.dataSource, bare.encryption);
+      expect(verified.error).toBeInstanceOf(ConfigError);
+      expect(String(verified.error)).toMatch(named);
+      await expect(encryptionStatus(bare.dataSource, bare.encryption)).rejects.toThrow(named);
+      const reencrypted = await reencryptColumns(bare.dataSource, bare.encryption);
+      expect(String(reencrypted.error)).toMatch(named);
+      expect(reencrypted.properties).toEqual([]);
+    } finally {
+      await bare.close();
+    }
   });
 });
