@@ -153,17 +153,16 @@ export class FieldEncryptor {
    */
   checkKeyRecord(record: DataKeyRecord, binding: ValueBinding, context: ErrorContext = {}): void {
     const scope = this.#scope(binding);
-    const at = { ...context, ...tenantOf(binding) };
     if (record.keyring !== scope.context[KEYRING_CONTEXT_KEY]) {
       throw new IntegrityError(
         `data key ${record.id} of the data-key table belongs to another keyring than this one`,
-        at,
+        { ...context, ...tenantOf(binding) },
       );
     }
     if (record.tenant !== (binding.tenant ?? null)) {
       throw new IntegrityError(
         `data key ${record.id} of the data-key table belongs to another tenant than the value's row`,
-        at,
+        { ...context, ...tenantOf(binding) },
       );
     }
   }

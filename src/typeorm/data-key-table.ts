@@ -54,6 +54,9 @@ export class DataKeyTable implements DataKeyRegistrar {
   #epoch = 0;
   #pool: Promise<QueryablePool> | undefined;
   readonly #stopListening: () => void;
+  readonly #clock: { now(): number };
+  /** The row peeked last, and until when it may be used (its expiry in the LRU). */
+  #last: { record: DataKeyRecord; until: number } | undefined;
 
   constructor(dataSource: DataSource, cache: DataKeyCache) {
     this.#dataSource = dataSource;
@@ -65,6 +68,7 @@ export class DataKeyTable implements DataKeyRegistrar {
       ttl,
       ...(clock === performance ? {} : { perf: clock, ttlResolution: 0 }),
     });
+    this.#clock = clock;
     this.#stopListening = cache.onPurge(() => this.purge());
   }
 
@@ -157,7 +161,16 @@ export class DataKeyTable implements DataKeyRegistrar {
 
   /** The row of `id`, when this instance holds it (read or registered within the TTL). */
   peek(id: bigint): DataKeyRecord | undefined {
-    return this.#records.get(String(id));
+    /* Rows of one result set mostly share a data key: skip the look-up by text for the last one. */
+    const last = this.#last;
+    if (last && last.record.id === id && this.#clock.now() < last.until) return last.record;
+    const key = String(id);
+    const record = this.#records.get(key);
+    if (record) {
+      const remaining = this.#records.getRemainingTTL(key);
+      this.#last = { record, until: this.#clock.now() + remaining };
+    }
+    return record;
   }
 
   /**
@@ -187,6 +200,7 @@ export class DataKeyTable implements DataKeyRegistrar {
 
   /** Drops the row of `id` (or every row), so the next read asks the table again. */
   forget(id?: bigint): void {
+    this.#last = undefined;
     if (id === undefined) this.#records.clear();
     else this.#records.delete(String(id));
   }
@@ -194,6 +208,7 @@ export class DataKeyTable implements DataKeyRegistrar {
   /** Drops every row read or registered (with `purgeCache()`); registered ids go with their keys. */
   purge(): void {
     this.#epoch += 1;
+    this.#last = undefined;
     this.#records.clear();
   }
 

@@ -9,7 +9,13 @@ import type {
 } from 'typeorm';
 import type { ValueBinding } from '../crypto/associated-data';
 import { FLAG_PRIMARY_KEY_BOUND } from '../crypto/associated-data';
-import { COMPACT_BODY_OFFSET, COMPACT_IV_OFFSET, FORMAT_V2, parseCompact } from '../crypto/compact-value';
+import {
+  COMPACT_BODY_OFFSET,
+  COMPACT_IV_OFFSET,
+  compactDataKeyId,
+  FORMAT_V2,
+  parseCompact,
+} from '../crypto/compact-value';
 import {
   type ErrorContext,
   IntegrityError,
@@ -410,46 +416,40 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
     tenant: string | null,
   ): Promise<void> | undefined {
     const ciphertext = loaded.ciphertext as Buffer;
-    let id: bigint;
-    try {
-      id = parseCompact(ciphertext).dataKeyId;
-    } catch (error) {
-      throw withErrorContext(error, loadContext(metadata, column, entity, loaded));
+    const id = compactDataKeyId(ciphertext);
+    if (id === undefined) {
+      try {
+        parseCompact(ciphertext); // says what is wrong with it
+      } catch (error) {
+        throw withErrorContext(error, loadContext(metadata, column, entity, loaded));
+      }
+      throw new IntegrityError(
+        'compact encrypted value is malformed',
+        loadContext(metadata, column, entity, loaded),
+      );
     }
     const bound = ((ciphertext[1] ?? 0) & FLAG_PRIMARY_KEY_BOUND) !== 0;
     const primaryKey = bound ? (loaded.primaryKey ?? primaryKeyOf(metadata, entity)) : undefined;
     const binding = valueBinding(metadata, column, primaryKey, tenant);
-    const open = (record: DataKeyRecord | undefined, fresh: boolean): Promise<void> | undefined => {
-      const failed = (error: unknown): Promise<void> => {
-        if (fresh)
-          return Promise.reject(withErrorContext(error, loadContext(metadata, column, entity, loaded)));
-        this.dataKeys.forget(id);
-        return this.dataKeys.resolve(id).then((now) => {
-          if (now && record && sameRecord(now, record))
-            throw withErrorContext(error, loadContext(metadata, column, entity, loaded));
-          return open(now, true);
-        });
-      };
-      try {
-        const result = this.#openWithRecord(
-          ciphertext,
-          id,
-          record,
-          binding,
-          loaded,
-          metadata,
-          column,
-          entity,
-          holder,
-        );
-        return result?.catch(failed);
-      } catch (error) {
-        return failed(error);
-      }
-    };
+    const open = (record: DataKeyRecord | undefined) =>
+      this.#openWithRecord(ciphertext, id, record, binding, loaded, metadata, column, entity, holder);
+    const withContext = (error: unknown) =>
+      Promise.reject(withErrorContext(error, loadContext(metadata, column, entity, loaded)));
     const held = this.dataKeys.peek(id);
-    if (held) return open(held, false);
-    return this.dataKeys.resolve(id).then((record) => open(record, true));
+    if (!held) return this.dataKeys.resolve(id).then(open).catch(withContext);
+    /* A held copy that no longer opens the value is read again once (re-wrapped elsewhere). */
+    const again = (error: unknown) => {
+      this.dataKeys.forget(id);
+      return this.dataKeys.resolve(id).then((now) => {
+        if (now && sameRecord(now, held)) throw error;
+        return open(now);
+      });
+    };
+    try {
+      return open(held)?.catch(again).catch(withContext);
+    } catch (error) {
+      return again(error).catch(withContext);
+    }
   }
 
   #openWithRecord(
