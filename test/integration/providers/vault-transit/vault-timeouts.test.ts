@@ -1,5 +1,6 @@
 import 'reflect-metadata';
 import { createServer, type Server, type Socket } from 'node:net';
+import { inspect } from 'node:util';
 import { DataSource } from 'typeorm';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { EnvelopeEncryption, KeyProviderError, VaultTransitKeyProvider } from '../../../../src';
@@ -67,7 +68,31 @@ describe('a Vault endpoint that accepts connections and never answers', () => {
     expect((error as KeyProviderError).detail).toBe(
       'Vault Transit datakey timed out after 2 attempts: the server did not answer within requestTimeout',
     );
-    expect(error.message).not.toContain('hvs.never-sent-anywhere');
+    expect(inspect(error, { showHidden: true, depth: 10 })).not.toContain('hvs.never-sent-anywhere');
+  });
+
+  it('a slow Vault: an answer later than requestTimeout is a timeout; within it, the call succeeds', async () => {
+    vault.setPolicy('slow', [{ path: 'transit/*', capabilities: ['update', 'read'] }]);
+    const token = vault.createToken({ policies: ['slow'] });
+    const make = (requestTimeout: number) =>
+      new VaultTransitKeyProvider({
+        address: vault.address,
+        keyName: 'app-data',
+        auth: { token },
+        requestTimeout,
+        maxAttempts: 2,
+        retryDelay: 1,
+      });
+    vault.setLatency(400);
+    try {
+      const error = await rejection(make(100).generateDataKey(CONTEXT));
+      expect(error).toBeInstanceOf(KeyProviderError);
+      expect(error.message).toContain('Vault Transit datakey timed out after 2 attempts');
+      const { plaintextKey } = await make(5_000).generateDataKey(CONTEXT);
+      expect(plaintextKey).toHaveLength(32);
+    } finally {
+      vault.setLatency(0);
+    }
   });
 
   it('fails an AppRole login the same way', async () => {
@@ -78,6 +103,7 @@ describe('a Vault endpoint that accepts connections and never answers', () => {
   });
 
   it('a Vault that reads the request and never answers (the emulator hanging) times out too', async () => {
+    vault.resetCalls();
     vault.setHanging(true);
     try {
       const error = await rejection(
