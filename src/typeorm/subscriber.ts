@@ -431,31 +431,63 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
     const bound = ((ciphertext[1] ?? 0) & FLAG_PRIMARY_KEY_BOUND) !== 0;
     const primaryKey = bound ? (loaded.primaryKey ?? primaryKeyOf(metadata, entity)) : undefined;
     const binding = valueBinding(metadata, column, primaryKey, tenant);
-    const open = (record: DataKeyRecord | undefined) =>
-      this.#openWithRecord(ciphertext, id, record, binding, loaded, metadata, column, entity, holder);
-    const withContext = (error: unknown) =>
-      Promise.reject(withErrorContext(error, loadContext(metadata, column, entity, loaded)));
     const held = this.dataKeys.peek(id);
-    if (!held) return this.dataKeys.resolve(id).then(open).catch(withContext);
-    /* A held copy that no longer opens the value is read again once (re-wrapped elsewhere). */
-    const again = (error: unknown) => {
-      this.dataKeys.forget(id);
-      return this.dataKeys.resolve(id).then((now) => {
-        if (now && sameRecord(now, held)) throw error;
-        return open(now);
-      });
-    };
-    try {
-      return open(held)?.catch(again).catch(withContext);
-    } catch (error) {
-      return again(error).catch(withContext);
+    const args = [ciphertext, id, binding, loaded, metadata, column, entity, holder] as const;
+    if (!held) {
+      return this.dataKeys
+        .resolve(id)
+        .then((record) => this.#openWithRecord(record, ...args))
+        .catch((error: unknown) => this.#failedToOpen(error, metadata, column, entity, loaded));
     }
+    let opening: Promise<void> | undefined;
+    try {
+      opening = this.#openWithRecord(held, ...args);
+    } catch (error) {
+      return this.#openAgain(error, held, args);
+    }
+    return opening?.catch((error: unknown) => this.#openAgain(error, held, args));
+  }
+
+  /** A held copy of a key row that no longer opens the value is read again, once (re-wrapped elsewhere). */
+  #openAgain(
+    error: unknown,
+    held: DataKeyRecord,
+    args: readonly [
+      Buffer,
+      bigint,
+      ValueBinding,
+      LoadedColumns,
+      EntityMetadata,
+      EncryptedColumns,
+      object,
+      Record<string, unknown>,
+    ],
+  ): Promise<void> {
+    const [, id, , loaded, metadata, column, entity] = args;
+    this.dataKeys.forget(id);
+    return this.dataKeys
+      .resolve(id)
+      .then((now) => {
+        if (now && sameRecord(now, held)) throw error;
+        return this.#openWithRecord(now, ...args);
+      })
+      .catch((failure: unknown) => this.#failedToOpen(failure, metadata, column, entity, loaded));
+  }
+
+  #failedToOpen(
+    error: unknown,
+    metadata: EntityMetadata,
+    column: EncryptedColumns,
+    entity: object,
+    loaded: LoadedColumns,
+  ): Promise<never> {
+    return Promise.reject(withErrorContext(error, loadContext(metadata, column, entity, loaded)));
   }
 
   #openWithRecord(
+    record: DataKeyRecord | undefined,
     ciphertext: Buffer,
     id: bigint,
-    record: DataKeyRecord | undefined,
     binding: ValueBinding,
     loaded: LoadedColumns,
     metadata: EntityMetadata,
