@@ -188,6 +188,8 @@ export class AzureKeyVaultKeyProvider extends KeyProvider {
   #pinned: Pinned | undefined;
   #pinning: Promise<Pinned> | undefined;
   #algorithm: WrapAlgorithm | undefined;
+  /** The metadata the GET that resolved a version-less key id returned, for the call that caused it. */
+  #fresh: AzureKeyVaultKeyMetadata | undefined;
   #crypto: CryptographyClient | undefined;
 
   constructor(options: AzureKeyVaultKeyProviderOptions) {
@@ -245,6 +247,13 @@ export class AzureKeyVaultKeyProvider extends KeyProvider {
 
   /** GETs the key version and reports its type, size, `key_ops` and state. */
   async getKeyMetadata(): Promise<AzureKeyVaultKeyMetadata> {
+    if (!this.#pinned) {
+      /* Resolving a version-less key id GETs the current version: that answer serves this call too. */
+      await this.#pin();
+      const fresh = this.#fresh;
+      this.#fresh = undefined;
+      if (fresh) return fresh;
+    }
     const pinned = await this.#pin();
     const key = await this.#send('get', () =>
       this.#keyClient.getKey(this.#configured.name, { version: pinned.version }),
@@ -416,7 +425,7 @@ export class AzureKeyVaultKeyProvider extends KeyProvider {
         version: kid.version,
         kid: formatKeyId({ ...this.#configured, version: kid.version }),
       };
-      if (this.#pinned.version === kid.version) this.#remember(meta);
+      if (this.#pinned.version === kid.version) this.#fresh = this.#remember(meta);
       return this.#pinned;
     })().finally(() => {
       this.#pinning = undefined;

@@ -86,6 +86,27 @@ describe('examples/vault-transit (npm run example:vault-transit)', () => {
   }, 240_000);
 });
 
+describe('examples/azure-key-vault (npm run example:azure-key-vault)', () => {
+  it('runs end to end on the Key Vault emulator, shows one wrapkey, one unwrapkey and revocation, and exits 0', () => {
+    const output = runScript('example:azure-key-vault', { AZURE_KEY_VAULT_KEY_ID: undefined }); // the emulator, never real Azure
+
+    for (const email of ['alice@example.com', 'bob@example.org', 'carol@example.net']) {
+      expect(output).toContain(email);
+    }
+    // The version-less key id resolved to a versioned one at start-up.
+    expect(output).toMatch(
+      /key validated at start-up .*: http:\/\/127\.0\.0\.1:\d+\/keys\/typeorm-envelope-demo\/[0-9a-f]{32}$/m,
+    );
+    expect(output).toContain('plaintext email or city anywhere in the stored rows: no');
+    // Start-up validation wraps and unwraps once; all the writes share one wrap; cold reads one unwrap.
+    expect(output).toMatch(/^\s*wrapkey\s+1\s+1\s+0\s*$/m);
+    expect(output).toMatch(/^\s*unwrapkey\s+1\s+0\s+1\s*$/m);
+    // Role assignment removed: cached reads go on, then purgeCache() makes the next read fail.
+    expect(output).toContain('still works from the cached data key -> alice@example.com');
+    expect(output).toMatch(/read after purgeCache\(\) -> KeyAccessDeniedError: .*ForbiddenByRbac/);
+  }, 240_000);
+});
+
 describe('examples/nestjs (npm run example:nestjs)', () => {
   it('runs a NestJS application context whose TypeORM DataSource encrypts, and exits 0', () => {
     const output = runScript('example:nestjs');
