@@ -63,6 +63,15 @@ export class CompactTenantContact {
   @EncryptedCompact({ type: 'json', nullable: true }) profile!: { phone: string } | null;
 }
 
+/** A tenant's rows with a client-assigned key (upserts on it). */
+@Entity('compact_tenant_badges')
+export class CompactTenantBadge {
+  @PrimaryColumn({ type: 'uuid' }) id!: string;
+  @EncryptionTenant() @Column() workspaceId!: string;
+  @EncryptedCompact() holder!: string;
+  @EncryptedCompact({ nullable: true }) note!: string | null;
+}
+
 /** The migration the compact layout needs. */
 export const COMPACT_MIGRATIONS = [TypeormEnvelopeDataKeys1764500000000];
 /** Tenants and the compact layout. */

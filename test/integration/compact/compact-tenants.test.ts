@@ -1,9 +1,9 @@
-import { randomBytes } from 'node:crypto';
+import { randomBytes, randomUUID } from 'node:crypto';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { IntegrityError, TenantOffboardedError, UnsupportedOperationError } from '../../../src';
 import { rawQuery } from '../../support/database';
 import { type EncryptedTestDatabase, encryptedDatabase } from '../../support/typeorm';
-import { COMPACT_TENANT_MIGRATIONS, CompactTenantContact } from './compact-entities';
+import { COMPACT_TENANT_MIGRATIONS, CompactTenantBadge, CompactTenantContact } from './compact-entities';
 import { dataKeyIdOf, expectCompactValue, keyRows, keyTable, onPglite, storedRow } from './compact-support';
 
 const customerKey = () => randomBytes(32).toString('base64');
@@ -11,7 +11,7 @@ let db: EncryptedTestDatabase;
 
 beforeAll(async () => {
   if (onPglite) return;
-  db = await encryptedDatabase([CompactTenantContact], {
+  db = await encryptedDatabase([CompactTenantContact, CompactTenantBadge], {
     prefix: 'compact_tenants',
     migrations: COMPACT_TENANT_MIGRATIONS,
   });
@@ -132,6 +132,26 @@ describe.skipIf(onPglite)('compact layout with tenants', () => {
     );
     expect(key.tenant_id).toBe('ws-qb');
     expect((await contacts().findOneByOrFail({ id: saved.id })).email).toBe('qb2@x.example');
+  });
+
+  it('an upsert seals for the row’s tenant and keeps the values it does not name', async () => {
+    const badges = db.dataSource.getRepository(CompactTenantBadge);
+    const id = randomUUID();
+    await badges.upsert({ id, workspaceId: 'ws-up', holder: 'First', note: 'kept' }, ['id']);
+    await badges.upsert({ id, workspaceId: 'ws-up', holder: 'Second' }, ['id']);
+    const row = await storedRow(db, 'compact_tenant_badges', id);
+    const key = expectCompactValue(row.holder_ciphertext, 'Second', await keyRows(db), 0x07);
+    expect(key.tenant_id).toBe('ws-up');
+    db.encryption.purgeCache();
+    const back = await badges.findOneByOrFail({ id });
+    expect([back.holder, back.note]).toEqual(['Second', 'kept']);
+  });
+
+  it('a partial select reads the tenant it needs and decrypts', async () => {
+    const saved = await contacts().save(contact('ws-partial', 'partial@x.example'));
+    db.encryption.purgeCache();
+    const rows = await contacts().find({ select: { id: true, email: true }, where: { id: saved.id } });
+    expect(rows.map((r) => [r.email, r.label])).toEqual([['partial@x.example', undefined]]);
   });
 
   it('offboarding makes the tenant’s compact rows unreadable; other tenants unaffected', async () => {
