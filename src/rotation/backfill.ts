@@ -6,6 +6,7 @@ import { valueBinding } from '../typeorm/value-binding';
 import { describeError } from './describe-error';
 import { inBatchTransaction, recordJobEnd, type StoredValue, writeValue } from './job';
 import { KeyRegistry } from './key-registry';
+import { blindIndexSet } from './rotate-index-key';
 import {
   type EntitySelector,
   encryptedColumnsSql,
@@ -99,6 +100,7 @@ export async function backfillEncryptedColumns(
             text: unknown;
             tenant: unknown;
             sealed: StoredValue;
+            index: string;
           }> = [];
           for (const row of rows) {
             const key = Object.fromEntries(keyNames.map((n) => [n, row[n]]));
@@ -117,14 +119,28 @@ export async function backfillEncryptedColumns(
                   column.columns.tenant ? tenantText(column.columns.tenant, row.tenant) : undefined,
                 ),
               );
-              prepared.push({ key, text: row.plaintext_text, tenant: row.tenant_text ?? null, sealed });
+              /* A searchable property's blind index is written with its value. */
+              const index = await blindIndexSet(
+                runner,
+                encryption,
+                column.columns,
+                legacyValue(row.plaintext, definition.type),
+                column.columns.tenant ? (tenantText(column.columns.tenant, row.tenant) ?? null) : null,
+              );
+              prepared.push({
+                key,
+                text: row.plaintext_text,
+                tenant: row.tenant_text ?? null,
+                sealed,
+                index,
+              });
             } catch (error) {
               outcome.failures.push({ primaryKey, error: describeError(error) });
             }
           }
           outcome.rowsEncrypted += await inBatchTransaction(runner, async () => {
             let n = 0;
-            for (const { key, text, tenant, sealed } of prepared) {
+            for (const { key, text, tenant, sealed, index } of prepared) {
               /*
                * Only rows still without ciphertext and still holding the plaintext that was read:
                * a value the application wrote meanwhile wins, whether through this library (which
@@ -144,7 +160,7 @@ export async function backfillEncryptedColumns(
                         params: [text, tenant],
                       }
                     : { sql: `${column.ciphertext} IS NULL AND ${plaintext}::text = $${p}`, params: [text] },
-                options.clearPlaintext ? `, ${plaintext} = NULL` : '',
+                (options.clearPlaintext ? `, ${plaintext} = NULL` : '') + index,
               );
               if (done) n += 1;
             }

@@ -2,6 +2,7 @@ import type { EnvelopeEncryption } from '../envelope-encryption';
 import { describeError } from './describe-error';
 import { inBatchTransaction, recordJobEnd, type StoredValue, writeValue } from './job';
 import { KeyRegistry } from './key-registry';
+import { blindIndexSet } from './rotate-index-key';
 import {
   type EntitySelector,
   encryptedColumnsSql,
@@ -83,31 +84,37 @@ export async function reencryptColumns(
         for await (const rows of sealedRowBatches(runner, column, options.batchSize ?? 500, options.tenant)) {
           /* Decrypt and seal first, outside the transaction: no row is locked during key-provider calls. */
           await opener.load(rows);
-          const prepared: Array<{ row: SealedRow; fresh: StoredValue }> = [];
+          const prepared: Array<{ row: SealedRow; fresh: StoredValue; index: string }> = [];
           for (const row of rows) {
             try {
               const value = await opener.open(row, context);
               const binding = bindKey ? row.binding : { ...row.binding, primaryKey: undefined };
               /* In the property's layout: a compact property's sidecar values become compact ones. */
               const fresh = await sealStored(runner, encryption, column, value, binding);
-              prepared.push({ row, fresh });
+              /* A searchable property's blind index is written with it (computed anew: a row may have none yet). */
+              const index = await blindIndexSet(runner, encryption, column.columns, value, row.tenant);
+              prepared.push({ row, fresh, index });
             } catch (error) {
               outcome.failures.push({ primaryKey: row.primaryKey, error: describeError(error) });
             }
           }
           const written = await inBatchTransaction(runner, async () => {
             let n = 0;
-            for (const { row, fresh } of prepared) {
+            for (const { row, fresh, index } of prepared) {
               /*
                * Only where the row still holds the ciphertext that was read: any value the
                * application wrote meanwhile has another ciphertext (a fresh IV), and wins. A
                * concurrent re-wrap changes only the wrapped key and version of the same value (or
                * only its key row), so replacing it with a fresh sealing of that value loses nothing.
                */
-              const done = await writeValue(runner, column, row.key, fresh, (p) => ({
-                sql: `${column.ciphertext} = $${p}`,
-                params: [row.stored],
-              }));
+              const done = await writeValue(
+                runner,
+                column,
+                row.key,
+                fresh,
+                (p) => ({ sql: `${column.ciphertext} = $${p}`, params: [row.stored] }),
+                index,
+              );
               if (done) n += 1;
             }
             return n;

@@ -5,7 +5,12 @@ import { ConfigError } from '../errors';
 import type { IndexKey, IndexKeyRecord } from '../keys/index-keys';
 import type { KeyScope } from '../keys/key-scope';
 import { FIRST_TENANT_KEY_VERSION } from '../keys/keyring';
-import { inputOf, type SearchableColumn, searchableColumnsOf } from '../typeorm/blind-index-columns';
+import {
+  inputOf,
+  type SearchableColumn,
+  searchableColumnOf,
+  searchableColumnsOf,
+} from '../typeorm/blind-index-columns';
 import {
   indexKeysTable,
   missingTable,
@@ -13,6 +18,7 @@ import {
   recordOf,
   SqlIndexKeyStore,
 } from '../typeorm/blind-index-store';
+import type { EncryptedColumns } from '../typeorm/encrypted-columns';
 import { tenantParameter, tenantText } from '../typeorm/encryption-tenant';
 import { primaryKeyOf, primaryKeyOfRow } from '../typeorm/primary-key';
 import { describeError } from './describe-error';
@@ -678,4 +684,34 @@ export async function indexKeysWrappedBy(
     [keyringId, version],
   )) as Array<{ n: number }>;
   return row?.n ?? 0;
+}
+
+/**
+ * The SQL a job appends to the SET list of a value it writes, so the blind index is written with
+ * it (`, "email_bidx" = decode('…', 'hex')`, built only from bytes this library computed), or `''`
+ * for a property that is not searchable. The index is computed under the active index key of the
+ * row's tenant (made if the tenant has none), as the entity integration's writes do.
+ */
+export async function blindIndexSet(
+  runner: QueryRunner,
+  encryption: EnvelopeEncryption,
+  columns: EncryptedColumns,
+  value: unknown,
+  tenant: string | null,
+): Promise<string> {
+  const searchable = searchableColumnOf(columns);
+  if (!searchable) return '';
+  const name = runner.connection.driver.escape(searchable.index.databaseName);
+  if (value === null || value === undefined) return `, ${name} = NULL`;
+  const keys = await encryption.indexKeys.load(
+    encryption.keyScope(tenant),
+    searchable.runtime.store.on(runner),
+    true,
+  );
+  const index = (keys.write as IndexKey).index(
+    searchable.place,
+    searchable.placeId,
+    inputOf(searchable, value, tenant),
+  );
+  return `, ${name} = decode('${index.toString('hex')}', 'hex')`;
 }

@@ -52,3 +52,15 @@ export class Voucher {
 
 /** The migrations blind indexes need beside tenants. */
 export const BLIND_INDEX_MIGRATIONS = [...TENANT_MIGRATIONS, TypeormEnvelopeIndexKeys1764600000000];
+
+/** A table whose plaintext `email` column is being encrypted (backfill), searchable once encrypted. */
+@Entity('bidx_legacy_customers')
+export class LegacyCustomer {
+  @PrimaryColumn('int') id!: number;
+  @Encrypted({
+    searchable: { normalize: 'email' },
+    plaintextColumn: { name: 'email', type: 'varchar' },
+    readPlaintextFallback: true,
+  })
+  email!: string;
+}
