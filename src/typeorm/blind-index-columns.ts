@@ -9,7 +9,7 @@ import type {
 } from 'typeorm';
 import type { ColumnMetadata } from 'typeorm/metadata/ColumnMetadata';
 import { type IndexPlace, indexInput } from '../crypto/blind-index';
-import { ConfigError, UnsupportedOperationError, withErrorContext } from '../errors';
+import { ConfigError, UniqueViolationError, UnsupportedOperationError, withErrorContext } from '../errors';
 import type { IndexKey, IndexKeys, ScopeIndexKeys } from '../keys/index-keys';
 import type { KeyScope } from '../keys/key-scope';
 import { type BlindIndexDefinition, blindIndexDefinition } from './blind-index-decorator';
@@ -17,6 +17,7 @@ import type { SqlIndexKeyStore } from './blind-index-store';
 import type { EncryptedColumns } from './encrypted-columns';
 import { tenantText } from './encryption-tenant';
 import { PendingPlaintext } from './property-state';
+import { setMapOf } from './query-guards';
 
 /** What the blind indexes of one DataSource need from the library. */
 export interface BlindIndexRuntime {
@@ -310,23 +311,80 @@ function prepare(
       if (tenant !== undefined) fallbackTenants.set(entity, tenant);
     }
     if (tenant === undefined) continue; // the encryption subscriber refuses the write
+    const context = {
+      entity: metadata.name,
+      column: column.columns.main.propertyPath,
+      ...(tenant === null ? {} : { tenant }),
+    };
     const keys = scopeKeys(column, column.runtime.scopeOf(tenant), true, runner);
+    /* A save over a row: the row itself is no duplicate of its own value. A query-builder update
+       (a SET map) names no row: only the unique index checks it. */
+    const check = column.definition.unique && !setMapOf(entity);
+    const self = databaseEntity ?? entity;
     if (keys instanceof Promise) {
       pending ??= [];
       pending.push(
-        keys.catch((error: unknown) =>
-          Promise.reject(
-            withErrorContext(error, {
-              entity: metadata.name,
-              column: column.columns.main.propertyPath,
-              ...(tenant === null ? {} : { tenant }),
-            }),
-          ),
-        ),
+        keys
+          .then((loaded) =>
+            check ? refuseOlderDuplicate(column, loaded, value, tenant, self, runner) : undefined,
+          )
+          .catch((error: unknown) => Promise.reject(withErrorContext(error, context))),
       );
+    } else if (check && keys.query.length > 1) {
+      pending ??= [];
+      pending.push(refuseOlderDuplicate(column, keys, value, tenant, self, runner));
     }
   }
   return pending ? Promise.all(pending).then(() => undefined) : undefined;
+}
+
+/**
+ * While an index key is rotated, a unique property's rows are indexed under two keys, which the
+ * unique index cannot compare: a value another row holds under the previous key is looked for
+ * (in the write's own transaction) and refused. Concurrent writers of the same value that both
+ * look before either commits can still meet under the two keys: the rotation then reports that
+ * duplicate and keeps the previous key until it is resolved.
+ */
+async function refuseOlderDuplicate(
+  column: SearchableColumn,
+  keys: ScopeIndexKeys,
+  value: unknown,
+  tenant: string | null,
+  self: object | undefined,
+  runner: QueryRunner,
+): Promise<void> {
+  if (!column.definition.unique) return;
+  const older = keys.query.filter((key) => key !== keys.write);
+  if (older.length === 0) return;
+  const plaintext = column.runtime.plaintextOf(value)?.value ?? value;
+  const input = inputOf(column, plaintext, tenant);
+  const indexes = older.map((key) => key.index(column.place, column.placeId, input));
+  const metadata = column.columns.entity;
+  const driver = metadata.connection.driver;
+  const table = metadata.tablePath
+    .split('.')
+    .map((part) => driver.escape(part))
+    .join('.');
+  const keyColumns = metadata.primaryColumns;
+  const own = self ? keyColumns.map((c) => c.getEntityValue(self)) : [];
+  const excludeSelf =
+    self && own.every((v) => v !== undefined && v !== null)
+      ? ` AND (${keyColumns.map((c) => driver.escape(c.databaseName)).join(', ')}) IS DISTINCT FROM (${own.map((_, i) => `$${i + 2}`).join(', ')})`
+      : '';
+  const found = (await runner.query(
+    `SELECT 1 FROM ${table} WHERE ${driver.escape(column.index.databaseName)} = ANY($1)${excludeSelf} LIMIT 1`,
+    [indexes, ...(excludeSelf ? own : [])],
+  )) as unknown[];
+  if (found.length > 0) {
+    throw new UniqueViolationError(
+      'another row already holds this value of a unique encrypted property; nothing was written',
+      {
+        entity: metadata.name,
+        column: column.columns.main.propertyPath,
+        ...(tenant === null ? {} : { tenant }),
+      },
+    );
+  }
 }
 
 function schemaOf(metadata: EntityMetadata): string {

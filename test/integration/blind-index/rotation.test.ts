@@ -7,6 +7,7 @@ import {
   LocalKeyProvider,
   rewrapDataKeys,
   rotateIndexKey,
+  UniqueViolationError,
   UnsupportedOperationError,
 } from '../../../src';
 import { Account, BLIND_INDEX_MIGRATIONS, Invoice, Member } from '../../support/blind-index-entities';
@@ -166,6 +167,47 @@ describe('rotating an index key', () => {
       `SELECT email_bidx FROM ${schema()}.bidx_members WHERE "workspaceId" = 'ws-fill' ORDER BY id LIMIT 1`,
     );
     expect(row?.email_bidx).toEqual(first);
+  });
+});
+
+describe('unique values while an index key is rotated', () => {
+  it('refuses a value another row holds under the previous key, which the unique index cannot see', async () => {
+    await seed('ws-urot', 5);
+    /* The state a rotation leaves between activating the new key and recomputing the rows. */
+    const scope = db.encryption.keyScope('ws-urot');
+    const { key, record } = await db.encryption.indexKeys.generate(scope, 2);
+    key.destroy();
+    await rawQuery(
+      db.schema.url,
+      `UPDATE ${schema()}.typeorm_envelope_index_keys SET state = 'previous' WHERE tenant_id = 'ws-urot'`,
+    );
+    await rawQuery(
+      db.schema.url,
+      `INSERT INTO ${schema()}.typeorm_envelope_index_keys (keyring_id, tenant_id, version, state, key_version, wrapped_key)
+       VALUES ('default', 'ws-urot', 2, 'active', $1, $2)`,
+      [record.keyVersion, record.wrappedKey],
+    );
+    db.encryption.indexKeys.refresh(scope);
+    const duplicate = members().create({
+      workspaceId: 'ws-urot',
+      email: 'WS-UROT-3@example.com',
+      phone: null,
+      note: null,
+    });
+    await expect(members().save(duplicate)).rejects.toBeInstanceOf(UniqueViolationError);
+    const saved = await members().save(
+      members().create({ workspaceId: 'ws-urot', email: 'fresh@example.com', phone: null, note: null }),
+    );
+    const old = await members().findOneByOrFail({ workspaceId: 'ws-urot', email: 'ws-urot-1@example.com' });
+    old.label = 'saved unchanged over itself';
+    await members().save(old); // its own row is no duplicate
+    expect(await members().countBy({ workspaceId: 'ws-urot' })).toBe(6);
+    const result = await rotateIndexKey(db.dataSource, db.encryption, { tenant: 'ws-urot', settleTime: 0 });
+    expect(result).toMatchObject({ resumed: true, rowsLeft: 0, previousRetired: true });
+    expect(result.properties.flatMap((p) => p.duplicates)).toEqual([]);
+    expect((await members().findOneByOrFail({ workspaceId: 'ws-urot', email: 'fresh@example.com' })).id).toBe(
+      saved.id,
+    );
   });
 });
 
