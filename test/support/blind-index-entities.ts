@@ -1,5 +1,6 @@
 import 'reflect-metadata';
 import { Column, Entity, ManyToOne, PrimaryColumn, PrimaryGeneratedColumn } from 'typeorm';
+import { TypeormEnvelopeDataKeys1764500000000 } from '../../migrations/1764500000000-TypeormEnvelopeDataKeys';
 import { TypeormEnvelopeIndexKeys1764600000000 } from '../../migrations/1764600000000-TypeormEnvelopeIndexKeys';
 import { Encrypted, EncryptionTenant } from '../../src';
 import { TENANT_MIGRATIONS } from './tenant-entities';
@@ -64,3 +65,18 @@ export class LegacyCustomer {
   })
   email!: string;
 }
+
+/** Searchable properties in the compact layout: the index column sits beside the one value column. */
+@Entity('bidx_compact_members')
+export class CompactMember {
+  @PrimaryGeneratedColumn() id!: number;
+  @EncryptionTenant() @Column() workspaceId!: string;
+  @Encrypted({ layout: 'compact', searchable: { normalize: 'email' }, unique: true }) email!: string;
+  @Encrypted({ layout: 'compact', nullable: true }) note!: string | null;
+}
+
+/** The migrations of the compact layout's data-key table and of blind indexes, beside tenants. */
+export const COMPACT_BLIND_INDEX_MIGRATIONS = [
+  ...BLIND_INDEX_MIGRATIONS,
+  TypeormEnvelopeDataKeys1764500000000,
+];
