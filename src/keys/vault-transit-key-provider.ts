@@ -87,7 +87,7 @@ const KEY_NAME = /^\w(?:[\w.@-]*\w)?$/;
 /** A Transit ciphertext: `vault:v<N>:<base64>`. */
 const CIPHERTEXT = /^vault:v(\d+):[A-Za-z0-9+/]+={0,2}$/;
 
-type Operation = 'datakey' | 'encrypt' | 'decrypt' | 'rewrap' | 'read key';
+type Operation = 'datakey' | 'encrypt' | 'decrypt' | 'rewrap' | 'key read';
 
 /** The capability each operation's path needs in the token's policy. */
 const CAPABILITY: Record<Operation, string> = {
@@ -95,7 +95,7 @@ const CAPABILITY: Record<Operation, string> = {
   encrypt: 'update',
   decrypt: 'update',
   rewrap: 'update',
-  'read key': 'read',
+  'key read': 'read',
 };
 
 /**
@@ -210,7 +210,7 @@ export class VaultTransitKeyProvider extends KeyProvider {
 
   /** Reads the key's metadata (`GET <mount>/keys/<name>`; the policy needs `read` on it). */
   async describeKey(): Promise<VaultTransitKeyInfo> {
-    const data = await this.#call('read key', 'GET', `${this.#path('keys')}`);
+    const data = await this.#call('key read', 'GET', `${this.#path('keys')}`);
     const number = (v: unknown) => (typeof v === 'number' ? v : 0);
     return {
       name: typeof data.name === 'string' ? data.name : this.#keyName,
@@ -422,7 +422,7 @@ export class VaultTransitKeyProvider extends KeyProvider {
     }
     if (
       /encryption key not found|key not found/i.test(text) ||
-      (operation === 'read key' && answer.status === 404)
+      (operation === 'key read' && answer.status === 404)
     ) {
       return new KeyAccessDeniedError(
         `the Transit key was not found: no key ${this.#keyName} in mount ${this.#mount} (${reason})`,
