@@ -107,6 +107,31 @@ describe('examples/azure-key-vault (npm run example:azure-key-vault)', () => {
   }, 240_000);
 });
 
+describe('examples/gcp-kms (npm run example:gcp-kms)', () => {
+  it('runs end to end on the Cloud KMS emulator: one Encrypt, one Decrypt, the version named, rotation and revocation, exit 0', () => {
+    const output = runScript('example:gcp-kms', { GCP_KMS_KEY_NAME: undefined }); // the emulator, never real Cloud KMS
+
+    for (const email of ['alice@example.com', 'bob@example.org', 'carol@example.net']) {
+      expect(output).toContain(email);
+    }
+    expect(output).toContain('plaintext email or city anywhere in the stored rows: no');
+    // Start-up reads the key and makes a round trip; all the writes share one Encrypt; cold reads one Decrypt.
+    expect(output).toMatch(/^\s*GetCryptoKey\s+1\s+0\s+0\s*$/m);
+    expect(output).toMatch(/^\s*Encrypt\s+1\s+1\s+0\s*$/m);
+    expect(output).toMatch(/^\s*Decrypt\s+1\s+0\s+1\s*$/m);
+    // Each stored wrapped key names the key version that wrapped it; the rotation moves them to version 2.
+    expect(output).toMatch(
+      /^\s*wrapped by projects\/[^/]+\/locations\/global\/keyRings\/demo\/cryptoKeys\/customer-data\/cryptoKeyVersions\/1$/m,
+    );
+    expect(output).toMatch(/ciphertext unchanged: yes; wrapped keys now name \S+\/cryptoKeyVersions\/2$/m);
+    expect(output).toContain('version 1 disabled: every customer still reads -> yes');
+    // IAM binding removed: cached reads go on, then purgeCache() makes the next read fail.
+    expect(output).toContain('still works from the cached data key -> alice@example.com');
+    expect(output).toMatch(/read after purgeCache\(\) -> KeyAccessDeniedError: .*PERMISSION_DENIED/);
+    expect(output).not.toMatch(/ya29\.[A-Za-z0-9_-]{8,}/); // no access token printed
+  }, 240_000);
+});
+
 describe('examples/nestjs (npm run example:nestjs)', () => {
   it('runs a NestJS application context whose TypeORM DataSource encrypts, and exits 0', () => {
     const output = runScript('example:nestjs');
