@@ -1,6 +1,7 @@
 import type { DataSource } from 'typeorm';
 import type { EnvelopeEncryption } from '../envelope-encryption';
 import { ConfigError, EnvelopeError, withErrorContext } from '../errors';
+import { keyIdentity } from '../keys/key-identity';
 import type { KeyProvider } from '../keys/key-provider';
 import { FIRST_TENANT_KEY_VERSION } from '../keys/keyring';
 import type { TenantKeyDescriptor } from '../keys/tenant-key-factories';
@@ -536,10 +537,17 @@ export class TenantAdmin {
     return key;
   }
 
-  /** A key is one customer's alone: the same key (ARN or fingerprint) is refused for a second tenant, or twice. */
+  /**
+   * A key is one customer's alone: the same key (ARN or fingerprint) is refused twice, and any
+   * version of it (see {@link keyIdentity}) is refused for a second tenant.
+   */
   async #refuseSharedKey(tenantId: string, keyReference: string): Promise<void> {
     const { keys } = await this.#registry.readAll();
-    const same = keys.find((k) => k.keyReference === keyReference && k.state !== 'destroyed');
+    const live = keys.filter((k) => k.state !== 'destroyed');
+    const identity = keyIdentity(keyReference);
+    const same =
+      live.find((k) => k.keyReference === keyReference) ??
+      live.find((k) => k.tenantId !== tenantId && keyIdentity(k.keyReference) === identity);
     if (!same) return;
     if (same.tenantId === tenantId) {
       throw new ConfigError(

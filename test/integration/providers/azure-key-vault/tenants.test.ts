@@ -324,6 +324,18 @@ describe('rotation of a tenant’s key in its Key Vault', () => {
     expect(loaded.map((c) => c.id)).toEqual(acmeIds);
     expect(loaded.every((c) => c.email.endsWith('@acme.example'))).toBe(true);
   });
+
+  it('a version of another tenant’s key that no tenant registered yet is still that tenant’s key: refused', async () => {
+    const next = await new KeyClient(acmeVault.vaultUrl, officer, clientOptions).rotateKey('acme-data');
+    acmeVault.resetCalls();
+    const error = await rejection(
+      db.encryption.tenants.addKey('mallory', { kind: 'azure-key-vault', keyId: next.id as string }),
+    );
+    expect(error).toBeInstanceOf(ConfigError);
+    expect(error.message).toContain('already registered for another tenant');
+    expect(acmeVault.calls.wrapkey + acmeVault.calls.unwrapkey).toBe(0);
+    expect(await keyRecords('mallory')).toEqual([]);
+  });
 });
 
 describe('offboarding', () => {
