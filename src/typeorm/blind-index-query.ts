@@ -64,6 +64,11 @@ export class BlindIndexParameter {
     return this.#values !== undefined;
   }
 
+  /** The one index to match, when it is known already and there is exactly one. */
+  get single(): Buffer | undefined {
+    return this.#values?.length === 1 ? this.#values[0] : undefined;
+  }
+
   /** Computes the indexes (loading the index keys through `runner` when it is given). */
   async resolve(runner: QueryRunner | undefined): Promise<void> {
     if (this.#values || !this.#resolve) return;
@@ -252,6 +257,12 @@ function indexCondition(
   const parameter = indexParameter(column, column.runtime.scopeOf(tenant), values, tenant);
   parameterCount = (parameterCount + 1) % Number.MAX_SAFE_INTEGER;
   const name = `typeormEnvelopeIndex${parameterCount}`;
+  /* One index known now (the common case: one value, no rotation): the plain comparison a
+     plaintext column would get. Otherwise the indexes, known now or before the query runs, as one array. */
+  const single = parameter.single;
+  if (single) {
+    return Raw((alias) => (negate ? `${alias} <> :${name}` : `${alias} = :${name}`), { [name]: single });
+  }
   return Raw((alias) => (negate ? `NOT (${alias} = ANY(:${name}))` : `${alias} = ANY(:${name})`), {
     [name]: parameter,
   });
