@@ -630,8 +630,6 @@ export class GcpKmsEmulator {
       fail('INVALID_ARGUMENT', 'Invalid JSON payload received.');
     }
     if (fault) this.faults[operation] += 1;
-    const enumOut = <T extends Record<string, number>>(values: T, value: keyof T) =>
-      numericEnums ? values[value] : value;
     switch (operation) {
       case 'Encrypt':
         return this.encrypt(name, body, member, call, fault);
@@ -639,16 +637,16 @@ export class GcpKmsEmulator {
         return this.decrypt(name, body, member, call, fault);
       case 'GetCryptoKey': {
         const key = this.authorized(name, 'cloudkms.cryptoKeys.get', member);
-        return this.keyJson(key, enumOut);
+        return this.keyJson(key, numericEnums);
       }
       case 'GetCryptoKeyVersion': {
         this.authorized(name, 'cloudkms.cryptoKeyVersions.get', member);
-        return this.versionJson(this.version(name).key, this.version(name).version, enumOut);
+        return this.versionJson(this.version(name).key, this.version(name).version, numericEnums);
       }
       case 'CreateCryptoKeyVersion': {
         const key = this.authorized(name, 'cloudkms.cryptoKeyVersions.create', member);
         /* As the service: a new version of a symmetric key is not made primary by creating it. */
-        return this.versionJson(key, this.addVersion(key, false), enumOut);
+        return this.versionJson(key, this.addVersion(key, false), numericEnums);
       }
       case 'UpdateCryptoKeyPrimaryVersion': {
         const key = this.authorized(name, 'cloudkms.cryptoKeys.update', member);
@@ -659,7 +657,7 @@ export class GcpKmsEmulator {
           fail('FAILED_PRECONDITION', 'Only ENCRYPT_DECRYPT keys have a primary version.');
         this.usable(version);
         key.primary = version;
-        return this.keyJson(key, enumOut);
+        return this.keyJson(key, numericEnums);
       }
       case 'UpdateCryptoKeyVersion': {
         const key = this.authorized(name, 'cloudkms.cryptoKeyVersions.update', member);
@@ -676,7 +674,7 @@ export class GcpKmsEmulator {
           );
         }
         version.state = wanted;
-        return this.versionJson(key, version, enumOut);
+        return this.versionJson(key, version, numericEnums);
       }
       case 'DestroyCryptoKeyVersion': {
         const key = this.authorized(name, 'cloudkms.cryptoKeyVersions.destroy', member);
@@ -688,7 +686,7 @@ export class GcpKmsEmulator {
           );
         }
         version.state = 'DESTROY_SCHEDULED';
-        return this.versionJson(key, version, enumOut);
+        return this.versionJson(key, version, numericEnums);
       }
     }
   }
@@ -793,26 +791,26 @@ export class GcpKmsEmulator {
     };
   }
 
-  private keyJson(key: KeyRecord, enumOut: EnumOut): object {
+  private keyJson(key: KeyRecord, numeric: boolean): object {
     return {
       name: key.name,
-      ...(key.primary ? { primary: this.versionJson(key, key.primary, enumOut) } : {}),
-      purpose: enumOut(PURPOSES, key.purpose),
+      ...(key.primary ? { primary: this.versionJson(key, key.primary, numeric) } : {}),
+      purpose: enumValue(numeric, key.purpose, PURPOSES[key.purpose]),
       createTime: key.createTime,
       versionTemplate: {
-        protectionLevel: numericOr(enumOut, PROTECTION_SOFTWARE, 'SOFTWARE'),
-        algorithm: numericOr(enumOut, ALGORITHMS[key.purpose].value, ALGORITHMS[key.purpose].name),
+        protectionLevel: enumValue(numeric, 'SOFTWARE', PROTECTION_SOFTWARE),
+        algorithm: enumValue(numeric, ALGORITHMS[key.purpose].name, ALGORITHMS[key.purpose].value),
       },
       destroyScheduledDuration: '2592000s',
     };
   }
 
-  private versionJson(key: KeyRecord, version: VersionRecord, enumOut: EnumOut): object {
+  private versionJson(key: KeyRecord, version: VersionRecord, numeric: boolean): object {
     return {
       name: version.name,
-      state: enumOut(STATES, version.state),
-      protectionLevel: numericOr(enumOut, PROTECTION_SOFTWARE, 'SOFTWARE'),
-      algorithm: numericOr(enumOut, ALGORITHMS[key.purpose].value, ALGORITHMS[key.purpose].name),
+      state: enumValue(numeric, version.state, STATES[version.state]),
+      protectionLevel: enumValue(numeric, 'SOFTWARE', PROTECTION_SOFTWARE),
+      algorithm: enumValue(numeric, ALGORITHMS[key.purpose].name, ALGORITHMS[key.purpose].value),
       createTime: version.createTime,
       ...(version.state === 'ENABLED' || version.state === 'DISABLED'
         ? { generateTime: version.createTime }
@@ -830,11 +828,9 @@ export class GcpKmsEmulator {
   }
 }
 
-type EnumOut = <T extends Record<string, number>>(values: T, value: keyof T) => number | keyof T;
-
-/** An enum value as the request asked for it: the number, or its name. */
-function numericOr(enumOut: EnumOut, value: number, name: string): number | string {
-  return enumOut({ [name]: value }, name) as number | string;
+/** An enum value as the request asked for it (`enum-encoding=int`: its number; else its name). */
+function enumValue(numeric: boolean, name: string, value: number): number | string {
+  return numeric ? value : name;
 }
 
 function stateName(value: unknown): VersionState | undefined {

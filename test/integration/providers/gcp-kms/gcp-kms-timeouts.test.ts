@@ -127,6 +127,35 @@ describe('a Cloud KMS endpoint that accepts connections and never answers', () =
     }
   });
 
+  it('a slow endpoint: answers within requestTimeout are used, answers later than it are not waited for', async () => {
+    const key = emulator.createKey();
+    const patient = new GcpKmsKeyProvider({
+      keyName: key.name,
+      ...emulator.connection(),
+      requestTimeout: 5_000,
+    });
+    const hasty = new GcpKmsKeyProvider({
+      keyName: key.name,
+      ...emulator.connection(),
+      requestTimeout: 50,
+      maxAttempts: 2,
+      retryDelay: 5,
+    });
+    try {
+      emulator.setLatency(300);
+      const { plaintextKey, wrappedKey } = await patient.generateDataKey(CONTEXT);
+      expect((await patient.unwrapDataKey(wrappedKey, CONTEXT)).equals(plaintextKey)).toBe(true);
+      emulator.resetCalls();
+      const error = await rejection(hasty.unwrapDataKey(wrappedKey, CONTEXT));
+      expect(error).toBeInstanceOf(KeyProviderError);
+      expect(error.message).toContain('GCP KMS Decrypt timed out after 2 attempts');
+    } finally {
+      emulator.setLatency(0);
+      patient.destroy();
+      hasty.destroy();
+    }
+  });
+
   it('a request left unanswered once is abandoned and sent again: the second attempt answers', async () => {
     const key = emulator.createKey();
     const kms = new GcpKmsKeyProvider({
