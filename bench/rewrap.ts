@@ -58,21 +58,30 @@ export interface EncryptedColumnSql {
   keyVersion: string;
 }
 
-/** The encrypted properties' tables and columns, from the public `encryptedEntities()`. */
+/**
+ * The encrypted properties' tables and columns, from the public `encryptedEntities()`: the
+ * four-sidecar properties (the re-wrap section's entity has no others).
+ */
 export function encryptedColumnsSql(
   dataSource: DataSource,
   encryption: EnvelopeEncryption,
 ): EncryptedColumnSql[] {
   const quote = (name: string) => dataSource.driver.escape(name);
   return encryption.encryptedEntities(dataSource).flatMap(({ metadata, columns }) =>
-    columns.map((c) => ({
-      property: c.main.propertyPath,
-      table: metadata.tablePath.split('.').map(quote).join('.'),
-      ciphertext: quote(c.main.databaseName),
-      iv: quote(c.sidecars.iv.databaseName),
-      wrappedKey: quote(c.sidecars.wrappedKey.databaseName),
-      keyVersion: quote(c.sidecars.keyVersion.databaseName),
-    })),
+    columns.flatMap(({ main, sidecars }) =>
+      sidecars
+        ? [
+            {
+              property: main.propertyPath,
+              table: metadata.tablePath.split('.').map(quote).join('.'),
+              ciphertext: quote(main.databaseName),
+              iv: quote(sidecars.iv.databaseName),
+              wrappedKey: quote(sidecars.wrappedKey.databaseName),
+              keyVersion: quote(sidecars.keyVersion.databaseName),
+            },
+          ]
+        : [],
+    ),
   );
 }
 
