@@ -188,7 +188,13 @@ function overrideIndexAccess(searchable: SearchableColumn): void {
     if (value === null || value === undefined) return value;
     const tenant = rowTenant(columns, entity);
     if (tenant === undefined) return PENDING_INDEX;
-    return writeIndex(searchable, tenant, value, holder) ?? PENDING_INDEX;
+    try {
+      return writeIndex(searchable, tenant, value, holder) ?? PENDING_INDEX;
+    } catch {
+      /* TypeORM also reads columns where nothing is written (create(), merge()); a value its
+         normaliser refuses is refused before any write, by the subscriber (below). */
+      return PENDING_INDEX;
+    }
   };
   /* Reads never select the column (select: false); a value read anyway is not kept. */
   searchable.index.setEntityValue = () => undefined;
@@ -316,6 +322,8 @@ function prepare(
       column: column.columns.main.propertyPath,
       ...(tenant === null ? {} : { tenant }),
     };
+    /* A value its normaliser refuses fails the write here, with a typed error, before any statement. */
+    inputOf(column, column.runtime.plaintextOf(value)?.value ?? value, tenant);
     const keys = scopeKeys(column, column.runtime.scopeOf(tenant), true, runner);
     /* A save over a row: the row itself is no duplicate of its own value. A query-builder update
        (a SET map) names no row: only the unique index checks it. */
