@@ -110,6 +110,10 @@ describe(`login by email among ${ROWS.toLocaleString('en')} rows`, () => {
     expect(await members().countBy({ workspaceId: TENANT, email: 'user7@example.com' })).toBe(1);
     expect(await members().existsBy({ workspaceId: TENANT, email: 'USER8@example.com' })).toBe(true);
     expect(await members().existsBy({ workspaceId: TENANT, email: 'nobody@example.com' })).toBe(false);
+    const seven = await members().findOneByOrFail({ workspaceId: TENANT, email: 'user7@example.com' });
+    expect(
+      await members().sum('id', { workspaceId: TENANT, email: In(['user7@example.com', 'nobody@x']) }),
+    ).toBe(seven.id);
     expect(await members().countBy({ workspaceId: TENANT, phone: IsNull() })).toBe(ROWS);
     expect(await members().countBy({ workspaceId: TENANT, phone: Not(IsNull()) })).toBe(1);
     expect((await members().findBy({ workspaceId: TENANT, phone: '442079460018' })).length).toBe(1); // digits normaliser
