@@ -30,7 +30,6 @@ export class TypeormEnvelopeIndexKeys1764600000000 implements MigrationInterface
         "activated_at" timestamptz NULL DEFAULT now(),
         "rewrapped_at" timestamptz NULL,
         "retired_at" timestamptz NULL,
-        "job" jsonb NULL,
         PRIMARY KEY ("keyring_id", "tenant_id", "version"),
         CHECK ("state" = 'retired' OR "wrapped_key" IS NOT NULL)
       )`,
