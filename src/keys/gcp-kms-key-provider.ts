@@ -798,8 +798,3 @@ function positiveInteger(name: string, value: unknown): number {
   }
   return value;
 }
-
-/** Whether `keyName` names a crypto key version (`…/cryptoKeyVersions/N`) rather than a crypto key. */
-export function isGcpKeyVersionName(keyName: string): boolean {
-  return KEY_VERSION.test(keyName);
-}

@@ -1,18 +1,15 @@
 import { ConfigError } from '../errors';
-import {
-  type GcpKmsClient,
-  GcpKmsKeyProvider,
-  type GcpKmsKeyProviderOptions,
-  isGcpKeyVersionName,
-} from './gcp-kms-key-provider';
+import { type GcpKmsClient, GcpKmsKeyProvider, type GcpKmsKeyProviderOptions } from './gcp-kms-key-provider';
 import type { TenantKeyFactory } from './tenant-key-factories';
 
 /** A symmetric crypto key in the customer's own Google Cloud project, granted to the application's identity. */
 export interface GcpKmsKeyDescriptor {
   kind: 'gcp-kms';
   /**
-   * The crypto key, `projects/P/locations/L/keyRings/R/cryptoKeys/K` (not one of its versions: its
-   * primary version wraps the tenant's data keys, so the customer's Cloud KMS rotation applies).
+   * The crypto key, `projects/P/locations/L/keyRings/R/cryptoKeys/K` (its primary version wraps the
+   * tenant's new data keys, so the customer's rotation in Cloud KMS applies to them at once), or one
+   * of its versions, `…/cryptoKeyVersions/N` (that version alone wraps and unwraps: added as the
+   * tenant's next key after a rotation, its job moves every data key onto the new version).
    */
   keyName: string;
 }
@@ -38,16 +35,7 @@ export function gcpKmsKeyFactory(options: GcpKmsTenantOptions = {}): TenantKeyFa
       const { keyName } = descriptor as Partial<GcpKmsKeyDescriptor>;
       if (typeof keyName !== 'string' || keyName === '') {
         throw new ConfigError(
-          'a gcp-kms tenant key needs keyName (projects/P/locations/L/keyRings/R/cryptoKeys/K)',
-        );
-      }
-      /* Key references are compared as written: a version of a key registered for another tenant
-         would not match that key's name, so only crypto keys are taken. */
-      if (isGcpKeyVersionName(keyName)) {
-        throw new ConfigError(
-          'a gcp-kms tenant key is a crypto key (projects/P/locations/L/keyRings/R/cryptoKeys/K), not one of ' +
-            'its versions: its primary version wraps the tenant’s data keys',
-          { keyId: keyName },
+          'a gcp-kms tenant key needs keyName (projects/P/locations/L/keyRings/R/cryptoKeys/K, or …/cryptoKeyVersions/N)',
         );
       }
       return { keyName };

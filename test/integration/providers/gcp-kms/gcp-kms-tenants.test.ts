@@ -135,7 +135,7 @@ describe('a tenant on its own Cloud KMS key', () => {
     ).toEqual([]);
   });
 
-  it('refuses, before any call, a key already registered for another tenant, a key version, and a descriptor without keyName', async () => {
+  it('refuses, before any call, a key already registered for another tenant, any version of it, and a descriptor without keyName', async () => {
     const victim = customerGcpKey('victim-co');
     await db.encryption.tenants.addKey('victim-co', { kind: 'gcp-kms', keyName: victim.name });
     gcp.resetCalls();
@@ -145,6 +145,7 @@ describe('a tenant on its own Cloud KMS key', () => {
     expect(shared).toBeInstanceOf(ConfigError);
     expect(shared.message).toContain('already registered for another tenant');
     expect(shared).toMatchObject({ tenant: 'mallory-co', keyId: victim.name });
+    // Any version of that key is the same customer's key: refused too, before its version is used.
     const version = await rejection(
       db.encryption.tenants.addKey('mallory-co', {
         kind: 'gcp-kms',
@@ -152,7 +153,7 @@ describe('a tenant on its own Cloud KMS key', () => {
       }),
     );
     expect(version).toBeInstanceOf(ConfigError);
-    expect(version.message).toContain('a gcp-kms tenant key is a crypto key');
+    expect(version.message).toContain('already registered for another tenant');
     const empty = await rejection(db.encryption.tenants.addKey('mallory-co', { kind: 'gcp-kms' } as never));
     expect(empty).toBeInstanceOf(ConfigError);
     expect(gcp.callLog).toEqual([]);
@@ -203,6 +204,7 @@ describe('a tenant on its own Cloud KMS key', () => {
 describe('isolation between tenants on Cloud KMS keys', () => {
   let initech: { name: string; primary?: string };
   let hooli: { name: string };
+  let umbrella: { name: string; primary?: string };
 
   beforeAll(async () => {
     initech = customerGcpKey('initech');
@@ -210,10 +212,13 @@ describe('isolation between tenants on Cloud KMS keys', () => {
     await db.encryption.tenants.addKey('initech', { kind: 'gcp-kms', keyName: initech.name });
     await db.encryption.tenants.addKey('hooli', { kind: 'gcp-kms', keyName: hooli.name });
     await db.encryption.tenants.addKey('umbrella', { kind: 'customer-key', key: customerKey() });
+    umbrella = customerGcpKey('umbrella-gcp');
+    await db.encryption.tenants.addKey('umbrella-gcp', { kind: 'gcp-kms', keyName: umbrella.name });
     await save('initech', ['i0', 'i1']);
     await save('hooli', ['h0', 'h1']);
     await save('umbrella', ['u0']);
     await save('vendor-only', ['v0']);
+    await save('umbrella-gcp', ['g0', 'g1']);
   });
 
   it('a wrapped key copied from another tenant’s row is refused without asking Cloud KMS; the whole value copied, by its version', async () => {
@@ -286,6 +291,33 @@ describe('isolation between tenants on Cloud KMS keys', () => {
     await save('vendor-only', ['v1']);
     gcp.grant(initech.name, APP_MEMBER, ENCRYPTER_DECRYPTER);
     gcp.grant(initech.name, APP_MEMBER, VIEWER);
+  });
+
+  it('the customer rotates its key in Cloud KMS: its next key is the new version, the job moves every data key onto it, the old version can be disabled', async () => {
+    const before = await stored('umbrella-gcp');
+    expect(before.length).toBeGreaterThan(0);
+    expect(new Set(before.map((r) => GcpKmsKeyProvider.keyVersionOf(r.email_wrapped_key)))).toEqual(
+      new Set([umbrella.primary]),
+    );
+    const v2 = gcp.rotate(umbrella.name); // a new primary version, by the customer
+    const added = await db.encryption.tenants.addKey('umbrella-gcp', { kind: 'gcp-kms', keyName: v2 });
+    expect(added.keyReference).toBe(v2);
+    expect((await db.encryption.tenants.runJob('umbrella-gcp')).state).toBe('completed');
+    const after = await stored('umbrella-gcp');
+    for (const [i, row] of before.entries()) {
+      expect(after[i]?.email_ciphertext.equals(row.email_ciphertext)).toBe(true);
+      expect(after[i]?.email_iv.equals(row.email_iv)).toBe(true);
+      expect(after[i]?.email_key_version).toBe(added.version);
+      expect(GcpKmsKeyProvider.keyVersionOf(after[i]?.email_wrapped_key as Buffer)).toBe(v2);
+    }
+    gcp.setVersionState(umbrella.primary as string, 'DISABLED');
+    db.encryption.purgeCache('umbrella-gcp');
+    expect((await contacts().findBy({ workspaceId: 'umbrella-gcp' })).map((c) => c.email).sort()).toEqual([
+      'g0@umbrella-gcp.example',
+      'g1@umbrella-gcp.example',
+    ]);
+    const status = await db.encryption.tenants.status('umbrella-gcp');
+    expect(status.activeKeyReference).toBe(v2);
   });
 
   it('the customer moves to a new key: the job re-wraps its rows under it, and the old key can be disabled', async () => {
