@@ -155,6 +155,8 @@ export function buildProgram(): Command {
     .option('--entity <name...>', 'only these entities')
     .option('--dry-run', 'count what would be re-wrapped, change nothing')
     .option('--force', 're-wrap to a version that is not the active one')
+    .option(...WORKERS_OPTION)
+    .option(...JOB_ID_OPTION)
     .option(
       '--tenant <id>',
       "only this tenant's rows, under its active key; runs the tenant's pending key job when it has one",
@@ -188,12 +190,15 @@ export function buildProgram(): Command {
     .description('re-encrypt every value under fresh data keys (after a suspected data-key compromise)')
     .option('--entity <name...>', 'only these entities')
     .option('--batch-size <rows>', 'rows per transaction', parseVersion, 500)
-    .action((options: { entity?: string[]; batchSize: number }) =>
+    .option(...WORKERS_OPTION)
+    .option(...JOB_ID_OPTION)
+    .action((options: { entity?: string[]; batchSize: number } & WorkerFlags) =>
       run(async ({ dataSource, encryption }, global) => {
         const progress = new Progress(!global.json);
         const result = await reencryptColumns(dataSource, encryption, {
           entities: options.entity,
           batchSize: options.batchSize,
+          ...workerOptions(options),
           onProgress: (p) => progress.update(`${p.entity}.${p.property}`, p.rowsDone, p.rowsDone),
         });
         progress.stop();
@@ -223,12 +228,15 @@ export function buildProgram(): Command {
     .option('--entity <name...>', 'only these entities')
     .option('--batch-size <rows>', 'rows per transaction', parseVersion, 500)
     .option('--clear-plaintext', 'set the plaintext column to NULL as each row is encrypted')
-    .action((options: { entity?: string[]; batchSize: number; clearPlaintext?: boolean }) =>
+    .option(...WORKERS_OPTION)
+    .option(...JOB_ID_OPTION)
+    .action((options: { entity?: string[]; batchSize: number; clearPlaintext?: boolean } & WorkerFlags) =>
       run(async ({ dataSource, encryption }, global) => {
         const progress = new Progress(!global.json);
         const result = await backfillEncryptedColumns(dataSource, encryption, {
           entities: options.entity,
           batchSize: options.batchSize,
+          ...workerOptions(options),
           clearPlaintext: options.clearPlaintext,
           onProgress: (p) => progress.update(`${p.entity}.${p.property}`, p.rowsDone, p.rowsDone),
         });
@@ -258,37 +266,41 @@ export function buildProgram(): Command {
     .option('--batch-size <rows>', 'rows per transaction', parseVersion, 500)
     .option('--tenant <id>', "only this tenant's rows")
     .option('--dry-run', 'count the values still in the old layout, change nothing')
-    .action((options: { entity?: string[]; batchSize: number; tenant?: string; dryRun?: boolean }) =>
-      run(async ({ dataSource, encryption }, global) => {
-        const progress = new Progress(!global.json);
-        const result = await migrateLayout(dataSource, encryption, {
-          entities: options.entity,
-          batchSize: options.batchSize,
-          dryRun: options.dryRun,
-          ...(options.tenant === undefined ? {} : { tenant: options.tenant }),
-          onProgress: (p) => progress.update(`${p.entity}.${p.property}`, p.rowsDone, p.rowsTotal),
-        });
-        progress.stop();
-        failOn(
-          result.error,
-          result.properties.some((p) => p.failures.length > 0),
-        );
-        if (global.json) return result;
-        return [
-          result.dryRun ? 'values still in the old layout (nothing changed):' : 'layout migration:',
-          table(
-            result.properties.map((p) => ({
-              entity: p.entity,
-              property: p.property,
-              from: p.from,
-              to: p.to,
-              rows: p.rowsTotal,
-              ...(result.dryRun ? {} : { migrated: p.rowsMigrated, skipped: p.rowsSkipped }),
-              failures: p.failures.length,
-            })),
-          ),
-        ].join('\n');
-      })(),
+    .option(...WORKERS_OPTION)
+    .option(...JOB_ID_OPTION)
+    .action(
+      (options: { entity?: string[]; batchSize: number; tenant?: string; dryRun?: boolean } & WorkerFlags) =>
+        run(async ({ dataSource, encryption }, global) => {
+          const progress = new Progress(!global.json);
+          const result = await migrateLayout(dataSource, encryption, {
+            entities: options.entity,
+            batchSize: options.batchSize,
+            ...workerOptions(options),
+            dryRun: options.dryRun,
+            ...(options.tenant === undefined ? {} : { tenant: options.tenant }),
+            onProgress: (p) => progress.update(`${p.entity}.${p.property}`, p.rowsDone, p.rowsTotal),
+          });
+          progress.stop();
+          failOn(
+            result.error,
+            result.properties.some((p) => p.failures.length > 0),
+          );
+          if (global.json) return result;
+          return [
+            result.dryRun ? 'values still in the old layout (nothing changed):' : 'layout migration:',
+            table(
+              result.properties.map((p) => ({
+                entity: p.entity,
+                property: p.property,
+                from: p.from,
+                to: p.to,
+                rows: p.rowsTotal,
+                ...(result.dryRun ? {} : { migrated: p.rowsMigrated, skipped: p.rowsSkipped }),
+                failures: p.failures.length,
+              })),
+            ),
+          ].join('\n');
+        })(),
     );
 
   program
@@ -394,7 +406,30 @@ interface AuditOptions {
   format: (typeof AUDIT_FORMATS)[number];
 }
 
-interface RotateOptions {
+/** `--workers` and `--job-id` of the row-by-row jobs. */
+interface WorkerFlags {
+  workers?: number;
+  jobId?: string;
+}
+
+const WORKERS_OPTION = [
+  '--workers <n>',
+  'workers in this process over primary-key ranges, each on a connection of its own (needs the job-ranges migration)',
+  parseVersion,
+] as const;
+const JOB_ID_OPTION = [
+  '--job-id <id>',
+  'name the job in the lease table: processes given the same id share its ranges, and a run after a crash resumes it',
+] as const;
+
+function workerOptions(flags: WorkerFlags): { workers?: number; jobId?: string } {
+  return {
+    ...(flags.workers === undefined ? {} : { workers: flags.workers }),
+    ...(flags.jobId === undefined ? {} : { jobId: flags.jobId }),
+  };
+}
+
+interface RotateOptions extends WorkerFlags {
   to?: number;
   batchSize: number;
   entity?: string[];
@@ -485,6 +520,7 @@ async function rewrapAndReport(
     batchSize: options.batchSize,
     entities: options.entity,
     dryRun: options.dryRun,
+    ...workerOptions(options),
     onProgress: (p) => progress.update(`${p.entity}.${p.property}`, p.rowsDone, p.rowsTotal),
     onKeyRowProgress: (p) => progress.update('data-key table', p.keyRowsDone, p.keyRowsTotal),
   });

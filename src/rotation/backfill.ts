@@ -6,6 +6,8 @@ import { valueBinding } from '../typeorm/value-binding';
 import { describeError } from './describe-error';
 import { inBatchTransaction, recordJobEnd, type StoredValue, writeValue } from './job';
 import { KeyRegistry } from './key-registry';
+import { inWorkers, usesWorkers, type WorkerOptions, type WorkersReport } from './parallel-job';
+import type { KeyRange } from './range-leases';
 import { blindIndexSet } from './rotate-index-key';
 import {
   type EntitySelector,
@@ -18,7 +20,13 @@ import {
 import { sealStored } from './stored-values';
 
 /** Options of {@link backfillEncryptedColumns}. */
-export interface BackfillOptions {
+export interface BackfillOptions extends WorkerOptions {
+  /**
+   * Only the rows whose primary key is in this range: one worker's share of the job (set by the
+   * workers; or give each process of a job queue one range).
+   */
+  keyRange?: KeyRange;
+
   entities?: ReadonlyArray<EntitySelector>;
   /** Rows per batch (one transaction each). Default 500. */
   batchSize?: number;
@@ -42,6 +50,8 @@ export interface BackfillResult {
   }>;
   durationMs: number;
   error?: unknown;
+  /** How the job was shared between workers, when it ran with `workers` or `jobId`. */
+  workers?: WorkersReport;
 }
 
 /**
@@ -59,6 +69,11 @@ export async function backfillEncryptedColumns(
   encryption: EnvelopeEncryption,
   options: BackfillOptions = {},
 ): Promise<BackfillResult> {
+  if (usesWorkers(options)) {
+    return inWorkers(target, encryption, 'backfill', options, backfillEncryptedColumns, {
+      empty: () => ({ properties: [], durationMs: 0 }),
+    });
+  }
   const started = performance.now();
   const result: BackfillResult = { properties: [], durationMs: 0 };
   const audit = new KeyRegistry(target, encryption);
@@ -66,7 +81,7 @@ export async function backfillEncryptedColumns(
     await audit.record('backfill-started', encryption.keyring.activeVersion, {});
     await withQueryRunner(target, async (runner) => {
       const dataSource = runner.connection;
-      const columns = encryptedColumnsSql(target, encryption, options.entities);
+      const columns = encryptedColumnsSql(target, encryption, options.entities, options.keyRange);
       await requireKeyTableFor(
         runner,
         columns.filter((c) => c.columns.definition.plaintext),

@@ -5,6 +5,8 @@ import { tenantParameter } from '../typeorm/encryption-tenant';
 import { describeError } from './describe-error';
 import { inBatchTransaction, recordJobEnd, type StoredValue, writeValue } from './job';
 import { KeyRegistry } from './key-registry';
+import { inWorkers, usesWorkers, type WorkerOptions, type WorkersReport } from './parallel-job';
+import type { KeyRange } from './range-leases';
 import {
   type EncryptedColumnSql,
   type EntitySelector,
@@ -19,7 +21,13 @@ import { type SealedRow, sealedRowBatches } from './sealed-rows';
 import { StoredValueOpener, sealStored } from './stored-values';
 
 /** Options of {@link migrateLayout}. */
-export interface MigrateLayoutOptions {
+export interface MigrateLayoutOptions extends WorkerOptions {
+  /**
+   * Only the rows whose primary key is in this range: one worker's share of the job (set by the
+   * workers; or give each process of a job queue one range).
+   */
+  keyRange?: KeyRange;
+
   /** Entities to migrate (classes or names). Default: every entity with a property declaring `migrateFrom`. */
   entities?: ReadonlyArray<EntitySelector>;
   /** Rows per batch (one transaction each). Default 500. */
@@ -66,6 +74,8 @@ export interface MigrateLayoutResult {
   properties: PropertyLayoutMigration[];
   durationMs: number;
   error?: unknown;
+  /** How the job was shared between workers, when it ran with `workers` or `jobId`. */
+  workers?: WorkersReport;
 }
 
 /**
@@ -94,6 +104,12 @@ export async function migrateLayout(
   encryption: EnvelopeEncryption,
   options: MigrateLayoutOptions = {},
 ): Promise<MigrateLayoutResult> {
+  if (usesWorkers(options)) {
+    return inWorkers(target, encryption, 'layout-migration', options, migrateLayout, {
+      empty: () => ({ dryRun: options.dryRun ?? false, properties: [], durationMs: 0 }),
+      columns: (c) => c.migrateFrom !== undefined,
+    });
+  }
   const started = performance.now();
   const result: MigrateLayoutResult = { dryRun: options.dryRun ?? false, properties: [], durationMs: 0 };
   const audit = new KeyRegistry(target, encryption);
@@ -104,7 +120,7 @@ export async function migrateLayout(
     const batchSize = options.batchSize ?? 500;
     if (!Number.isSafeInteger(batchSize) || batchSize < 1)
       throw new ConfigError('batchSize must be a positive integer');
-    const columns = encryptedColumnsSql(target, encryption, options.entities).filter(
+    const columns = encryptedColumnsSql(target, encryption, options.entities, options.keyRange).filter(
       (c) => c.migrateFrom !== undefined && (tenant === undefined || c.tenant !== undefined),
     );
     if (options.entities && columns.length === 0) {

@@ -1,4 +1,5 @@
 import type { DataSource } from 'typeorm';
+import type { EnvelopeEncryption } from '../envelope-encryption';
 import { ConfigError } from '../errors';
 import { describeError } from './describe-error';
 import {
@@ -11,6 +12,13 @@ import {
   rangeProgress,
   workerName,
 } from './range-leases';
+import {
+  dataSourceOf,
+  type EncryptedColumnSql,
+  type EntitySelector,
+  encryptedColumnsSql,
+  type RotationTarget,
+} from './rotation-target';
 
 /** Options that run a row-by-row job as several workers over primary-key ranges. */
 export interface WorkerOptions {
@@ -61,8 +69,9 @@ export function usesWorkers(options: WorkerOptions): boolean {
  * coordinated through the lease table: each range is worked on by one worker at a time, and a
  * range whose worker died is taken over once its lease runs out. `runRange` must be idempotent
  * (the jobs' writes are guarded, so running a range twice writes only what is still due) and
- * reports what it did; a range that throws is marked failed and handed out again by the next run.
- * Returns the per-range results of this process's workers, in range order.
+ * reports what it did. A range that throws, or whose result `errorOf` finds an error in, is
+ * marked failed (handed out again by the next run) and the workers go on with the others.
+ * Returns the per-range results of this process's workers in range order, and the errors.
  */
 export async function runInRanges<R>(
   dataSource: DataSource,
@@ -70,7 +79,8 @@ export async function runInRanges<R>(
   tables: readonly RangeTable[],
   options: WorkerOptions,
   runRange: (leased: LeasedRange) => Promise<R>,
-): Promise<{ results: R[]; report: WorkersReport }> {
+  errorOf: (result: R) => unknown = () => undefined,
+): Promise<{ results: R[]; errors: unknown[]; report: WorkersReport }> {
   const workers = options.workers ?? 1;
   if (!Number.isInteger(workers) || workers < 1) throw new ConfigError('workers must be a positive integer');
   const leaseMs = options.leaseMs ?? DEFAULT_LEASE_MS;
@@ -84,6 +94,7 @@ export async function runInRanges<R>(
     await planner.release();
   }
   const results: Array<{ rangeNo: number; result: R }> = [];
+  const errors: unknown[] = [];
   let resumed = 0;
   const worker = async () => {
     const runner = dataSource.createQueryRunner();
@@ -93,19 +104,20 @@ export async function runInRanges<R>(
         const leased = await leases.claim(jobId);
         if (!leased) return;
         if (leased.attempts > 1) resumed++;
-        const result = await holdingLease(leases, leased, () => runRange(leased));
-        if (result.ok) {
-          results.push({ rangeNo: leased.rangeNo, result: result.value });
-          await leases.finish(leased, summaryOf(result.value));
-        } else {
-          await leases.fail(leased, describeError(result.error));
-          throw result.error;
+        const outcome = await holdingLease(leases, leased, () => runRange(leased));
+        if (outcome.ok) results.push({ rangeNo: leased.rangeNo, result: outcome.value });
+        const error = outcome.ok ? errorOf(outcome.value) : outcome.error;
+        if (error === undefined) await leases.finish(leased, summaryOf(outcome.ok && outcome.value));
+        else {
+          errors.push(error);
+          await leases.fail(leased, describeError(error));
         }
       }
     } finally {
       await runner.release();
     }
   };
+  /* A worker stops only when no range is left, or its own connection fails. */
   const settled = await Promise.allSettled(Array.from({ length: workers }, worker));
   const reporter = dataSource.createQueryRunner();
   let progress: RangeProgress;
@@ -114,7 +126,7 @@ export async function runInRanges<R>(
   } finally {
     await reporter.release();
   }
-  const failure = settled.find((s): s is PromiseRejectedResult => s.status === 'rejected');
+  for (const s of settled) if (s.status === 'rejected') errors.push(s.reason);
   results.sort((a, b) => a.rangeNo - b.rangeNo);
   const report: WorkersReport = {
     jobId,
@@ -124,8 +136,7 @@ export async function runInRanges<R>(
     rangesResumed: resumed,
     progress,
   };
-  if (failure) throw Object.assign(failure.reason as object, { workers: report });
-  return { results: results.map((r) => r.result), report };
+  return { results: results.map((r) => r.result), errors, report };
 }
 
 /** Runs `work` while renewing the lease every third of its length. */
@@ -172,4 +183,142 @@ function summaryOf(result: unknown): Record<string, number> {
 /** The key range a worker's job call is bounded to, as a job option. */
 export function rangeOption(leased: LeasedRange): { keyRange: KeyRange } {
   return { keyRange: leased.range };
+}
+
+/** The options every row-by-row job shares with its workers. */
+export interface RangedJobOptions extends WorkerOptions {
+  entities?: ReadonlyArray<EntitySelector>;
+  /**
+   * Only the rows whose primary key is in this range: one worker's share of a job (set by the
+   * workers, or by a job queue handing one range to each process).
+   */
+  keyRange?: KeyRange;
+  // biome-ignore lint/suspicious/noExplicitAny: each job's own progress type
+  onProgress?: (progress: any) => void;
+}
+
+/** What every row-by-row job reports. */
+export interface RangedJobResult {
+  properties: Array<{ entity: string; property: string }>;
+  durationMs: number;
+  error?: unknown;
+  /** How the job was shared between workers, when it ran through leases. */
+  workers?: WorkersReport;
+}
+
+interface JobProgress {
+  entity: string;
+  property: string;
+  rowsDone: number;
+  rowsTotal?: number;
+}
+
+/**
+ * Runs `job` as several workers over primary-key ranges (see {@link runInRanges}) and merges what
+ * each range's run reported into one result of the job's own shape: per property, counts summed
+ * (`distinctDataKeys` the largest) and failures put together; `sum` names the top-level counts to
+ * add; `empty` is the result of a run that found every range done already. Progress is reported
+ * per property, summed over the ranges.
+ */
+export async function inWorkers<O extends RangedJobOptions, R extends RangedJobResult>(
+  target: RotationTarget,
+  encryption: EnvelopeEncryption,
+  jobKind: string,
+  options: O,
+  job: (target: RotationTarget, encryption: EnvelopeEncryption, options: O) => Promise<R>,
+  merge: {
+    empty: () => R;
+    sum?: ReadonlyArray<keyof R & string>;
+    /** The columns the job works on (default: all of the selected entities'). */
+    columns?: (column: EncryptedColumnSql) => boolean;
+  },
+): Promise<R> {
+  const started = performance.now();
+  if (target !== dataSourceOf(target)) {
+    throw new ConfigError(
+      'a job with workers needs a DataSource (each worker works on a connection of its own), not a QueryRunner',
+    );
+  }
+  if (options.keyRange) throw new ConfigError('keyRange and workers cannot be combined');
+  /* One lease row per table; the entities of one table (single-table inheritance) run together. */
+  const byTable = new Map<string, { table: RangeTable; entities: string[] }>();
+  const columns = encryptedColumnsSql(target, encryption, options.entities).filter(
+    merge.columns ?? (() => true),
+  );
+  for (const column of columns) {
+    const known = byTable.get(column.table);
+    if (known) {
+      if (!known.entities.includes(column.entity)) known.entities.push(column.entity);
+      continue;
+    }
+    byTable.set(column.table, {
+      table: { entity: column.entity, table: column.table, primaryKey: column.primaryKey },
+      entities: [column.entity],
+    });
+  }
+  const entitiesOf = new Map([...byTable.values()].map((t) => [t.table.entity, t.entities]));
+  const done = new Map<string, Map<number, JobProgress>>();
+  const progressOf = (leased: LeasedRange) => (progress: JobProgress) => {
+    const id = `${progress.entity}.${progress.property}`;
+    const ranges = done.get(id) ?? new Map<number, JobProgress>();
+    done.set(id, ranges);
+    ranges.set(leased.rangeNo, progress);
+    const all = [...ranges.values()];
+    const total = all.every((p) => p.rowsTotal !== undefined)
+      ? { rowsTotal: all.reduce((n, p) => n + (p.rowsTotal ?? 0), 0) }
+      : {};
+    options.onProgress?.({ ...progress, rowsDone: all.reduce((n, p) => n + p.rowsDone, 0), ...total });
+  };
+  const { workers: _w, jobId: _j, ranges: _r, leaseMs: _l, ...single } = options;
+  const { results, errors, report } = await runInRanges(
+    dataSourceOf(target),
+    jobKind,
+    [...byTable.values()].map((t) => t.table),
+    options,
+    (leased) =>
+      job(target, encryption, {
+        ...single,
+        entities: entitiesOf.get(leased.entity) ?? [leased.entity],
+        keyRange: leased.range,
+        ...(options.onProgress ? { onProgress: progressOf(leased) } : {}),
+      } as unknown as O),
+    (result) => result.error,
+  );
+  const merged = mergeResults(results, merge.empty(), merge.sum ?? []);
+  /* A range that threw (not one whose job reported an error, already in its result). */
+  if (merged.error === undefined && errors.length > 0) merged.error = errors[0];
+  merged.durationMs = performance.now() - started;
+  merged.workers = report;
+  return merged;
+}
+
+/** The results of a job's ranges as one. */
+function mergeResults<R extends RangedJobResult>(results: R[], empty: R, sum: ReadonlyArray<string>): R {
+  const merged: R = { ...(results[0] ?? empty), properties: [] };
+  const byProperty = new Map<string, Record<string, unknown>>();
+  for (const result of results) {
+    if (merged.error === undefined && result.error !== undefined) merged.error = result.error;
+    for (const property of result.properties as Array<Record<string, unknown>>) {
+      const id = `${property.entity}.${property.property}`;
+      const into = byProperty.get(id);
+      if (!into) {
+        byProperty.set(id, { ...property });
+        continue;
+      }
+      for (const [field, value] of Object.entries(property)) {
+        const held = into[field];
+        if (typeof value === 'number' && typeof held === 'number') {
+          into[field] = field === 'distinctDataKeys' ? Math.max(held, value) : held + value;
+        } else if (Array.isArray(value) && Array.isArray(held)) into[field] = [...held, ...value];
+      }
+    }
+  }
+  merged.properties = [...byProperty.values()] as R['properties'];
+  for (const field of sum) {
+    (merged as Record<string, unknown>)[field] = results.reduce(
+      (n, r) => n + Number((r as Record<string, unknown>)[field] ?? 0),
+      0,
+    );
+  }
+  return merged;
 }

@@ -103,8 +103,21 @@ export async function planRanges(
     return { planned, progress: await rangeProgress(runner, jobId) };
   } catch (error) {
     if (ownTransaction) await runner.rollbackTransaction();
-    throw error;
+    throw isMissingTable(error)
+      ? new ConfigError(
+          `a job with workers needs the table ${JOB_RANGES_TABLE}: add the migration ` +
+            'TypeormEnvelopeJobRanges1764700000000 to the DataSource and run it',
+        )
+      : error;
   }
+}
+
+/** PostgreSQL's "relation does not exist". */
+function isMissingTable(error: unknown): boolean {
+  const code =
+    (error as { code?: unknown } | null)?.code ??
+    (error as { driverError?: { code?: unknown } } | null)?.driverError?.code;
+  return code === '42P01';
 }
 
 /** Below this many rows per range, a table is split into fewer ranges: a range costs a few queries. */

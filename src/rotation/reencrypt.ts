@@ -2,6 +2,8 @@ import type { EnvelopeEncryption } from '../envelope-encryption';
 import { describeError } from './describe-error';
 import { inBatchTransaction, recordJobEnd, type StoredValue, writeValue } from './job';
 import { KeyRegistry } from './key-registry';
+import { inWorkers, usesWorkers, type WorkerOptions, type WorkersReport } from './parallel-job';
+import type { KeyRange } from './range-leases';
 import { blindIndexSet } from './rotate-index-key';
 import {
   type EntitySelector,
@@ -14,7 +16,13 @@ import { type SealedRow, sealedRowBatches } from './sealed-rows';
 import { StoredValueOpener, sealStored } from './stored-values';
 
 /** Options of {@link reencryptColumns}. */
-export interface ReencryptOptions {
+export interface ReencryptOptions extends WorkerOptions {
+  /**
+   * Only the rows whose primary key is in this range: one worker's share of the job (set by the
+   * workers; or give each process of a job queue one range).
+   */
+  keyRange?: KeyRange;
+
   entities?: ReadonlyArray<EntitySelector>;
   /** Rows per batch (one transaction each). Default 500. */
   batchSize?: number;
@@ -36,6 +44,8 @@ export interface ReencryptResult {
   }>;
   durationMs: number;
   error?: unknown;
+  /** How the job was shared between workers, when it ran with `workers` or `jobId`. */
+  workers?: WorkersReport;
 }
 
 /**
@@ -55,6 +65,11 @@ export async function reencryptColumns(
   encryption: EnvelopeEncryption,
   options: ReencryptOptions = {},
 ): Promise<ReencryptResult> {
+  if (usesWorkers(options)) {
+    return inWorkers(target, encryption, 'reencryption', options, reencryptColumns, {
+      empty: () => ({ toVersion: encryption.keyring.activeVersion, properties: [], durationMs: 0 }),
+    });
+  }
   const started = performance.now();
   const result: ReencryptResult = {
     toVersion: encryption.keyring.activeVersion,
@@ -67,7 +82,7 @@ export async function reencryptColumns(
     /* Never seal under the data key that may be compromised. */
     encryption.cache.renewEncryptionKey();
     await withQueryRunner(target, async (runner) => {
-      const columns = encryptedColumnsSql(target, encryption, options.entities);
+      const columns = encryptedColumnsSql(target, encryption, options.entities, options.keyRange);
       await requireKeyTableFor(runner, columns);
       for (const column of columns) {
         const outcome = {

@@ -8,6 +8,8 @@ import { tenantParameter, tenantText } from '../typeorm/encryption-tenant';
 import { describeError } from './describe-error';
 import { recordJobEnd } from './job';
 import { KeyRegistry } from './key-registry';
+import { inWorkers, usesWorkers, type WorkerOptions, type WorkersReport } from './parallel-job';
+import type { KeyRange } from './range-leases';
 import { type KeyTableRewrapResult, rewrapKeyTable } from './rewrap-key-table';
 import { type IndexKeysRewrap, rewrapIndexKeys } from './rotate-index-key';
 import {
@@ -18,12 +20,19 @@ import {
   keyTableExists,
   primaryKeyBatches,
   type RotationTarget,
+  rangeCondition,
   type SidecarColumnSql,
   withQueryRunner,
 } from './rotation-target';
 
 /** Options of {@link rewrapDataKeys}. */
-export interface RewrapOptions {
+export interface RewrapOptions extends WorkerOptions {
+  /**
+   * Only the sidecar rows whose primary key is in this range: one worker's share of the job (set by
+   * the workers, or give each process of a job queue one range). The data-key table, stored tenant
+   * keys and index keys are left to a run without it, which `workers` make at the end.
+   */
+  keyRange?: KeyRange;
   /** Entities to re-wrap (classes or names). Default: every entity with encrypted properties. */
   entities?: ReadonlyArray<EntitySelector>;
   /**
@@ -108,6 +117,8 @@ export interface RewrapResult {
   indexKeys?: IndexKeysRewrap;
   durationMs: number;
   error?: unknown;
+  /** How the row-by-row part was shared between workers, when it ran with `workers` or `jobId`. */
+  workers?: WorkersReport;
 }
 
 /**
@@ -139,6 +150,7 @@ export async function rewrapDataKeys(
   encryption: EnvelopeEncryption,
   options: RewrapOptions = {},
 ): Promise<RewrapResult> {
+  if (usesWorkers(options)) return rewrapWithWorkers(target, encryption, options);
   const started = performance.now();
   const tenant = options.tenant;
   const targetScope = encryption.keyScope(tenant);
@@ -179,7 +191,7 @@ export async function rewrapDataKeys(
         audited,
       );
     await withQueryRunner(target, async (runner) => {
-      const columns = encryptedColumnsSql(target, encryption, options.entities);
+      const columns = encryptedColumnsSql(target, encryption, options.entities, options.keyRange);
       for (const column of columns) {
         if (tenant !== undefined && !column.tenant) continue;
         /* Sidecar values (a compact property migrating from sidecars holds some) are re-wrapped row by row. */
@@ -192,7 +204,9 @@ export async function rewrapDataKeys(
        * re-wrapped when one of them is compact; without, whenever the table exists (leftover key
        * rows would keep their master-key version from being retired).
        */
-      const compact = options.entities ? columns.some(holdsCompact) : await keyTableExists(runner);
+      const compact =
+        options.keyRange === undefined &&
+        (options.entities ? columns.some(holdsCompact) : await keyTableExists(runner));
       if (compact) {
         result.keyTable = await rewrapKeyTable(runner, rewrapper, {
           ...(tenant === undefined ? {} : { tenant }),
@@ -201,10 +215,12 @@ export async function rewrapDataKeys(
         });
       }
     });
-    if (tenant === undefined && !result.dryRun) {
+    if (tenant === undefined && !result.dryRun && options.keyRange === undefined) {
       result.storedTenantKeys = await rewrapStoredTenantKeys(target, encryption, toVersion);
     }
-    if (!result.dryRun) result.indexKeys = await rewrapIndexKeys(target, encryption, toVersion, tenant);
+    if (!result.dryRun && options.keyRange === undefined) {
+      result.indexKeys = await rewrapIndexKeys(target, encryption, toVersion, tenant);
+    }
   } catch (error) {
     result.error = error;
   }
@@ -237,6 +253,55 @@ export async function rewrapDataKeys(
     });
   }
   return result;
+}
+
+/**
+ * The sidecar rows re-wrapped by workers over primary-key ranges, then one run without them for
+ * the rest (the data-key table, stored tenant keys and index keys; the rows it finds are those
+ * written under old versions meanwhile, usually none), reported as one result.
+ */
+async function rewrapWithWorkers(
+  target: RotationTarget,
+  encryption: EnvelopeEncryption,
+  options: RewrapOptions,
+): Promise<RewrapResult> {
+  const started = performance.now();
+  const toVersion = options.toVersion ?? encryption.keyScope(options.tenant).activeVersion;
+  const { workers: _w, jobId: _j, ranges: _r, leaseMs: _l, ...single } = options;
+  const rows = await inWorkers(target, encryption, 'rotation', { ...options, toVersion }, rewrapDataKeys, {
+    empty: () => ({
+      toVersion,
+      dryRun: options.dryRun ?? false,
+      properties: [],
+      rewrapCalls: 0,
+      verificationCalls: 0,
+      durationMs: 0,
+    }),
+    sum: ['rewrapCalls', 'verificationCalls'],
+    columns: hasSidecars,
+  });
+  if (rows.error !== undefined) return rows;
+  const rest = await rewrapDataKeys(target, encryption, { ...single, toVersion });
+  const byProperty = new Map(rows.properties.map((p) => [`${p.entity}.${p.property}`, p]));
+  for (const p of rest.properties) {
+    const done = byProperty.get(`${p.entity}.${p.property}`);
+    if (!done) rows.properties.push(p);
+    else {
+      done.rowsTotal += p.rowsTotal;
+      done.rowsRewrapped += p.rowsRewrapped;
+      done.offboardedRows += p.offboardedRows;
+      done.rewrapCalls += p.rewrapCalls;
+      done.failures.push(...p.failures);
+    }
+  }
+  return {
+    ...rest,
+    properties: rows.properties,
+    rewrapCalls: rows.rewrapCalls + rest.rewrapCalls,
+    verificationCalls: rows.verificationCalls + rest.verificationCalls,
+    durationMs: performance.now() - started,
+    ...(rows.workers ? { workers: rows.workers } : {}),
+  };
 }
 
 function entityNames(options: RewrapOptions): string[] | 'all' {
@@ -337,14 +402,17 @@ async function distinctDataKeys(
   const { keyVersion, wrappedKey } = column.sidecars;
   const filter =
     tenant === undefined ? `${keyVersion} < ${FIRST_TENANT_KEY_VERSION}` : `${column.tenant} = $2`;
+  const params =
+    tenant === undefined || !column.columns.tenant
+      ? [toVersion]
+      : [toVersion, tenantParameter(column.columns.tenant, tenant)];
+  const range = rangeCondition(column, params.length + 1);
   const rows = (await runner.query(
     `SELECT ${keyVersion} AS version, ${wrappedKey} AS wrapped, ${tenantSql} AS tenant,
             ${tenantSql}::text AS tenant_text, count(*)::int AS rows
      FROM ${column.table}
-     WHERE ${keyVersion} IS NOT NULL AND ${keyVersion} <> $1 AND ${filter} GROUP BY 1, 2, 3`,
-    tenant === undefined || !column.columns.tenant
-      ? [toVersion]
-      : [toVersion, tenantParameter(column.columns.tenant, tenant)],
+     WHERE ${keyVersion} IS NOT NULL AND ${keyVersion} <> $1 AND ${filter} AND ${range.sql} GROUP BY 1, 2, 3`,
+    [...params, ...range.params],
   )) as Array<{
     version: number;
     wrapped: Buffer;

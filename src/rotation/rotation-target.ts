@@ -4,6 +4,7 @@ import type { EncryptedEntity, EnvelopeEncryption } from '../envelope-encryption
 import { ConfigError } from '../errors';
 import type { EncryptedColumns } from '../typeorm/encrypted-columns';
 import type { StorageLayout } from '../typeorm/encrypted-decorator';
+import type { KeyRange } from './range-leases';
 
 /** An entity, by class or by entity or table name. */
 export type EntitySelector = string | (abstract new (...args: never[]) => unknown);
@@ -46,6 +47,8 @@ export interface EncryptedColumnSql {
   dataKeyTable: string;
   /** The entity's `@EncryptionTenant()` column, quoted, if it has one. */
   tenant?: string;
+  /** Only the rows whose primary key is in this range (one worker's share of a job). */
+  range?: KeyRange;
 }
 
 /** A property whose column can hold sidecar values (format 1): its sidecar columns are mapped. */
@@ -129,12 +132,14 @@ function isQueryRunner(target: RotationTarget): target is QueryRunner {
 
 /**
  * The encrypted columns a job works on: every encrypted property of the selected entities
- * (all entities with encrypted properties by default), with quoted table and column names.
+ * (all entities with encrypted properties by default), with quoted table and column names; with
+ * `range`, only the rows whose primary key is in it.
  */
 export function encryptedColumnsSql(
   target: RotationTarget,
   encryption: EnvelopeEncryption,
   entities?: ReadonlyArray<EntitySelector>,
+  range?: KeyRange,
 ): EncryptedColumnSql[] {
   const dataSource = dataSourceOf(target);
   const quote = (name: string) => dataSource.driver.escape(name);
@@ -188,6 +193,7 @@ export function encryptedColumnsSql(
         keyVersion,
         dataKeyTable,
         ...(c.tenant ? { tenant: quote(c.tenant.databaseName) } : {}),
+        ...(range ? { range } : {}),
       };
     });
   });
@@ -228,7 +234,8 @@ export function rowKey(primaryKey: string[], prefix = ''): string {
 
 /**
  * Walks a table in primary-key order, `batchSize` rows at a time: each step gets the bounds
- * `(after, upTo]` as SQL and parameters, so a job holds one batch of keys in memory at most.
+ * `(after, upTo]` as SQL and parameters, so a job holds one batch of keys in memory at most. A
+ * column with a `range` is walked from the range's start to its end only.
  */
 export async function* primaryKeyBatches(
   runner: QueryRunner,
@@ -236,21 +243,46 @@ export async function* primaryKeyBatches(
   batchSize: number,
 ): AsyncGenerator<{ condition: string; params: unknown[] }> {
   const key = rowKey(column.primaryKey);
-  let after: unknown[] | undefined;
+  const end: readonly unknown[] | undefined = column.range?.upTo;
+  let after: readonly unknown[] | undefined = column.range?.after;
   for (;;) {
     const placeholders = (offset: number) => column.primaryKey.map((_, i) => `$${offset + i + 1}`);
     const lower = after ? `${key} > ${wrap(placeholders(0))}` : 'TRUE';
+    const within = end ? `${key} <= ${wrap(placeholders(after ? after.length : 0))}` : 'TRUE';
     const [bound] = (await runner.query(
-      `SELECT ${column.primaryKey.join(', ')} FROM ${column.table} WHERE ${lower} ORDER BY ${column.primaryKey.join(', ')} OFFSET ${batchSize - 1} LIMIT 1`,
-      after ?? [],
+      `SELECT ${column.primaryKey.join(', ')} FROM ${column.table} WHERE ${lower} AND ${within}
+       ORDER BY ${column.primaryKey.join(', ')} OFFSET ${batchSize - 1} LIMIT 1`,
+      [...(after ?? []), ...(end ?? [])],
     )) as Record<string, unknown>[];
-    const upTo = bound ? Object.values(bound) : undefined;
+    /* The last batch reaches the end of the range (or of the table). */
+    const upTo = bound ? Object.values(bound) : end;
     const params = [...(after ?? []), ...(upTo ?? [])];
     const upper = upTo ? `${key} <= ${wrap(placeholders(after ? after.length : 0))}` : 'TRUE';
     yield { condition: `${lower} AND ${upper}`, params };
-    if (!upTo) return;
+    if (!bound) return;
     after = upTo;
   }
+}
+
+/**
+ * The column's `range` as an SQL condition on the primary key (`TRUE` without one), its
+ * parameters numbered from `$first`.
+ */
+export function rangeCondition(
+  column: EncryptedColumnSql,
+  first: number,
+): { sql: string; params: unknown[] } {
+  const key = rowKey(column.primaryKey);
+  const parts: string[] = [];
+  const params: unknown[] = [];
+  const bound = (operator: string, values: readonly unknown[] | undefined) => {
+    if (!values) return;
+    parts.push(`${key} ${operator} ${wrap(values.map((_, i) => `$${first + params.length + i}`))}`);
+    params.push(...values);
+  };
+  bound('>', column.range?.after);
+  bound('<=', column.range?.upTo);
+  return { sql: parts.length ? parts.join(' AND ') : 'TRUE', params };
 }
 
 function wrap(placeholders: string[]): string {

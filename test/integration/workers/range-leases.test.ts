@@ -3,13 +3,7 @@ import { Column, DataSource, Entity, PrimaryColumn, PrimaryGeneratedColumn } fro
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ConfigError, TypeormEnvelopeJobRanges1764700000000 } from '../../../src';
 import { runInRanges } from '../../../src/rotation/parallel-job';
-import {
-  type KeyRange,
-  planRanges,
-  RangeLeases,
-  type RangeTable,
-  rangeProgress,
-} from '../../../src/rotation/range-leases';
+import { type KeyRange, planRanges, RangeLeases, type RangeTable } from '../../../src/rotation/range-leases';
 import { createTestSchema, rawQuery, type TestSchema } from '../../support/database';
 
 @Entity('numbered')
@@ -240,7 +234,7 @@ describe('runInRanges', () => {
     expect(stored.reduce((n, r) => n + r.result.rows, 0)).toBe(ROWS);
   });
 
-  it('marks a failing range failed and throws; the next run does only the failed range and what a dead worker left', async () => {
+  it('marks a failing range failed and goes on with the others; the next run does only the failed range', async () => {
     let failOnce = true;
     const run = (leased: { rangeNo: number }) => {
       if (leased.rangeNo === 2 && failOnce) {
@@ -249,39 +243,60 @@ describe('runInRanges', () => {
       }
       return Promise.resolve({ range: leased.rangeNo });
     };
-    await expect(
-      runInRanges(dataSource, 'backfill', [numbered], { jobId: 'run-2', ranges: 4 }, run),
-    ).rejects.toThrow('provider unavailable');
-    const afterFailure = await ranges('run-2');
-    expect(afterFailure.map((r) => r.state)).toEqual(['done', 'done', 'failed', 'pending']);
-    /* Another process claimed range 3 and was killed: its lease has run out. */
+    const first = await runInRanges(dataSource, 'backfill', [numbered], { jobId: 'run-2', ranges: 4 }, run);
+    expect(first.errors.map((e) => (e as Error).message)).toEqual(['provider unavailable']);
+    expect(first.results.map((r) => r.range)).toEqual([0, 1, 3]);
+    expect((await ranges('run-2')).map((r) => r.state)).toEqual(['done', 'done', 'failed', 'done']);
+    const again = await runInRanges(dataSource, 'backfill', [numbered], { jobId: 'run-2', workers: 2 }, run);
+    expect(again.results.map((r) => r.range)).toEqual([2]);
+    expect(again.errors).toEqual([]);
+    expect(again.report).toMatchObject({ planned: false, rangesDone: 1, rangesResumed: 1 });
+    expect(again.report.progress).toEqual({ total: 4, pending: 0, running: 0, done: 4, failed: 0 });
+  });
+
+  it('a result that reports an error marks its range failed too', async () => {
+    const { errors } = await runInRanges(
+      dataSource,
+      'rotation',
+      [numbered],
+      { jobId: 'run-errors', ranges: 2 },
+      (leased) => Promise.resolve({ error: leased.rangeNo === 1 ? new Error('key disabled') : undefined }),
+      (result) => result.error,
+    );
+    expect(errors.map((e) => (e as Error).message)).toEqual(['key disabled']);
+    expect((await ranges('run-errors')).map((r) => r.state)).toEqual(['done', 'failed']);
+  });
+
+  it('takes over the ranges a killed worker held, once their leases ran out', async () => {
     const runner = dataSource.createQueryRunner();
     try {
+      await planRanges(runner, 'run-3', 'reencryption', [numbered], 4);
       const dead = new RangeLeases(runner, 'dead-worker', 60_000);
-      await dead.claim('run-2');
-      await dead.claim('run-2');
+      await dead.claim('run-3');
+      await dead.claim('run-3');
     } finally {
       await runner.release();
     }
+    /* Leases still running are not taken: the other two ranges are done, these two left alone. */
+    const meanwhile = await runInRanges(dataSource, 'reencryption', [numbered], { jobId: 'run-3' }, (l) =>
+      Promise.resolve(l.rangeNo),
+    );
+    expect(meanwhile.results).toEqual([2, 3]);
+    expect(meanwhile.report.progress).toMatchObject({ running: 2, done: 2 });
     await rawQuery(
       schema.url,
       `UPDATE "${schema.schema}".typeorm_envelope_job_ranges SET lease_expires_at = now() - interval '1 second'
-       WHERE job_id = 'run-2' AND state = 'running'`,
+       WHERE job_id = 'run-3' AND state = 'running'`,
     );
-    const again = await runInRanges(dataSource, 'backfill', [numbered], { jobId: 'run-2', workers: 2 }, run);
-    expect(again.results.map((r) => r.range).sort()).toEqual([2, 3]);
+    const again = await runInRanges(
+      dataSource,
+      'reencryption',
+      [numbered],
+      { jobId: 'run-3', workers: 2 },
+      (l) => Promise.resolve(l.rangeNo),
+    );
+    expect(again.results).toEqual([0, 1]);
     expect(again.report).toMatchObject({ planned: false, rangesDone: 2, rangesResumed: 2 });
-    const runner2 = dataSource.createQueryRunner();
-    try {
-      expect(await rangeProgress(runner2, 'run-2')).toEqual({
-        total: 4,
-        pending: 0,
-        running: 0,
-        done: 4,
-        failed: 0,
-      });
-    } finally {
-      await runner2.release();
-    }
+    expect(again.report.progress).toEqual({ total: 4, pending: 0, running: 0, done: 4, failed: 0 });
   });
 });
