@@ -35,6 +35,36 @@ export class EnvelopePerson implements PersonData {
   @Column({ type: 'varchar' }) country!: string;
 }
 
+/** 2c. typeorm-envelope, compact layout: one bytea per property, wrapped keys in the data-key table. */
+@Entity({ name: 'bench_compact' })
+export class CompactPerson implements PersonData {
+  @PrimaryGeneratedColumn() id!: number;
+  @Encrypted({ layout: 'compact' }) email!: string;
+  @Encrypted({ layout: 'compact' }) fullName!: string;
+  @Encrypted({ layout: 'compact' }) phone!: string;
+  @Column({ type: 'varchar' }) country!: string;
+}
+
+/** The sidecar layout again, stored under a key provider whose wrapped keys are KMS-sized (storage only). */
+@Entity({ name: 'bench_envelope_kms_sized' })
+export class KmsSizedEnvelopePerson implements PersonData {
+  @PrimaryGeneratedColumn() id!: number;
+  @Encrypted() email!: string;
+  @Encrypted() fullName!: string;
+  @Encrypted() phone!: string;
+  @Column({ type: 'varchar' }) country!: string;
+}
+
+/** The compact layout again, under the KMS-sized provider (storage only). */
+@Entity({ name: 'bench_compact_kms_sized' })
+export class KmsSizedCompactPerson implements PersonData {
+  @PrimaryGeneratedColumn() id!: number;
+  @Encrypted({ layout: 'compact' }) email!: string;
+  @Encrypted({ layout: 'compact' }) fullName!: string;
+  @Encrypted({ layout: 'compact' }) phone!: string;
+  @Column({ type: 'varchar' }) country!: string;
+}
+
 /**
  * 2b. typeorm-envelope with tenants: the same three encrypted properties, sealed under the key of the
  * tenant named in `workspaceId` (its own key, or the application's key bound to the tenant).

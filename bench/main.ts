@@ -28,6 +28,8 @@ const SOURCES = [
   'bench/entities.ts',
   'bench/rewrap.ts',
   'bench/rewrap-memory.ts',
+  'bench/storage-kms.ts',
+  'bench/kms-sized-key-provider.ts',
   'bench/tenants.ts',
   'bench/stats.ts',
   'test/support/postgres-servers.ts',

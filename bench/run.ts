@@ -24,6 +24,7 @@ import { dirname, join, relative, sep } from 'node:path';
 import { DataSource, type ObjectLiteral, type Repository } from 'typeorm';
 import { type BenchDatabase, openDatabase } from './database';
 import {
+  CompactPerson,
   EnvelopePerson,
   type PersonData,
   PlainPerson,
@@ -31,10 +32,17 @@ import {
   SidecarFloorPerson,
   TypeormEncryptedPerson,
 } from './entities';
-import { aesBackendInfo, EnvelopeEncryption, LocalKeyProvider } from './library';
+import {
+  aesBackendInfo,
+  DATA_KEYS_TABLE,
+  EnvelopeEncryption,
+  LocalKeyProvider,
+  TypeormEnvelopeDataKeys1764500000000,
+} from './library';
 import { runRewrapBench } from './rewrap';
 import { runRewrapMemoryBench } from './rewrap-memory';
 import { collectGarbage, fmtInt, intEnv, median, round1, round2 } from './stats';
+import { runKmsStorageBench } from './storage-kms';
 import { runTenantBench } from './tenants';
 
 const ROWS = intEnv('BENCH_ROWS', 10_000);
@@ -44,7 +52,9 @@ const CHUNK = 500;
 const WARMUP_ROUNDS = 1;
 const SAMPLE_CHECKS = 5;
 
-const VARIANTS = ['plaintext', 'floor', 'envelope', 'encrypted'] as const;
+const VARIANTS = ['plaintext', 'floor', 'envelope', 'compact', 'encrypted'] as const;
+/** The variants that run through typeorm-envelope (and call its key provider). */
+const ENVELOPE_VARIANTS: readonly VariantName[] = ['envelope', 'compact'];
 type VariantName = (typeof VARIANTS)[number];
 const OPERATIONS = ['save', 'find', 'findOneBy'] as const;
 type Operation = (typeof OPERATIONS)[number];
@@ -53,7 +63,8 @@ type Person = PersonData & { id: number };
 const LABELS: Record<VariantName, string> = {
   plaintext: 'plaintext',
   floor: 'sidecar floor (same 13 columns, no encryption)',
-  envelope: 'typeorm-envelope',
+  compact: 'typeorm-envelope, compact layout',
+  envelope: 'typeorm-envelope, four sidecars',
   encrypted: 'typeorm-encrypted 0.8.0',
 };
 const OPERATION_LABELS: Record<Operation, string> = {
@@ -272,7 +283,12 @@ async function main(): Promise<void> {
       ...common,
       entities: [PlainPerson, TypeormEncryptedPerson, SidecarFloorPerson],
     });
-    const envelope = new DataSource({ ...common, entities: [EnvelopePerson] });
+    const envelope = new DataSource({
+      ...common,
+      entities: [EnvelopePerson, CompactPerson],
+      migrations: [TypeormEnvelopeDataKeys1764500000000],
+      migrationsRun: true,
+    });
     encryption.attach(envelope);
     /* The schema must exist before synchronize; create it through a plain connection. */
     const admin = new DataSource({ type: 'postgres', url: db.url, logging: false });
@@ -334,6 +350,7 @@ async function main(): Promise<void> {
       variant('plaintext', 'bench_plaintext', PlainPerson, shared),
       floor,
       variant('envelope', 'bench_envelope', EnvelopePerson, envelope),
+      variant('compact', 'bench_compact', CompactPerson, envelope),
       variant('encrypted', 'bench_typeorm_encrypted', TypeormEncryptedPerson, shared),
     ];
     const qualified = (v: Variant) => `"${schema}"."${v.table}"`;
@@ -358,8 +375,11 @@ async function main(): Promise<void> {
       OPERATIONS.map((op) => [op, Object.fromEntries(VARIANTS.map((v) => [v, [] as number[]]))]),
     ) as Record<Operation, Record<VariantName, number[]>>;
     const callsPerOperation = Object.fromEntries(
-      OPERATIONS.map((op) => [op, { generated: 0, unwrapped: 0 }]),
-    ) as Record<Operation, { generated: number; unwrapped: number }>;
+      OPERATIONS.map((op) => [
+        op,
+        Object.fromEntries(ENVELOPE_VARIANTS.map((v) => [v, { generated: 0, unwrapped: 0 }])),
+      ]),
+    ) as Record<Operation, Record<string, { generated: number; unwrapped: number }>>;
 
     /** Runs one operation on one variant, verifies what it returned, and returns its time in ms. */
     const runners: Record<Operation, (v: Variant, round: number) => Promise<number>> = {
@@ -444,8 +464,11 @@ async function main(): Promise<void> {
           const after = encryption.providerCalls;
           if (!measured) continue;
           samples[op][v.name].push(ms);
-          callsPerOperation[op].generated += after.generated - before.generated;
-          callsPerOperation[op].unwrapped += after.unwrapped - before.unwrapped;
+          const calls = callsPerOperation[op][v.name];
+          if (calls) {
+            calls.generated += after.generated - before.generated;
+            calls.unwrapped += after.unwrapped - before.unwrapped;
+          }
         }
         line.push(
           `${op} ${order.map((v) => `${v.name} ${Math.round(samples[op][v.name].at(-1) ?? 0)}`).join(' ')}`,
@@ -466,7 +489,10 @@ async function main(): Promise<void> {
       const [row] = (await v.dataSource.query(
         `SELECT pg_total_relation_size('${qualified(v)}'::regclass)::bigint AS total, (SELECT count(*) FROM ${qualified(v)})::bigint AS rows`,
       )) as Array<{ total: string; rows: string }>;
-      const total = Number(row?.total);
+      /* A compact table's wrapped keys are in the data-key table: its whole size is counted with it. */
+      const keyTable =
+        v.name === 'compact' ? await relationSize(v.dataSource, `"${schema}"."${DATA_KEYS_TABLE}"`) : 0;
+      const total = Number(row?.total) + keyTable;
       const rows = Number(row?.rows);
       check(rows === ROWS, `${v.name}: ${rows} rows stored`);
       storage[v.name] = { bytesPerRow: round1(total / rows), totalBytes: total, rows };
@@ -499,6 +525,10 @@ async function main(): Promise<void> {
       findOneBy: summarize('findOneBy'),
     };
     /* The sidecar layout against its own floor: what the library adds to the twelve columns' cost. */
+    /* The compact layout against typeorm-encrypted, the simplest peer, in the same rounds. */
+    const compactOverPeer = Object.fromEntries(
+      OPERATIONS.map((op) => [op, round2(operations[op].compact / operations[op].encrypted)]),
+    ) as Record<Operation, number>;
     const overFloor = Object.fromEntries(
       OPERATIONS.map((op) => [op, round2(operations[op].envelope / operations[op].floor)]),
     ) as Record<Operation, number>;
@@ -530,11 +560,11 @@ async function main(): Promise<void> {
     for (const op of OPERATIONS) {
       for (const v of VARIANTS) {
         const o = operations[op];
-        const calls = callsPerOperation[op];
+        const calls = callsPerOperation[op][v];
         out.push(
           `| ${OPERATION_LABELS[op]} | ${LABELS[v]} | ${o[v].toFixed(1)} | ${(o[v] / o.plaintext).toFixed(2)} | ` +
             `${fmtInt(o.rowsPerSecond[v])} | ` +
-            `${v === 'envelope' ? `${calls.generated} generated, ${calls.unwrapped} unwrapped (${ROUNDS} rounds)` : ''} |`,
+            `${calls ? `${calls.generated} generated, ${calls.unwrapped} unwrapped (${ROUNDS} rounds)` : ''} |`,
         );
       }
     }
@@ -544,6 +574,11 @@ async function main(): Promise<void> {
         OPERATIONS.map((op) => `${op} ${overFloor[op].toFixed(2)}×`).join(', ') +
         ' (goal ≤ 1.25×)',
     );
+    out.push(
+      `Compact layout over typeorm-encrypted in the same rounds: ` +
+        OPERATIONS.map((op) => `${op} ${compactOverPeer[op].toFixed(2)}×`).join(', ') +
+        ' (goal < 1)',
+    );
     out.push('');
     out.push('| storage after a full insert | bytes/row (pg_total_relation_size / count) | × plaintext |');
     out.push('| --- | ---: | ---: |');
@@ -552,6 +587,16 @@ async function main(): Promise<void> {
         `| ${LABELS[v]} | ${storage[v].bytesPerRow.toFixed(1)} | ${(storage[v].bytesPerRow / storage.plaintext.bytesPerRow).toFixed(2)} |`,
       );
     }
+    const kmsStorage = await runKmsStorageBench(db, people);
+    const ratio = (bytes: number) => (bytes / storage.plaintext.bytesPerRow).toFixed(2);
+    out.push(
+      `| typeorm-envelope, four sidecars, ${kmsStorage.wrappedKeyBytes}-byte KMS wrapped keys | ` +
+        `${kmsStorage.sidecarsBytesPerRow.toFixed(1)} | ${ratio(kmsStorage.sidecarsBytesPerRow)} |`,
+    );
+    out.push(
+      `| typeorm-envelope, compact layout, ${kmsStorage.wrappedKeyBytes}-byte KMS wrapped keys (key table included) | ` +
+        `${kmsStorage.compactBytesPerRow.toFixed(1)} | ${ratio(kmsStorage.compactBytesPerRow)} |`,
+    );
     out.push('');
     out.push(
       `typeorm-envelope key-provider calls, whole run (incl. warm-up): ${providerCalls.total.generated} generated, ` +
@@ -583,6 +628,7 @@ async function main(): Promise<void> {
       unit: 'ms (median of measured rounds)',
       operations,
       sidecarOverFloor: overFloor,
+      compactOverTypeormEncrypted: compactOverPeer,
       storage: {
         ...storage,
         ratios: Object.fromEntries(
@@ -592,6 +638,7 @@ async function main(): Promise<void> {
           ]),
         ),
       },
+      kmsStorage,
       providerCalls,
       rewrap: rewrap.result,
       rewrapMemory: rewrapMemory.result,
@@ -608,6 +655,17 @@ async function main(): Promise<void> {
     await dropSchema(db, schema).catch(() => undefined);
     await db.stop();
   }
+}
+
+/** pg_total_relation_size of a table, after VACUUM. */
+async function relationSize(dataSource: DataSource, table: string): Promise<number> {
+  await dataSource.query(`VACUUM (ANALYZE) ${table}`);
+  const [row] = (await dataSource.query(
+    `SELECT pg_total_relation_size('${table}'::regclass)::bigint AS total`,
+  )) as Array<{
+    total: string;
+  }>;
+  return Number(row?.total);
 }
 
 async function dropSchema(db: BenchDatabase, schema: string): Promise<void> {
