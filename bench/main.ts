@@ -29,6 +29,7 @@ const SOURCES = [
   'bench/rewrap.ts',
   'bench/rewrap-memory.ts',
   'bench/storage-kms.ts',
+  'bench/workers.ts',
   'bench/kms-sized-key-provider.ts',
   'bench/tenants.ts',
   'bench/stats.ts',

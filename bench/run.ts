@@ -10,7 +10,7 @@
  *
  * Environment: BENCH_ROWS (10000), BENCH_ROUNDS (5 measured, after 1 discarded warm-up round),
  * BENCH_LOOKUPS (1000), BENCH_REWRAP_ROWS (100000), BENCH_REWRAP_ROUNDS (3),
- * BENCH_REWRAP_MEMORY_ROWS (100000,1000000), BENCH_TENANT_ROWS
+ * BENCH_REWRAP_MEMORY_ROWS (100000,1000000), BENCH_WORKER_ROWS (1000000), BENCH_TENANT_ROWS
  * (10000), BENCH_TENANTS (100), BENCH_TENANT_ROUNDS (5), BENCH_DB (force a database kind),
  * DATABASE_URL. Set by ./main.ts: BENCH_SOURCE (`installed` or `checkout`), BENCH_TARBALL,
  * BENCH_CHECKOUT (the repository, whose sources an installed run must not load) and
@@ -44,6 +44,7 @@ import { runRewrapMemoryBench } from './rewrap-memory';
 import { collectGarbage, fmtInt, intEnv, median, round1, round2 } from './stats';
 import { runKmsStorageBench } from './storage-kms';
 import { runTenantBench } from './tenants';
+import { runWorkersBench } from './workers';
 
 const ROWS = intEnv('BENCH_ROWS', 10_000);
 const ROUNDS = intEnv('BENCH_ROUNDS', 5);
@@ -612,6 +613,10 @@ async function main(): Promise<void> {
     const rewrapMemory = runRewrapMemoryBench(db);
     console.log(['', ...rewrapMemory.lines].join('\n'));
 
+    /* Workers section (./workers.ts): re-encryption with 1, 2 and 4 workers. */
+    const workers = await runWorkersBench(db);
+    console.log(['', ...workers.lines].join('\n'));
+
     /* Tenant section (./tenants.ts): rows of many tenants, cold and warm cache, in a schema of its own. */
     const tenants = await runTenantBench(db);
     console.log(['', ...tenants.lines].join('\n'));
@@ -642,6 +647,7 @@ async function main(): Promise<void> {
       providerCalls,
       rewrap: rewrap.result,
       rewrapMemory: rewrapMemory.result,
+      workers: workers.result,
       tenants: tenants.result,
       generatedAt: new Date().toISOString(),
     };
