@@ -62,9 +62,9 @@ export {
   type KmsMiddlewareOptions,
 } from './keys/aws-kms-key-provider';
 export {
-  AzureKeyVaultKeyProvider,
   type AzureKeyVaultClientOptions,
   type AzureKeyVaultKeyMetadata,
+  AzureKeyVaultKeyProvider,
   type AzureKeyVaultKeyProviderOptions,
   type AzureKeyVaultRetryOptions,
   type AzureTokenCredential,
@@ -142,6 +142,15 @@ export {
   type KeyState,
   type KeyVersionRecord,
 } from './rotation/key-registry';
+export {
+  type MigrateLayoutOptions,
+  type MigrateLayoutProgress,
+  type MigrateLayoutResult,
+  migrateLayout,
+  type PropertyLayoutMigration,
+} from './rotation/migrate-layout';
+export type { WorkerOptions, WorkersReport } from './rotation/parallel-job';
+export type { KeyRange, RangeProgress } from './rotation/range-leases';
 export { type ReencryptOptions, type ReencryptResult, reencryptColumns } from './rotation/reencrypt';
 export type { RegistryWatchOptions } from './rotation/registry-watcher';
 export {
@@ -151,6 +160,7 @@ export {
   type RewrapResult,
   rewrapDataKeys,
 } from './rotation/rewrap';
+export type { KeyRowFailure, KeyTableRewrapResult } from './rotation/rewrap-key-table';
 export {
   fillBlindIndexes,
   type IndexJobProgress,

@@ -180,11 +180,6 @@ function summaryOf(result: unknown): Record<string, number> {
   return summary;
 }
 
-/** The key range a worker's job call is bounded to, as a job option. */
-export function rangeOption(leased: LeasedRange): { keyRange: KeyRange } {
-  return { keyRange: leased.range };
-}
-
 /** The options every row-by-row job shares with its workers. */
 export interface RangedJobOptions extends WorkerOptions {
   entities?: ReadonlyArray<EntitySelector>;
