@@ -6,8 +6,9 @@ export const INDEX_KEYS_TABLE = 'typeorm_envelope_index_keys';
 /**
  * Creates the table of index keys, the keys blind indexes are computed under: one row per version
  * of each scope's key (the application keyring's own, `tenant_id` `''`, and one per tenant), with
- * its state (`active`: writes and queries use it; `previous`: queries still match it while a
- * rotation recomputes the rows; `retired`: erased), the master-key version wrapping it and the
+ * its state (`active`: writes and queries use it; `next`: a rotation's new key, which queries
+ * match before writes use it; `previous`: queries still match it while a rotation recomputes the
+ * rows; `retired`: erased), the master-key version wrapping it and the
  * wrapped key, never a key in the clear. A partial unique index keeps one active version per
  * scope. Independent of the other migrations; add it to the DataSource's `migrations` when any
  * property is searchable. Back it up with the data: without it, stored indexes cannot be matched
@@ -23,7 +24,7 @@ export class TypeormEnvelopeIndexKeys1764600000000 implements MigrationInterface
         "keyring_id" varchar(200) NOT NULL,
         "tenant_id" varchar(200) NOT NULL DEFAULT '',
         "version" integer NOT NULL CHECK ("version" BETWEEN 1 AND 65535),
-        "state" varchar(20) NOT NULL CHECK ("state" IN ('active', 'previous', 'retired')),
+        "state" varchar(20) NOT NULL CHECK ("state" IN ('active', 'next', 'previous', 'retired')),
         "key_version" integer NOT NULL,
         "wrapped_key" bytea NULL,
         "created_at" timestamptz NOT NULL DEFAULT now(),

@@ -10,8 +10,8 @@ import type { KeyScope } from './key-scope';
  * scope), 32 random bytes made by the scope's master key (`generateDataKey`), stored only wrapped
  * by it, with an encryption context that names the purpose, so a wrapped index key is never
  * accepted as a data key, nor a data key as an index key. Versioned: a rotation adds a version
- * that writes use at once while queries match the previous one too, until every row is
- * recomputed. Knows nothing of any ORM: the records are read and written through an
+ * that queries match first (`next`), then writes use (`active`) while queries still match the
+ * `previous` one, until every row is recomputed. Knows nothing of any ORM: the records are read and written through an
  * {@link IndexKeyStore}.
  */
 
@@ -21,10 +21,12 @@ export const PURPOSE_CONTEXT_KEY = 'typeorm-envelope:purpose';
 export const INDEX_KEY_PURPOSE = 'blind-index';
 
 /**
- * `active`: writes and queries use it; `previous`: queries still match it while a rotation
- * recomputes the rows; `retired`: no row uses it any more and its wrapped key is erased.
+ * `active`: writes and queries use it; `next`: a rotation's new version, which queries match
+ * already (so no instance misses rows written under it once it becomes active) and writes do
+ * not yet use; `previous`: queries still match it while a rotation recomputes the rows;
+ * `retired`: no row uses it any more and its wrapped key is erased.
  */
-export type IndexKeyState = 'active' | 'previous' | 'retired';
+export type IndexKeyState = 'active' | 'next' | 'previous' | 'retired';
 
 /** One index-key version of one scope, as stored (never the key in the clear). */
 export interface IndexKeyRecord {
@@ -122,9 +124,9 @@ export class IndexKey {
 export interface ScopeIndexKeys {
   /** The key writes use (the active version); `undefined` while the scope has none. */
   readonly write: IndexKey | undefined;
-  /** The keys queries match: the active version, then the previous one during a rotation. */
+  /** The keys queries match: the active version, then the next or previous one during a rotation. */
   readonly query: readonly IndexKey[];
-  /** Versions that are neither active nor previous: rows under them are not found by queries. */
+  /** Every version of the scope, as stored (retired ones included). */
   readonly versions: readonly IndexKeyRecord[];
 }
 

@@ -39,11 +39,12 @@ export interface IndexKeyJobOptions {
   /** Rows per batch (one UPDATE each). Default 500. */
   batchSize?: number;
   /**
-   * How long to wait after a new index key becomes active before rows are recomputed, in ms, so
-   * that every application instance queries both keys by then. Default: this instance's index-key
-   * refresh interval (`tenantKeys.refreshInterval`, else `registry.refreshInterval`, else 60 s),
-   * which must be the one every instance is configured with. Measured from the activation stored in
-   * the database, so a resumed job does not wait again. Give 0 only when no other instance runs.
+   * How long each step of a rotation waits, in ms, so that every application instance has read it:
+   * after the new key is added for queries, before writes use it; after writes use it, before rows
+   * are recomputed. Default: this instance's index-key refresh interval (`tenantKeys.refreshInterval`,
+   * else `registry.refreshInterval`, else 60 s), which must be the one every instance is configured
+   * with. Measured from the step's time stored in the database, so a resumed job does not wait
+   * again. Give 0 only when no other instance runs.
    */
   settleTime?: number;
   onProgress?: (progress: IndexJobProgress) => void;
@@ -107,9 +108,9 @@ interface Target {
 
 /**
  * Rotates the index key of one scope (a tenant's, or the application keyring's own): a new
- * version becomes active at once (new writes use it; queries match both it and the previous one),
- * then, once every instance has had time to learn that (`settleTime`), every row of the scope is
- * recomputed under it in primary-key-ordered batches: its value decrypted, normalised and indexed
+ * version is added that queries match, then (after `settleTime`, once every instance knows it)
+ * made active for writes while queries still match the old one, then (after `settleTime` again)
+ * every row of the scope is recomputed under it in primary-key-ordered batches: its value decrypted, normalised and indexed
  * again, and written only if the row still holds the value that was read (a row the application
  * rewrote meanwhile already has its new index). When no row is left under the previous key, that
  * key is retired and its wrapped key erased. Killed part-way, the job is simply run again: it
@@ -169,12 +170,9 @@ async function runIndexJob(
     await withQueryRunner(target, async (runner) => {
       let filter: RowFilter = { tenant: options.tenant };
       if (rotate && scope) {
-        const rotation = await activateNewKey(runner, encryption, scope, options.tenant);
+        const rotation = await rotateScope(runner, encryption, scope, options.tenant, options.settleTime);
         Object.assign(result, { toVersion: rotation.toVersion, fromVersion: rotation.fromVersion });
         result.resumed = rotation.resumed;
-        if (rotation.fromVersion !== null) {
-          await settle(runner, encryption, options.tenant, rotation.toVersion, options.settleTime);
-        }
         filter = { scopeOnly: options.tenant ?? null, notVersion: rotation.toVersion };
       }
       for (const t of targets) {
@@ -507,14 +505,18 @@ function isUniqueViolation(error: unknown): boolean {
 }
 
 /**
- * Makes a new index-key version of the scope active and the old one `previous` (queries match
- * both), in one transaction; or takes over the rotation a previous run started.
+ * Moves the scope to a new index-key version in two steps, each followed by `settleTime`, so that
+ * every instance can find every row at any time: the new version is added as `next` (queries
+ * match it, writes do not use it yet), then made `active` while the old one becomes `previous`
+ * (writes use the new one, queries match both). A run that finds a rotation under way takes it
+ * over at the step it reached. A scope without any key just gets its first one.
  */
-async function activateNewKey(
+async function rotateScope(
   runner: QueryRunner,
   encryption: EnvelopeEncryption,
   scope: KeyScope,
   tenant: string | undefined,
+  settleTime: number | undefined,
 ): Promise<{ toVersion: number; fromVersion: number | null; resumed: boolean }> {
   const table = indexKeysTable(runner.connection);
   const keyring = encryption.keyring.keyringId;
@@ -522,45 +524,68 @@ async function activateNewKey(
   const records = await new SqlIndexKeyStore(runner.connection, keyring, runner).read(tenant);
   const active = records.find((r) => r.state === 'active');
   const previous = records.find((r) => r.state === 'previous');
-  if (active && previous) return { toVersion: active.version, fromVersion: previous.version, resumed: true };
-  const next = Math.max(0, ...records.map((r) => r.version)) + 1;
-  const { key, record } = await encryption.indexKeys.generate(scope, next);
+  let next = records.find((r) => r.state === 'next');
+  if (active && previous) {
+    await settle(runner, encryption, tenant, active.version, 'activated_at', settleTime);
+    return { toVersion: active.version, fromVersion: previous.version, resumed: true };
+  }
+  const resumed = next !== undefined;
+  if (!next) {
+    const version = Math.max(0, ...records.map((r) => r.version)) + 1;
+    const { key, record } = await encryption.indexKeys.generate(scope, version);
+    const state = active ? 'next' : 'active';
+    try {
+      await missingTable(
+        runner.query(
+          `INSERT INTO ${table} (keyring_id, tenant_id, version, state, key_version, wrapped_key, activated_at)
+           VALUES ($1, $2, $3, $4, $5, $6, ${state === 'active' ? 'now()' : 'NULL'})`,
+          [keyring, tenantId, record.version, state, record.keyVersion, record.wrappedKey],
+        ),
+      );
+    } catch (error) {
+      key.destroy();
+      throw error;
+    }
+    next = { ...record, state };
+    encryption.indexKeys.remember(scope, next, key);
+    encryption.indexKeys.refresh(scope);
+    if (!active) return { toVersion: record.version, fromVersion: null, resumed: false };
+  }
+  if (!active) throw new ConfigError('the scope has a next index key but no active one; run the job again');
+  await settle(runner, encryption, tenant, next.version, 'created_at', settleTime);
   const owned = !runner.isTransactionActive;
   try {
     if (owned) await runner.startTransaction();
-    if (active) {
-      const demoted = (await runner.query(
-        `UPDATE ${table} SET state = 'previous' WHERE keyring_id = $1 AND tenant_id = $2 AND version = $3 AND state = 'active'`,
-        [keyring, tenantId, active.version],
-        true,
-      )) as { affected?: number };
-      if ((demoted.affected ?? 0) !== 1)
-        throw new ConfigError('the index key changed while it was being rotated; run the job again');
+    const demoted = (await runner.query(
+      `UPDATE ${table} SET state = 'previous' WHERE keyring_id = $1 AND tenant_id = $2 AND version = $3 AND state = 'active'`,
+      [keyring, tenantId, active.version],
+      true,
+    )) as { affected?: number };
+    const promoted = (await runner.query(
+      `UPDATE ${table} SET state = 'active', activated_at = now() WHERE keyring_id = $1 AND tenant_id = $2 AND version = $3 AND state = 'next'`,
+      [keyring, tenantId, next.version],
+      true,
+    )) as { affected?: number };
+    if ((demoted.affected ?? 0) !== 1 || (promoted.affected ?? 0) !== 1) {
+      throw new ConfigError('the index key changed while it was being rotated; run the job again');
     }
-    await missingTable(
-      runner.query(
-        `INSERT INTO ${table} (keyring_id, tenant_id, version, state, key_version, wrapped_key, activated_at)
-         VALUES ($1, $2, $3, 'active', $4, $5, now())`,
-        [keyring, tenantId, record.version, record.keyVersion, record.wrappedKey],
-      ),
-    );
     if (owned) await runner.commitTransaction();
   } catch (error) {
     if (owned && runner.isTransactionActive) await runner.rollbackTransaction();
-    key.destroy();
     throw error;
   }
-  encryption.indexKeys.remember(scope, record, key);
   encryption.indexKeys.refresh(scope);
-  return { toVersion: record.version, fromVersion: active ? active.version : null, resumed: false };
+  await settle(runner, encryption, tenant, next.version, 'activated_at', settleTime);
+  return { toVersion: next.version, fromVersion: active.version, resumed };
 }
 
-/** Waits until the new version has been active for `settleTime` (by the database's clock). */
+/** Waits until `since` (a time of the version's record) is `settleTime` ago, by the database's clock. */
 async function settle(
   runner: QueryRunner,
   encryption: EnvelopeEncryption,
   tenant: string | undefined,
   version: number,
+  since: 'created_at' | 'activated_at',
   settleTime: number | undefined,
 ): Promise<void> {
   const wait = settleTime ?? encryption.indexKeys.refreshInterval;
@@ -568,7 +593,7 @@ async function settle(
     throw new ConfigError('settleTime must be a number of ms, at least 0');
   if (wait === 0) return;
   const [row] = (await runner.query(
-    `SELECT (EXTRACT(EPOCH FROM (now() - activated_at)) * 1000)::float8 AS age FROM ${indexKeysTable(runner.connection)}
+    `SELECT (EXTRACT(EPOCH FROM (now() - ${since})) * 1000)::float8 AS age FROM ${indexKeysTable(runner.connection)}
      WHERE keyring_id = $1 AND tenant_id = $2 AND version = $3`,
     [encryption.keyring.keyringId, tenant ?? NO_TENANT, version],
   )) as Array<{ age: number | null }>;

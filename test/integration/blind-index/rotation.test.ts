@@ -170,6 +170,49 @@ describe('rotating an index key', () => {
   });
 });
 
+describe('the first step of a rotation: the new key queried, not yet written', () => {
+  it('a run that finds the new key queried but not written takes the rotation over from there', async () => {
+    const emails = await seed('ws-next', 12);
+    const scope = db.encryption.keyScope('ws-next');
+    const { key, record } = await db.encryption.indexKeys.generate(scope, 2);
+    key.destroy();
+    await rawQuery(
+      db.schema.url,
+      `INSERT INTO ${schema()}.typeorm_envelope_index_keys (keyring_id, tenant_id, version, state, key_version, wrapped_key, activated_at)
+       VALUES ('default', 'ws-next', 2, 'next', $1, $2, NULL)`,
+      [record.keyVersion, record.wrappedKey],
+    );
+    db.encryption.indexKeys.refresh(scope);
+    /* Writes still use the active key; queries match both. */
+    const during = await members().save(
+      members().create({ workspaceId: 'ws-next', email: 'next@example.com', phone: null, note: null }),
+    );
+    const [stored] = await rawQuery<{ email_bidx: Buffer }>(
+      db.schema.url,
+      `SELECT email_bidx FROM ${schema()}.bidx_members WHERE id = $1`,
+      [during.id],
+    );
+    expect(stored?.email_bidx.readUInt16BE(0)).toBe(1);
+    expect(
+      await db.encryption.blindIndex(Member, 'email', 'next@example.com', { tenant: 'ws-next' }),
+    ).toHaveLength(2);
+    await expectFound('ws-next', [...emails, 'next@example.com']);
+    const result = await rotateIndexKey(db.dataSource, db.encryption, { tenant: 'ws-next', settleTime: 0 });
+    expect(result).toMatchObject({
+      resumed: true,
+      toVersion: 2,
+      fromVersion: 1,
+      rowsLeft: 0,
+      previousRetired: true,
+    });
+    expect((await indexKeys('ws-next')).map((k) => [k.version, k.state])).toEqual([
+      [1, 'retired'],
+      [2, 'active'],
+    ]);
+    await expectFound('ws-next', [...emails, 'next@example.com']);
+  });
+});
+
 describe('unique values while an index key is rotated', () => {
   it('refuses a value another row holds under the previous key, which the unique index cannot see', async () => {
     await seed('ws-urot', 5);
