@@ -48,10 +48,11 @@ const TAG_KEY = randomBytes(32);
 export class BlindIndexParameter {
   #values: Buffer[] | undefined;
   #resolve: ((runner: QueryRunner | undefined) => Promise<Buffer[]>) | undefined;
-  readonly #tag: string;
+  /** Made only when printed (most parameters never are). */
+  #tag: string | (() => string);
 
   constructor(
-    tag: string,
+    tag: () => string,
     values: Buffer[] | undefined,
     resolve?: (runner: QueryRunner | undefined) => Promise<Buffer[]>,
   ) {
@@ -89,11 +90,16 @@ export class BlindIndexParameter {
 
   /** Logs and TypeORM's query-cache ids see a tag that tells conditions apart, never an index. */
   toJSON(): string {
-    return `[blind index ${this.#tag}]`;
+    return `[blind index ${this.#tagText()}]`;
   }
 
   [inspect.custom](): string {
-    return `BlindIndexParameter { ${this.#tag} }`;
+    return `BlindIndexParameter { ${this.#tagText()} }`;
+  }
+
+  #tagText(): string {
+    if (typeof this.#tag === 'function') this.#tag = this.#tag();
+    return this.#tag;
   }
 }
 
@@ -280,14 +286,17 @@ export function indexParameter(
   tenant: string | null,
 ): BlindIndexParameter {
   const inputs = values.map((v) => inputOf(column, v, tenant));
-  const tag = createHmac('sha256', TAG_KEY).update(scope.cacheId).update('\0').update(column.placeId);
-  for (const input of inputs) tag.update('\0').update(input);
+  const tag = () => {
+    const mac = createHmac('sha256', TAG_KEY).update(scope.cacheId).update('\0').update(column.placeId);
+    for (const input of inputs) mac.update('\0').update(input);
+    return mac.digest('hex').slice(0, 16);
+  };
   const compute = (keys: {
     query: readonly { index: (p: typeof column.place, id: string, i: Buffer) => Buffer }[];
   }) => keys.query.flatMap((key) => inputs.map((input) => key.index(column.place, column.placeId, input)));
   const known = column.runtime.indexKeys.peek(scope);
-  if (known) return new BlindIndexParameter(tag.digest('hex').slice(0, 16), compute(known));
-  return new BlindIndexParameter(tag.digest('hex').slice(0, 16), undefined, async (runner) => {
+  if (known) return new BlindIndexParameter(tag, compute(known));
+  return new BlindIndexParameter(tag, undefined, async (runner) => {
     try {
       return compute(await scopeKeys(column, scope, false, runner));
     } catch (error) {
