@@ -1,6 +1,6 @@
 import 'reflect-metadata';
 import { randomBytes } from 'node:crypto';
-import { Column, Entity, PrimaryGeneratedColumn } from 'typeorm';
+import { Column, Entity, Index, PrimaryGeneratedColumn } from 'typeorm';
 import { EncryptionTransformer } from 'typeorm-encrypted';
 import { Encrypted, EncryptionTenant } from './library';
 
@@ -128,4 +128,28 @@ export class SidecarFloorPerson {
 }
 for (const column of SIDECAR_FLOOR_COLUMNS) {
   Column({ type: column.type, name: column.name })(SidecarFloorPerson.prototype, column.property);
+}
+
+/** Login by email: the plaintext baseline, with a B-tree index on the column. */
+@Entity({ name: 'bench_login_plaintext' })
+export class PlainLogin {
+  @PrimaryGeneratedColumn() id!: number;
+  @Index() @Column({ type: 'varchar' }) email!: string;
+  @Column({ type: 'varchar' }) fullName!: string;
+}
+
+/** Login by email through a blind index (`searchable`, normalised as an email, unique). */
+@Entity({ name: 'bench_login_searchable' })
+export class SearchableLogin {
+  @PrimaryGeneratedColumn() id!: number;
+  @Encrypted({ searchable: { normalize: 'email' }, unique: true }) email!: string;
+  @Encrypted() fullName!: string;
+}
+
+/** The same encrypted properties without the index: what the index adds to a write. */
+@Entity({ name: 'bench_login_encrypted' })
+export class EncryptedLogin {
+  @PrimaryGeneratedColumn() id!: number;
+  @Encrypted() email!: string;
+  @Encrypted() fullName!: string;
 }

@@ -30,6 +30,7 @@ const SOURCES = [
   'bench/rewrap-memory.ts',
   'bench/storage-kms.ts',
   'bench/workers.ts',
+  'bench/blind-index.ts',
   'bench/kms-sized-key-provider.ts',
   'bench/tenants.ts',
   'bench/stats.ts',

@@ -10,7 +10,9 @@
  *
  * Environment: BENCH_ROWS (10000), BENCH_ROUNDS (5 measured, after 1 discarded warm-up round),
  * BENCH_LOOKUPS (1000), BENCH_REWRAP_ROWS (100000), BENCH_REWRAP_ROUNDS (3),
- * BENCH_REWRAP_MEMORY_ROWS (100000,1000000), BENCH_WORKER_ROWS (1000000), BENCH_TENANT_ROWS
+ * BENCH_REWRAP_MEMORY_ROWS (100000,1000000), BENCH_WORKER_ROWS (1000000), BENCH_WORKER_REENCRYPT_ROWS
+ * (100000), BENCH_LOGIN_ROWS (100000), BENCH_LOGIN_LOOKUPS (1000), BENCH_LOGIN_ROUNDS (5),
+ * BENCH_LOGIN_WRITES (10000), BENCH_TENANT_ROWS
  * (10000), BENCH_TENANTS (100), BENCH_TENANT_ROUNDS (5), BENCH_DB (force a database kind),
  * DATABASE_URL. Set by ./main.ts: BENCH_SOURCE (`installed` or `checkout`), BENCH_TARBALL,
  * BENCH_CHECKOUT (the repository, whose sources an installed run must not load) and
@@ -22,6 +24,7 @@ import { readFileSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import { dirname, join, relative, sep } from 'node:path';
 import { DataSource, type ObjectLiteral, type Repository } from 'typeorm';
+import { runBlindIndexBench } from './blind-index';
 import { type BenchDatabase, openDatabase } from './database';
 import {
   CompactPerson,
@@ -613,6 +616,10 @@ async function main(): Promise<void> {
     const rewrapMemory = runRewrapMemoryBench(db);
     console.log(['', ...rewrapMemory.lines].join('\n'));
 
+    /* Blind-index section (./blind-index.ts): login by email against a plaintext B-tree. */
+    const blindIndex = await runBlindIndexBench(db);
+    console.log(['', ...blindIndex.lines].join('\n'));
+
     /* Workers section (./workers.ts): re-encryption with 1, 2 and 4 workers. */
     const workers = await runWorkersBench(db);
     console.log(['', ...workers.lines].join('\n'));
@@ -648,6 +655,7 @@ async function main(): Promise<void> {
       rewrap: rewrap.result,
       rewrapMemory: rewrapMemory.result,
       workers: workers.result,
+      blindIndex: blindIndex.result,
       tenants: tenants.result,
       generatedAt: new Date().toISOString(),
     };
