@@ -15,6 +15,7 @@ import {
   type KeyDescription,
   KeyProvider,
 } from './key-provider';
+import { loadOptionalDependency } from './optional-dependency';
 
 /**
  * A `KMSClient` of `@aws-sdk/client-kms`, as far as this library's types need one. Declared here so
@@ -211,7 +212,7 @@ export class AwsKmsKeyProvider extends KeyProvider {
     super();
     this.#keyId = parseKeyId(options?.keyId);
     this.#assumedRole = options.roleArn && `${options.roleArn}\0${options.externalId ?? ''}`;
-    this.#kms = loadModule<KmsModule>(KMS_PACKAGE, 'AwsKmsKeyProvider');
+    this.#kms = loadOptionalDependency<KmsModule>(KMS_PACKAGE, 'AwsKmsKeyProvider');
     if (options.client !== undefined) {
       const conflict = CLIENT_BUILDING_OPTIONS.find((name) => options[name] !== undefined);
       if (conflict) throw new ConfigError(`Cannot set both client and ${conflict}`);
@@ -445,7 +446,7 @@ function clientConfigOf(options: AwsKmsKeyProviderOptions): KMSClientConfig {
   if (region !== undefined) config.region = region;
   if (endpoint !== undefined) config.endpoint = endpoint;
   if (roleArn !== undefined) {
-    const { fromTemporaryCredentials } = loadModule<CredentialProvidersModule>(
+    const { fromTemporaryCredentials } = loadOptionalDependency<CredentialProvidersModule>(
       CREDENTIALS_PACKAGE,
       'AwsKmsKeyProvider with roleArn',
     );
@@ -538,25 +539,6 @@ function positiveMs(name: string, value: unknown): number {
     throw new ConfigError(`${name} must be a positive number of milliseconds, got ${String(value)}`);
   }
   return value;
-}
-
-/** Loads an optional peer dependency only when a KMS provider is built, so the library works without it. */
-function loadModule<T>(name: string, needer: string): T {
-  try {
-    return require(name) as T;
-  } catch (error) {
-    const missing =
-      (error as NodeJS.ErrnoException)?.code === 'MODULE_NOT_FOUND' &&
-      String((error as Error).message).includes(`'${name}'`);
-    if (!missing) throw error;
-    throw new ConfigError(
-      `${needer} needs the optional peer dependency ${name}: npm install ${name}`,
-      {},
-      {
-        cause: error,
-      },
-    );
-  }
 }
 
 /** Maps a failed KMS call to this library's errors. Messages carry error names only, never key bytes or blobs. */

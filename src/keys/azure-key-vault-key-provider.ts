@@ -17,6 +17,7 @@ import {
   type KeyDescription,
   KeyProvider,
 } from './key-provider';
+import { loadOptionalDependency } from './optional-dependency';
 
 /**
  * A `TokenCredential` of `@azure/core-auth` (what every `@azure/identity` credential is), declared
@@ -197,7 +198,7 @@ export class AzureKeyVaultKeyProvider extends KeyProvider {
     const clientOptions = options?.clientOptions ?? {};
     this.#configured = parseKeyId(options?.keyId, clientOptions.allowInsecureConnection === true);
     this.#requestTimeout = positiveMs('requestTimeout', options.requestTimeout ?? DEFAULT_REQUEST_TIMEOUT);
-    const sdk = loadModule<KeysModule>(KEYS_PACKAGE, 'AzureKeyVaultKeyProvider');
+    const sdk = loadOptionalDependency<KeysModule>(KEYS_PACKAGE, 'AzureKeyVaultKeyProvider');
     this.#credential = options.credential ?? defaultAzureCredential();
     if (typeof this.#credential?.getToken !== 'function') {
       throw new ConfigError('credential must be a TokenCredential (an object with getToken())');
@@ -531,10 +532,9 @@ export class AzureKeyVaultKeyProvider extends KeyProvider {
 
 /** `DefaultAzureCredential` of the optional `@azure/identity`, loaded when first needed. */
 export function defaultAzureCredential(): AzureTokenCredential {
-  const { DefaultAzureCredential } = loadModule<{ DefaultAzureCredential: new () => AzureTokenCredential }>(
-    IDENTITY_PACKAGE,
-    'AzureKeyVaultKeyProvider without a credential',
-  );
+  const { DefaultAzureCredential } = loadOptionalDependency<{
+    DefaultAzureCredential: new () => AzureTokenCredential;
+  }>(IDENTITY_PACKAGE, 'AzureKeyVaultKeyProvider without a credential');
   return new DefaultAzureCredential();
 }
 
@@ -654,23 +654,6 @@ function positiveMs(name: string, value: unknown): number {
     throw new ConfigError(`${name} must be a positive number of milliseconds, got ${String(value)}`);
   }
   return value;
-}
-
-/** Loads an optional peer dependency only when a provider is built, so the library works without it. */
-function loadModule<T>(name: string, needer: string): T {
-  try {
-    return require(name) as T;
-  } catch (error) {
-    const missing =
-      (error as NodeJS.ErrnoException)?.code === 'MODULE_NOT_FOUND' &&
-      String((error as Error).message).includes(`'${name}'`);
-    if (!missing) throw error;
-    throw new ConfigError(
-      `${needer} needs the optional peer dependency ${name}: npm install ${name}`,
-      {},
-      { cause: error },
-    );
-  }
 }
 
 /** What each refusal by Key Vault (the inner error code of a 403) means. */
