@@ -159,7 +159,8 @@ async function main(): Promise<void> {
     await timed(
       `${sealed.length} × FieldEncryptor.tryOpen (decrypt only)`,
       () => {
-        for (const s of sealed) encryptor.tryOpen(s.value, { schema, table: 'bench_envelope', column: s.column });
+        for (const s of sealed)
+          encryptor.tryOpen(s.value, { schema, table: 'bench_envelope', column: s.column });
       },
       t,
     );
