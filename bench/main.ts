@@ -28,6 +28,7 @@ const SOURCES = [
   'bench/entities.ts',
   'bench/rewrap.ts',
   'bench/rewrap-memory.ts',
+  'bench/rewrap-compact.ts',
   'bench/storage-kms.ts',
   'bench/workers.ts',
   'bench/blind-index.ts',

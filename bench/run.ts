@@ -10,7 +10,7 @@
  *
  * Environment: BENCH_ROWS (10000), BENCH_ROUNDS (5 measured, after 1 discarded warm-up round),
  * BENCH_LOOKUPS (1000), BENCH_REWRAP_ROWS (100000), BENCH_REWRAP_ROUNDS (3),
- * BENCH_REWRAP_MEMORY_ROWS (100000,1000000), BENCH_WORKER_ROWS (1000000), BENCH_WORKER_REENCRYPT_ROWS
+ * BENCH_REWRAP_MEMORY_ROWS (100000,1000000), BENCH_COMPACT_REWRAP_ROWS (1000000), BENCH_WORKER_ROWS (1000000), BENCH_WORKER_REENCRYPT_ROWS
  * (100000), BENCH_LOGIN_ROWS (100000), BENCH_LOGIN_LOOKUPS (1000), BENCH_LOGIN_ROUNDS (5),
  * BENCH_LOGIN_WRITES (10000), BENCH_TENANT_ROWS
  * (10000), BENCH_TENANTS (100), BENCH_TENANT_ROUNDS (5), BENCH_DB (force a database kind),
@@ -43,6 +43,7 @@ import {
   TypeormEnvelopeDataKeys1764500000000,
 } from './library';
 import { runRewrapBench } from './rewrap';
+import { runCompactRewrapBench } from './rewrap-compact';
 import { runRewrapMemoryBench } from './rewrap-memory';
 import { collectGarbage, fmtInt, intEnv, median, round1, round2 } from './stats';
 import { runKmsStorageBench } from './storage-kms';
@@ -612,6 +613,10 @@ async function main(): Promise<void> {
     const rewrap = await runRewrapBench(db);
     console.log(['', ...rewrap.lines].join('\n'));
 
+    /* Compact re-wrap section (./rewrap-compact.ts): the data-key table's rows, on 1,000,000 rows. */
+    const compactRewrap = await runCompactRewrapBench(db);
+    console.log(['', ...compactRewrap.lines].join('\n'));
+
     /* Re-wrap memory section (./rewrap-memory.ts): peak RSS of one job per table size. */
     const rewrapMemory = runRewrapMemoryBench(db);
     console.log(['', ...rewrapMemory.lines].join('\n'));
@@ -654,6 +659,7 @@ async function main(): Promise<void> {
       providerCalls,
       rewrap: rewrap.result,
       rewrapMemory: rewrapMemory.result,
+      compactRewrap: compactRewrap.result,
       workers: workers.result,
       blindIndex: blindIndex.result,
       tenants: tenants.result,
