@@ -3,6 +3,8 @@
  *
  *   npx tsc -p bench/tsconfig.json && node .bench-build/bench/profile-find.js
  *
+ * `PROFILE_LAYOUT=compact` profiles the compact layout's table instead of the sidecar layout's.
+ *
  * 1. Timers (median of 7 after 3 warm-ups) that peel the layers apart: the raw driver query of each
  *    table (the extra bytea columns), `find()` of the plaintext table, `find()` of the envelope table
  *    through a DataSource *without* encryption attached (TypeORM hydration of all 13 columns, no
@@ -20,12 +22,17 @@ import { join } from 'node:path';
 import { setFlagsFromString } from 'node:v8';
 import { runInNewContext } from 'node:vm';
 import { DataSource } from 'typeorm';
-import { EnvelopeEncryption, LocalKeyProvider } from '../src';
+import { EnvelopeEncryption, LocalKeyProvider, TypeormEnvelopeDataKeys1764500000000 } from '../src';
+import { COMPACT_BODY_OFFSET, COMPACT_IV_OFFSET, compactDataKeyId } from '../src/crypto/compact-value';
 import { FieldEncryptor, type SealedValue } from '../src/field-encryptor';
 import { openDatabase } from './database';
-import { EnvelopePerson, type PersonData, PlainPerson } from './entities';
+import { CompactPerson, EnvelopePerson, type PersonData, PlainPerson } from './entities';
 
 const ROWS = 10_000;
+const COMPACT = process.env.PROFILE_LAYOUT === 'compact';
+const Envelope = COMPACT ? CompactPerson : EnvelopePerson;
+const TABLE = COMPACT ? 'bench_compact' : 'bench_envelope';
+const SHAPE = COMPACT ? '5 columns, 3 bytea' : '14 columns, 9 bytea';
 const PROPERTIES = ['email', 'fullName', 'phone'] as const;
 setFlagsFromString('--expose-gc');
 const gc = runInNewContext('gc') as () => void;
@@ -98,10 +105,16 @@ async function main(): Promise<void> {
     await admin.query(`CREATE SCHEMA "${schema}"`);
     await admin.destroy();
     const plain = new DataSource({ ...common, entities: [PlainPerson], synchronize: true });
-    const envelope = new DataSource({ ...common, entities: [EnvelopePerson], synchronize: true });
+    const envelope = new DataSource({
+      ...common,
+      entities: [Envelope],
+      synchronize: true,
+      migrations: [TypeormEnvelopeDataKeys1764500000000],
+      migrationsRun: COMPACT,
+    });
     encryption.attach(envelope);
     /* The same entity with no encryption attached: TypeORM hydrates the raw ciphertext and sidecars. */
-    const unattached = new DataSource({ ...common, entities: [EnvelopePerson] });
+    const unattached = new DataSource({ ...common, entities: [Envelope] });
     for (const ds of [plain, envelope, unattached]) {
       sources.push(ds);
       await ds.initialize();
@@ -111,8 +124,8 @@ async function main(): Promise<void> {
       people.map((p) => Object.assign(new PlainPerson(), p)),
       { chunk: 500 },
     );
-    await envelope.getRepository(EnvelopePerson).save(
-      people.map((p) => Object.assign(new EnvelopePerson(), p)),
+    await envelope.getRepository(Envelope).save(
+      people.map((p) => Object.assign(new Envelope(), p)),
       { chunk: 500 },
     );
 
@@ -125,42 +138,64 @@ async function main(): Promise<void> {
       t,
     );
     await timed(
-      'raw SELECT * envelope (pg, 14 columns, 9 bytea)',
-      () => envelope.query(`SELECT * FROM "${schema}".bench_envelope`),
+      `raw SELECT * envelope (pg, ${SHAPE})`,
+      () => envelope.query(`SELECT * FROM "${schema}".${TABLE}`),
       t,
     );
     await timed('find() plaintext', async () => sumChars(await plain.getRepository(PlainPerson).find()), t);
     await timed(
       'find() envelope, encryption NOT attached (hydration only)',
-      () => unattached.getRepository(EnvelopePerson).find(),
+      () => unattached.getRepository(Envelope).find(),
       t,
     );
     await timed(
       'find() envelope, full',
-      async () => sumChars(await envelope.getRepository(EnvelopePerson).find()),
+      async () => sumChars(await envelope.getRepository(Envelope).find()),
       t,
     );
 
-    const raw = (await envelope.query(`SELECT * FROM "${schema}".bench_envelope`)) as Array<
+    const raw = (await envelope.query(`SELECT * FROM "${schema}".${TABLE}`)) as Array<
       Record<string, unknown>
     >;
+    const keyRows = COMPACT
+      ? ((await envelope.query(
+          `SELECT "id"::text AS "id", "key_version", "wrapped_key" FROM "${schema}".typeorm_envelope_data_keys`,
+        )) as Array<{ id: string; key_version: number; wrapped_key: Buffer }>)
+      : [];
+    const keyRow = new Map(keyRows.map((k) => [BigInt(k.id), k]));
     const sealed: Array<{ value: SealedValue; column: string }> = raw.flatMap((r) =>
-      PROPERTIES.map((p) => ({
-        column: p,
-        value: {
-          ciphertext: r[`${p}_ciphertext`] as Buffer,
-          iv: r[`${p}_iv`] as Buffer,
-          wrappedKey: r[`${p}_wrapped_key`] as Buffer,
-          keyVersion: r[`${p}_key_version`] as number,
-        },
-      })),
+      PROPERTIES.map((p) => {
+        if (!COMPACT) {
+          return {
+            column: p,
+            value: {
+              ciphertext: r[`${p}_ciphertext`] as Buffer,
+              iv: r[`${p}_iv`] as Buffer,
+              wrappedKey: r[`${p}_wrapped_key`] as Buffer,
+              keyVersion: r[`${p}_key_version`] as number,
+            },
+          };
+        }
+        const ciphertext = r[`${p}_ciphertext`] as Buffer;
+        const row = keyRow.get(compactDataKeyId(ciphertext) as bigint);
+        if (!row) throw new Error('a compact value names no key row');
+        return {
+          column: p,
+          value: {
+            ciphertext,
+            iv: ciphertext.subarray(COMPACT_IV_OFFSET, COMPACT_BODY_OFFSET),
+            wrappedKey: row.wrapped_key,
+            keyVersion: row.key_version,
+          },
+        };
+      }),
     );
     const encryptor = new FieldEncryptor(encryption.cache);
     await timed(
       `${sealed.length} × FieldEncryptor.tryOpen (decrypt only)`,
       () => {
         for (const s of sealed)
-          encryptor.tryOpen(s.value, { schema, table: 'bench_envelope', column: s.column });
+          encryptor.tryOpen(s.value, { schema, table: TABLE, column: s.column });
       },
       t,
     );
@@ -190,7 +225,7 @@ async function main(): Promise<void> {
     const plainFind = get('find() plaintext');
     const hydration = get('find() envelope, encryption NOT attached (hydration only)');
     const extraBytes =
-      get('raw SELECT * envelope (pg, 14 columns, 9 bytea)') - get('raw SELECT * plaintext (pg, 5 columns)');
+      get(`raw SELECT * envelope (pg, ${SHAPE})`) - get('raw SELECT * plaintext (pg, 5 columns)');
     const decrypt = get(`${sealed.length} × FieldEncryptor.tryOpen (decrypt only)`);
     console.log('\nBreakdown of the full envelope find() by timers (approximate, layers overlap):');
     const share = (label: string, ms: number) =>
@@ -198,7 +233,7 @@ async function main(): Promise<void> {
         `  ${label.padEnd(62)} ${ms.toFixed(0).padStart(5)} ms  ${((100 * ms) / full).toFixed(0).padStart(3)} %`,
       );
     share('plaintext find() baseline', plainFind);
-    share('9 extra columns through TypeORM (unattached − plaintext find)', hydration - plainFind);
+    share('extra columns through TypeORM (unattached − plaintext find)', hydration - plainFind);
     share('  of which: bytea/extra columns in the driver (raw query delta)', extraBytes);
     share('decryption (tryOpen × 30,000)', decrypt);
     share(
@@ -218,7 +253,7 @@ async function main(): Promise<void> {
     await post('Profiler.setSamplingInterval', { interval: 100 });
     gc();
     await post('Profiler.start');
-    for (let i = 0; i < 5; i++) sumChars(await envelope.getRepository(EnvelopePerson).find());
+    for (let i = 0; i < 5; i++) sumChars(await envelope.getRepository(Envelope).find());
     const { profile } = await post<{
       profile: { nodes: ProfileNode[]; samples: number[]; timeDeltas: number[] };
     }>('Profiler.stop');

@@ -2,7 +2,8 @@
  * AES-256-GCM for typeorm-envelope through the OpenSSL that Node itself is linked with.
  *
  * One handle per data key holds two EVP_CIPHER_CTX (encrypt, decrypt) whose key schedule is set once;
- * each value only re-initialises the IV. Plain N-API (node_api.h), no node-addon-api. Key bytes are
+ * each value only re-initialises the IV; sealMany/openMany process the values of one result set or one
+ * write under one key in a single call. Plain N-API (node_api.h), no node-addon-api. Key bytes are
  * never printed; the copy kept for the stale-key check is OPENSSL_cleanse'd when the handle is freed.
  */
 #ifndef NAPI_VERSION
@@ -298,6 +299,199 @@ napi_value Open(napi_env env, napi_callback_info info) {
   return result;
 }
 
+/* Reads a Uint32Array. */
+bool GetUint32s(napi_env env, napi_value value, const uint32_t** data, size_t* length) {
+  bool is_typed = false;
+  if (napi_is_typedarray(env, value, &is_typed) != napi_ok || !is_typed) return false;
+  napi_typedarray_type type;
+  void* raw = nullptr;
+  if (napi_get_typedarray_info(env, value, &type, length, &raw, nullptr, nullptr) != napi_ok ||
+      type != napi_uint32_array) {
+    return false;
+  }
+  static const uint32_t none[1] = {0};
+  *data = raw != nullptr ? static_cast<const uint32_t*>(raw) : none;
+  return true;
+}
+
+/*
+ * The arguments of sealMany/openMany, checked in full before any byte is processed:
+ * (handle, key32, input, ends: Uint32Array(n), ivs: Uint8Array(12n) | null, aads, aadEnds: Uint32Array(m),
+ *  aadOf: Uint32Array(n), out, result: Uint8Array(n)).
+ * Value i of `input` is [ends[i-1], ends[i]) (ends[-1] = 0); its associated data is aads
+ * [aadEnds[j-1], aadEnds[j]) with j = aadOf[i], so one column's shared associated data is passed once.
+ */
+struct Batch {
+  GcmKey* k;
+  Bytes input, ivs, aads, out, result;
+  const uint32_t* ends;
+  const uint32_t* aad_ends;
+  const uint32_t* aad_of;
+  size_t n, m;
+};
+
+bool ParseBatch(napi_env env, napi_callback_info info, bool sealing, Batch* b) {
+  size_t argc = 10;
+  napi_value argv[10];
+  if (napi_get_cb_info(env, info, &argc, argv, nullptr, nullptr) != napi_ok) return false;
+  if (argc < 10) {
+    ThrowType(env, "expected (handle, key, input, ends, ivs, aads, aadEnds, aadOf, out, result)");
+    return false;
+  }
+  b->k = GetHandle(env, argv[0], false);
+  if (b->k == nullptr) return false;
+  Bytes key;
+  if (!GetBytes(env, argv[1], &key) || key.length != kKeyBytes) {
+    ThrowType(env, "key must be a Uint8Array of 32 bytes");
+    return false;
+  }
+  size_t aad_of_length = 0;
+  if (!GetBytes(env, argv[2], &b->input) || !GetUint32s(env, argv[3], &b->ends, &b->n) ||
+      !GetBytes(env, argv[5], &b->aads) || !GetUint32s(env, argv[6], &b->aad_ends, &b->m) ||
+      !GetUint32s(env, argv[7], &b->aad_of, &aad_of_length) || !GetBytes(env, argv[8], &b->out) ||
+      !GetBytes(env, argv[9], &b->result)) {
+    ThrowType(env, "batch arguments have the wrong types");
+    return false;
+  }
+  if (sealing) {
+    if (!GetBytes(env, argv[4], &b->ivs) || b->ivs.length != b->n * kIvBytes) {
+      ThrowType(env, "ivs must be a Uint8Array of 12 bytes per value");
+      return false;
+    }
+  } else {
+    b->ivs.data = nullptr;
+    b->ivs.length = 0;
+  }
+  if (aad_of_length != b->n || b->result.length != b->n || b->input.length > 0x7fffffff ||
+      b->aads.length > 0x7fffffff || b->n > 0x7fffffff / (kIvBytes + kTagBytes)) {
+    ThrowType(env, "batch arguments have inconsistent lengths");
+    return false;
+  }
+  /* Every range is checked here, so the loops below never read or write out of bounds. */
+  const size_t per_value = sealing ? 0 : kIvBytes + kTagBytes;
+  size_t start = 0;
+  for (size_t i = 0; i < b->n; i++) {
+    if (b->ends[i] < start || b->ends[i] - start < per_value || b->ends[i] > b->input.length ||
+        b->aad_of[i] >= b->m) {
+      ThrowType(env, "batch value ranges are invalid");
+      return false;
+    }
+    start = b->ends[i];
+  }
+  if (start != b->input.length) {
+    ThrowType(env, "batch value ranges do not cover the input");
+    return false;
+  }
+  size_t aad_start = 0;
+  for (size_t j = 0; j < b->m; j++) {
+    if (b->aad_ends[j] < aad_start || b->aad_ends[j] > b->aads.length) {
+      ThrowType(env, "batch associated-data ranges are invalid");
+      return false;
+    }
+    aad_start = b->aad_ends[j];
+  }
+  const size_t out_length = sealing ? b->input.length + b->n * kTagBytes : b->input.length - b->n * per_value;
+  if (b->out.length != out_length) {
+    ThrowType(env, "out must be a Uint8Array of the output's length");
+    return false;
+  }
+  if (Overlaps(b->out, b->input) || Overlaps(b->out, b->aads) || Overlaps(b->out, b->ivs) ||
+      Overlaps(b->result, b->out) || Overlaps(b->result, b->input) || Overlaps(b->result, b->aads) ||
+      Overlaps(b->result, b->ivs)) {
+    ThrowType(env, "out and result must not overlap an input");
+    return false;
+  }
+  if (CRYPTO_memcmp(key.data, b->k->key, kKeyBytes) != 0 && !SetKey(b->k, key.data)) {
+    ThrowError(env, "OpenSSL could not set up AES-256-GCM");
+    return false;
+  }
+  return true;
+}
+
+const unsigned char* AadOf(const Batch& b, size_t i, size_t* length) {
+  const size_t j = b.aad_of[i];
+  const size_t start = j == 0 ? 0 : b.aad_ends[j - 1];
+  *length = b.aad_ends[j] - start;
+  return b.aads.data + start;
+}
+
+/*
+ * sealMany(handle, key, plaintexts, ends, ivs, aads, aadEnds, aadOf, out, result) -> undefined.
+ * Writes ciphertext || tag of value i at out[ends[i-1] + 16 i, ends[i] + 16 (i + 1)); result[i] = 1.
+ * One call for the values of one write under one data key. Throws if OpenSSL fails (out cleansed).
+ */
+napi_value SealMany(napi_env env, napi_callback_info info) {
+  Batch b;
+  if (!ParseBatch(env, info, true, &b)) return nullptr;
+  size_t start = 0;
+  for (size_t i = 0; i < b.n; i++) {
+    const size_t pt_len = b.ends[i] - start;
+    unsigned char* out = b.out.data + start + i * kTagBytes;
+    size_t aad_len;
+    const unsigned char* aad = AadOf(b, i, &aad_len);
+    int len = 0;
+    int fin = 0;
+    if (EVP_EncryptInit_ex(b.k->enc, nullptr, nullptr, nullptr, b.ivs.data + i * kIvBytes) != 1 ||
+        (aad_len > 0 && EVP_EncryptUpdate(b.k->enc, nullptr, &len, aad, static_cast<int>(aad_len)) != 1) ||
+        (pt_len > 0 &&
+         EVP_EncryptUpdate(b.k->enc, out, &len, b.input.data + start, static_cast<int>(pt_len)) != 1) ||
+        EVP_EncryptFinal_ex(b.k->enc, out + (pt_len > 0 ? len : 0), &fin) != 1 ||
+        static_cast<size_t>((pt_len > 0 ? len : 0) + fin) != pt_len ||
+        EVP_CIPHER_CTX_ctrl(b.k->enc, EVP_CTRL_GCM_GET_TAG, static_cast<int>(kTagBytes), out + pt_len) != 1) {
+      OPENSSL_cleanse(b.out.data, b.out.length);
+      memset(b.result.data, 0, b.result.length);
+      return ThrowError(env, "AES-256-GCM encryption failed");
+    }
+    b.result.data[i] = 1;
+    start = b.ends[i];
+  }
+  return nullptr;
+}
+
+/*
+ * openMany(handle, key, sealed, ends, null, aads, aadEnds, aadOf, out, result) -> number opened.
+ * Value i of `sealed` is iv(12) || ciphertext || tag(16); its plaintext goes to
+ * out[ends[i-1] - 28 i, ends[i] - 28 (i + 1)). result[i] is 1 when it authenticated, else 0 and its
+ * plaintext range is cleansed: no unauthenticated byte is left in `out`.
+ */
+napi_value OpenMany(napi_env env, napi_callback_info info) {
+  Batch b;
+  if (!ParseBatch(env, info, false, &b)) return nullptr;
+  static unsigned char scratch[16];
+  uint32_t opened = 0;
+  size_t start = 0;
+  for (size_t i = 0; i < b.n; i++) {
+    const unsigned char* iv = b.input.data + start;
+    const unsigned char* ct = iv + kIvBytes;
+    const size_t ct_len = b.ends[i] - start - kIvBytes - kTagBytes;
+    unsigned char tag[kTagBytes];
+    memcpy(tag, ct + ct_len, kTagBytes);
+    unsigned char* out = b.out.data + start - i * (kIvBytes + kTagBytes);
+    unsigned char* final_out = ct_len > 0 ? out : scratch;
+    size_t aad_len;
+    const unsigned char* aad = AadOf(b, i, &aad_len);
+    int len = 0;
+    int fin = 0;
+    const bool ok =
+        EVP_DecryptInit_ex(b.k->dec, nullptr, nullptr, nullptr, iv) == 1 &&
+        (aad_len == 0 || EVP_DecryptUpdate(b.k->dec, nullptr, &len, aad, static_cast<int>(aad_len)) == 1) &&
+        (ct_len == 0 || EVP_DecryptUpdate(b.k->dec, out, &len, ct, static_cast<int>(ct_len)) == 1) &&
+        EVP_CIPHER_CTX_ctrl(b.k->dec, EVP_CTRL_GCM_SET_TAG, static_cast<int>(kTagBytes), tag) == 1 &&
+        EVP_DecryptFinal_ex(b.k->dec, final_out + (ct_len > 0 ? len : 0), &fin) == 1;
+    if (ok) {
+      b.result.data[i] = 1;
+      opened++;
+    } else {
+      b.result.data[i] = 0;
+      if (ct_len > 0) OPENSSL_cleanse(out, ct_len);
+    }
+    start = b.ends[i];
+  }
+  napi_value count;
+  if (napi_create_uint32(env, opened, &count) != napi_ok) return nullptr;
+  return count;
+}
+
 napi_value Init(napi_env env, napi_value exports) {
   /* Compiled against one OpenSSL major version, running against Node's: they must agree. */
   if ((OpenSSL_version_num() >> 28) != (OPENSSL_VERSION_NUMBER >> 28)) {
@@ -309,6 +503,8 @@ napi_value Init(napi_env env, napi_value exports) {
       {"destroyKey", nullptr, DestroyKey, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"seal", nullptr, Seal, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
       {"open", nullptr, Open, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+      {"sealMany", nullptr, SealMany, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
+      {"openMany", nullptr, OpenMany, nullptr, nullptr, nullptr, napi_enumerable, nullptr},
   };
   if (napi_define_properties(env, exports, sizeof props / sizeof props[0], props) != napi_ok) return nullptr;
   napi_value version;

@@ -1,4 +1,4 @@
-import { gcmOpen, gcmSeal } from './crypto/aes-gcm';
+import { gcmOpen, gcmSeal, IV_BYTES, TAG_BYTES } from './crypto/aes-gcm';
 import {
   associatedData,
   FLAG_PRIMARY_KEY_BOUND,
@@ -8,15 +8,17 @@ import {
   HEADER_BYTES,
   type ValueBinding,
 } from './crypto/associated-data';
-import { decodeValue, encodeValue, type ValueType } from './crypto/codec';
+import { decodeValue, decodeValueAt, encodeValue, type ValueType } from './crypto/codec';
 import {
   COMPACT_BODY_OFFSET,
   COMPACT_IV_OFFSET,
+  checkCompact,
   compactHeader,
   encodeCompact,
   FORMAT_V2,
   parseCompact,
 } from './crypto/compact-value';
+import { GcmOpenBatch } from './crypto/gcm-batch';
 import { IvPool } from './crypto/iv-pool';
 import { type ErrorContext, IntegrityError, withErrorContext } from './errors';
 import { type CachedDataKey, type DataKeyCache, NOT_CACHED } from './keys/data-key-cache';
@@ -74,6 +76,29 @@ export interface DataKeyRecord {
   keyVersion: number;
   wrappedKey: Buffer;
 }
+
+/**
+ * What {@link FieldEncryptor.tryOpenMany} gives for each value, by index: its plaintext value, or
+ * `NOT_CACHED` where its data key is not cached (open it with `open()`), or an error in `failures`.
+ */
+export interface OpenedValues {
+  values: unknown[];
+  /** Sparse: the error of each value that could not be opened, as `tryOpen` would throw it. */
+  failures: unknown[];
+}
+
+/** The values of a batch under one data key. */
+interface KeyGroup {
+  keyVersion: number;
+  wrappedKey: Buffer;
+  scope: KeyScope;
+  batch: GcmOpenBatch;
+  /** The index of each of the batch's values among all values. */
+  indices: number[];
+}
+
+/** Beyond this many data keys in one batch, groups are found by a lookup string, not by a scan. */
+const SCANNED_GROUPS = 8;
 
 /**
  * Encrypts and decrypts single values: codec, associated data and AES-256-GCM under data keys
@@ -203,6 +228,142 @@ export class FieldEncryptor {
     return plaintext === NOT_CACHED
       ? NOT_CACHED
       : this.#decode(plaintext, sealed, { ...context, ...tenantOf(binding) });
+  }
+
+  /**
+   * Opens many values, like {@link tryOpen} each, but with one native call per data key (the
+   * values of a result set mostly share a few): each value's checks and associated data are its
+   * own, and one value's failure is its own (in `failures`), never another's.
+   */
+  tryOpenMany(sealed: readonly SealedValue[], bindings: readonly ValueBinding[]): OpenedValues {
+    const values = new Array<unknown>(sealed.length);
+    const failures = new Array<unknown>(sealed.length);
+    const groups: KeyGroup[] = [];
+    const byLookup = new Map<string, KeyGroup>();
+    let last: KeyGroup | undefined;
+    for (let i = 0; i < sealed.length; i++) {
+      const value = sealed[i] as SealedValue;
+      const binding = bindings[i] as ValueBinding;
+      let aad: Buffer;
+      try {
+        aad = this.#checkedAssociatedData(value, binding);
+      } catch (error) {
+        failures[i] = error;
+        continue;
+      }
+      const scope = this.#scope(binding);
+      let group = last && sameKey(last, value, scope) ? last : undefined;
+      if (!group && groups.length <= SCANNED_GROUPS) group = groups.find((g) => sameKey(g, value, scope));
+      const lookup =
+        group || groups.length < SCANNED_GROUPS
+          ? undefined
+          : `${scope.cacheId}\0${value.keyVersion}\0${value.wrappedKey.toString('base64')}`;
+      if (!group && lookup !== undefined) group = byLookup.get(lookup);
+      if (!group) {
+        group = {
+          keyVersion: value.keyVersion,
+          wrappedKey: value.wrappedKey,
+          scope,
+          batch: new GcmOpenBatch(),
+          indices: [],
+        };
+        groups.push(group);
+        if (lookup !== undefined) byLookup.set(lookup, group);
+      }
+      last = group;
+      if (value.ciphertext[0] === FORMAT_V2)
+        group.batch.addContiguous(value.ciphertext, COMPACT_IV_OFFSET, aad);
+      else group.batch.add(value.iv, value.ciphertext, HEADER_BYTES, aad);
+      group.indices.push(i);
+    }
+    for (const group of groups) {
+      const done = this.cache.tryWithDecryptionKey(
+        group.keyVersion,
+        group.wrappedKey,
+        (key) => this.#openGroup(key, group, sealed, bindings, values, failures),
+        group.scope,
+      );
+      if (done === NOT_CACHED) for (const i of group.indices) values[i] = NOT_CACHED;
+    }
+    return { values, failures };
+  }
+
+  /** Opens one data key's values in one call, then decodes each from the shared plaintext buffer. */
+  #openGroup(
+    key: Buffer,
+    group: KeyGroup,
+    sealed: readonly SealedValue[],
+    bindings: readonly ValueBinding[],
+    values: unknown[],
+    failures: unknown[],
+  ): true {
+    const opened = group.batch.open(key);
+    try {
+      for (let j = 0; j < group.indices.length; j++) {
+        const i = group.indices[j] as number;
+        const value = sealed[i] as SealedValue;
+        const binding = bindings[i] as ValueBinding;
+        if (opened.opened[j] === 1) {
+          try {
+            values[i] = decodeValueAt(opened.plaintexts, opened.start(j), opened.end(j));
+          } catch (error) {
+            failures[i] = withErrorContext(error, { ...tenantOf(binding), keyVersion: value.keyVersion });
+          }
+          continue;
+        }
+        /* Not under the column's own associated data: under a former name, or not at all. */
+        const former = binding.formerColumns?.length
+          ? this.#gcmOpen(key, this.#parse(value, binding, {}), binding)
+          : undefined;
+        try {
+          values[i] = this.#decode(former, value, tenantOf(binding));
+        } catch (error) {
+          failures[i] = error;
+        }
+      }
+    } finally {
+      opened.plaintexts.fill(0);
+    }
+    return true;
+  }
+
+  /**
+   * The checks {@link tryOpen} makes before it decrypts (format, flags, tenant binding), and the
+   * value's associated data, without splitting the value into views.
+   */
+  #checkedAssociatedData(sealed: SealedValue, binding: ValueBinding): Buffer {
+    const { ciphertext } = sealed;
+    if (ciphertext[0] === FORMAT_V2) {
+      try {
+        checkCompact(ciphertext);
+      } catch (error) {
+        throw withErrorContext(error, { keyVersion: sealed.keyVersion });
+      }
+    } else {
+      const knownFlags = FLAG_PRIMARY_KEY_BOUND | FLAG_SCHEMA_BOUND | FLAG_TENANT_BOUND;
+      if (
+        ciphertext.length < HEADER_BYTES ||
+        ciphertext[0] !== FORMAT_V1 ||
+        ((ciphertext[1] ?? 0) & ~knownFlags) !== 0
+      ) {
+        throw new IntegrityError('ciphertext has an unknown format', { keyVersion: sealed.keyVersion });
+      }
+    }
+    if (binding.tenant !== undefined && ((ciphertext[1] ?? 0) & FLAG_TENANT_BOUND) === 0) {
+      throw new IntegrityError('encrypted value is not bound to the tenant of its row', {
+        tenant: binding.tenant,
+        keyVersion: sealed.keyVersion,
+      });
+    }
+    /* What gcmOpen refuses as failing authentication: an IV of another length, a body shorter than a tag. */
+    if (
+      ciphertext[0] !== FORMAT_V2 &&
+      (sealed.iv.length !== IV_BYTES || ciphertext.length - HEADER_BYTES < TAG_BYTES)
+    ) {
+      this.#decode(undefined, sealed, tenantOf(binding));
+    }
+    /* The associated data takes the header from the first two bytes: the value itself serves. */
+    return associatedData(ciphertext, binding);
   }
 
   /**
@@ -341,6 +502,15 @@ interface OpenParts {
   iv: Buffer;
   body: Buffer;
   aad: Buffer;
+}
+
+/** Whether `sealed` is under the data key of `group`. */
+function sameKey(group: KeyGroup, sealed: SealedValue, scope: KeyScope): boolean {
+  return (
+    group.keyVersion === sealed.keyVersion &&
+    group.scope.cacheId === scope.cacheId &&
+    (group.wrappedKey === sealed.wrappedKey || group.wrappedKey.equals(sealed.wrappedKey))
+  );
 }
 
 function flagsOf(binding: ValueBinding): number {

@@ -18,7 +18,8 @@ export const TAG_BYTES = 16;
  */
 const handles = new WeakMap<Uint8Array, NativeGcmHandle>();
 
-function handleFor(key: Uint8Array): NativeGcmHandle {
+/** The native contexts of `key`, made at its first use. Only with the native backend. */
+export function handleFor(key: Uint8Array): NativeGcmHandle {
   let handle = handles.get(key);
   if (handle === undefined) {
     handle = (nativeGcm as NonNullable<typeof nativeGcm>).createKey(key);

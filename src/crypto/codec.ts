@@ -80,26 +80,34 @@ export function encodeValue(value: unknown, declared?: ValueType): Buffer {
 
 /** Decodes bytes made by `encodeValue`. */
 export function decodeValue(bytes: Buffer): unknown {
-  const type = TYPE_OF_TAG.get(bytes[0] ?? -1);
+  return decodeValueAt(bytes, 0, bytes.length);
+}
+
+/**
+ * Decodes the bytes `encodeValue` made that sit at `[start, end)` of `bytes` (one plaintext of a
+ * batch opened together), without copying them first.
+ */
+export function decodeValueAt(bytes: Buffer, start: number, end: number): unknown {
+  const type = end > start ? TYPE_OF_TAG.get(bytes[start] ?? -1) : undefined;
   if (type === undefined) throw new ValueTypeError('encrypted value has an unknown type tag');
-  const body = bytes.subarray(1);
+  const from = start + 1;
   switch (type) {
     case 'string':
-      return body.toString('utf8');
+      return bytes.toString('utf8', from, end);
     case 'number':
-      return readDouble(body);
+      return readDouble(bytes, from, end);
     case 'bigint':
-      return BigInt(body.toString('latin1'));
+      return BigInt(bytes.toString('latin1', from, end));
     case 'boolean':
-      return body[0] === 1;
+      return from < end && bytes[from] === 1;
     case 'date':
-      return new Date(readDouble(body));
+      return new Date(readDouble(bytes, from, end));
     case 'json':
-      return JSON.parse(body.toString('utf8'));
+      return JSON.parse(bytes.toString('utf8', from, end));
     case 'buffer':
-      return Buffer.from(body);
+      return Buffer.from(bytes.subarray(from, end));
     case 'uint8array':
-      return new Uint8Array(body);
+      return new Uint8Array(bytes.subarray(from, end));
   }
 }
 
@@ -171,7 +179,7 @@ function writeDouble(n: number): Buffer {
   return out;
 }
 
-function readDouble(body: Buffer): number {
-  if (body.length !== 8) throw new ValueTypeError('encrypted number has a wrong length');
-  return body.readDoubleBE(0);
+function readDouble(bytes: Buffer, start: number, end: number): number {
+  if (end - start !== 8) throw new ValueTypeError('encrypted number has a wrong length');
+  return bytes.readDoubleBE(start);
 }

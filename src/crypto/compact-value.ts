@@ -99,24 +99,32 @@ export function encodeCompact(parts: CompactParts): Buffer {
  */
 export function parseCompact(value: Uint8Array): CompactValue {
   const buf = Buffer.isBuffer(value) ? value : Buffer.from(value.buffer, value.byteOffset, value.byteLength);
+  const dataKeyId = checkCompact(buf);
+  return {
+    header: buf.subarray(0, HEADER_BYTES),
+    flags: buf[1] as number,
+    dataKeyId,
+    iv: buf.subarray(COMPACT_IV_OFFSET, COMPACT_BODY_OFFSET),
+    body: buf.subarray(COMPACT_BODY_OFFSET),
+  };
+}
+
+/**
+ * Checks what {@link parseCompact} checks, without making views, and returns the data-key id: for
+ * the values of a result set opened together.
+ */
+export function checkCompact(buf: Buffer): bigint {
   if (buf.length < COMPACT_MIN_BYTES || buf[0] !== FORMAT_V2) {
     throw new IntegrityError('compact encrypted value is truncated or has an unknown format');
   }
-  const flags = buf[1] as number;
-  if ((flags & ~KNOWN_FLAGS) !== 0) {
+  if (((buf[1] as number) & ~KNOWN_FLAGS) !== 0) {
     throw new IntegrityError('compact encrypted value has unknown header flags');
   }
   const dataKeyId = buf.readBigUInt64BE(DATA_KEY_ID_OFFSET);
   if (dataKeyId < 1n || dataKeyId > MAX_DATA_KEY_ID) {
     throw new IntegrityError('compact encrypted value names an impossible data-key id');
   }
-  return {
-    header: buf.subarray(0, HEADER_BYTES),
-    flags,
-    dataKeyId,
-    iv: buf.subarray(COMPACT_IV_OFFSET, COMPACT_BODY_OFFSET),
-    body: buf.subarray(COMPACT_BODY_OFFSET),
-  };
+  return dataKeyId;
 }
 
 /**

@@ -1,0 +1,144 @@
+import { randomBytes } from 'node:crypto';
+import fc from 'fast-check';
+import { describe, expect, it } from 'vitest';
+import type { ValueBinding } from '../../src/crypto/associated-data';
+import { type DataKeyRegistrar, FieldEncryptor, type SealedValue } from '../../src/field-encryptor';
+import { type CachedDataKey, DataKeyCache, NOT_CACHED } from '../../src/keys/data-key-cache';
+import { Keyring } from '../../src/keys/keyring';
+import { LocalKeyProvider } from '../../src/keys/local-key-provider';
+
+/**
+ * `tryOpenMany` (one native call per data key for a result set) against `tryOpen` value by value:
+ * the same values, the same errors, and one value's failure never another's.
+ */
+const keyring = new Keyring(
+  [1, 2].map((version) => ({
+    version,
+    provider: new LocalKeyProvider({ key: randomBytes(32).toString('base64') }),
+  })),
+  1,
+);
+/** Small uses-per-key, so a batch holds values under several data keys. */
+const cache = new DataKeyCache(keyring, { dataKeyMaxUses: 7 });
+const encryptor = new FieldEncryptor(cache);
+
+/** The compact layout's data-key ids, as the data-key table would give them. */
+class Registrar implements DataKeyRegistrar {
+  readonly #ids = new Map<CachedDataKey, bigint>();
+  knownId(dataKey: CachedDataKey): bigint | undefined {
+    return this.#ids.get(dataKey);
+  }
+  register(dataKey: CachedDataKey): Promise<bigint> {
+    const id = BigInt(this.#ids.size + 1);
+    this.#ids.set(dataKey, id);
+    return Promise.resolve(id);
+  }
+}
+const registrar = new Registrar();
+
+const BINDINGS: ValueBinding[] = [
+  { table: 'people', schema: 'app', column: 'email' },
+  { table: 'people', schema: 'app', column: 'phone', primaryKey: '7' },
+  { table: 'people', schema: 'app', column: 'name', formerColumns: ['fullName'] },
+  { table: 'people', column: 'notes', primaryKey: 'f3b1c2d4' },
+];
+const RENAMED: ValueBinding = { table: 'people', schema: 'app', column: 'fullName' };
+
+const anyValue = fc.oneof(
+  fc.string({ maxLength: 60 }),
+  fc.double(),
+  fc.boolean(),
+  fc.bigInt(),
+  fc.date({ noInvalidDate: true }),
+  fc.jsonValue({ maxDepth: 2 }).filter((v) => v !== null),
+  fc.uint8Array({ maxLength: 30 }).map((a) => Buffer.from(a)),
+);
+
+const entry = fc.record({
+  value: anyValue,
+  binding: fc.nat({ max: BINDINGS.length - 1 }),
+  /** Sealed under the binding's former column name (a renamed property). */
+  renamed: fc.boolean(),
+  compact: fc.boolean(),
+  /** Opened under another binding than it was sealed for (a value copied to another place). */
+  moved: fc.boolean(),
+  /** A byte flipped in the stored value: none, or at this position. */
+  flip: fc.option(fc.nat(), { nil: undefined }),
+});
+
+async function sealedEntry(e: {
+  value: unknown;
+  binding: number;
+  renamed: boolean;
+  compact: boolean;
+  moved: boolean;
+  flip: number | undefined;
+}): Promise<{ sealed: SealedValue; binding: ValueBinding }> {
+  const opened = BINDINGS[e.binding] as ValueBinding;
+  const sealedFor = e.renamed && opened.formerColumns ? RENAMED : opened;
+  let sealed = e.compact
+    ? await encryptor.sealCompact(e.value, sealedFor, undefined, registrar)
+    : await encryptor.seal(e.value, sealedFor);
+  if (e.flip !== undefined) {
+    const ciphertext = Buffer.from(sealed.ciphertext);
+    const at = e.flip % ciphertext.length;
+    ciphertext[at] = (ciphertext[at] as number) ^ 0x10;
+    sealed = { ...sealed, ciphertext };
+  }
+  const binding = e.moved ? (BINDINGS[(e.binding + 1) % BINDINGS.length] as ValueBinding) : opened;
+  return { sealed, binding };
+}
+
+function one(sealed: SealedValue, binding: ValueBinding): { value?: unknown; error?: unknown } {
+  try {
+    return { value: encryptor.tryOpen(sealed, binding) };
+  } catch (error) {
+    return { error };
+  }
+}
+
+describe('FieldEncryptor.tryOpenMany', () => {
+  it('gives, value by value, what tryOpen gives: the plaintext or the same error (sidecar and compact, tampered, moved, renamed)', async () => {
+    await fc.assert(
+      fc.asyncProperty(fc.array(entry, { minLength: 1, maxLength: 30 }), async (entries) => {
+        const items = await Promise.all(entries.map(sealedEntry));
+        const { values, failures } = encryptor.tryOpenMany(
+          items.map((i) => i.sealed),
+          items.map((i) => i.binding),
+        );
+        items.forEach((item, i) => {
+          const expected = one(item.sealed, item.binding);
+          if (expected.error) {
+            expect(failures[i]).toBeInstanceOf((expected.error as Error).constructor);
+            expect((failures[i] as Error).message).toBe((expected.error as Error).message);
+            expect((failures[i] as { context?: unknown }).context).toEqual(
+              (expected.error as { context?: unknown }).context,
+            );
+          } else {
+            expect(failures[i]).toBeUndefined();
+            expect(values[i]).toEqual(expected.value);
+          }
+        });
+        /* Untampered values in place always open, whatever the others in the batch. */
+        entries.forEach((e, i) => {
+          if (e.flip === undefined && !e.moved) expect(failures[i]).toBeUndefined();
+        });
+      }),
+      { numRuns: 120 },
+    );
+  });
+
+  it('says NOT_CACHED for values whose data key is not cached, and opens the others', async () => {
+    const cold = new FieldEncryptor(new DataKeyCache(keyring));
+    const warm = await encryptor.seal('warm', BINDINGS[0] as ValueBinding);
+    const elsewhere = await cold.seal('cold', BINDINGS[0] as ValueBinding);
+    const reader = new FieldEncryptor(cache);
+    const { values, failures } = reader.tryOpenMany([warm, elsewhere], [
+      BINDINGS[0],
+      BINDINGS[0],
+    ] as ValueBinding[]);
+    expect(values).toEqual(['warm', NOT_CACHED]);
+    expect(failures.filter((f) => f !== undefined)).toEqual([]);
+    expect(await reader.open(elsewhere, BINDINGS[0] as ValueBinding)).toBe('cold');
+  });
+});
