@@ -37,7 +37,11 @@ export interface BackfillOptions extends WorkerOptions {
   clearPlaintext?: boolean;
   /** Only this tenant's rows (of entities with an `@EncryptionTenant()` column; others are left out). */
   tenant?: string;
-  onProgress?: (progress: { entity: string; property: string; rowsDone: number }) => void;
+  /**
+   * Called after each batch, once its rows are written; a promise it returns is awaited before the
+   * next batch, so what it records never runs ahead of the database (a rejection ends the job, in `error`).
+   */
+  onProgress?: (progress: { entity: string; property: string; rowsDone: number }) => unknown;
 }
 
 /** What {@link backfillEncryptedColumns} did. It never throws midway: an unexpected error is in `error`. */
@@ -181,7 +185,7 @@ export async function backfillEncryptedColumns(
             }
             return n;
           });
-          options.onProgress?.({
+          await options.onProgress?.({
             entity: column.entity,
             property: column.property,
             rowsDone: outcome.rowsEncrypted,

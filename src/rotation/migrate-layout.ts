@@ -36,8 +36,11 @@ export interface MigrateLayoutOptions extends WorkerOptions {
   tenant?: string;
   /** Count the rows still in the old layout; change nothing and call no key provider. */
   dryRun?: boolean;
-  /** Called after each batch. */
-  onProgress?: (progress: MigrateLayoutProgress) => void;
+  /**
+   * Called after each batch, once its rows are written; a promise it returns is awaited before the
+   * next batch, so what it records never runs ahead of the database (a rejection ends the job, in `error`).
+   */
+  onProgress?: (progress: MigrateLayoutProgress) => unknown;
 }
 
 /** Progress of one property's migration. */
@@ -184,7 +187,7 @@ export async function migrateLayout(
           });
           outcome.rowsMigrated += written;
           outcome.rowsSkipped += prepared.length - written;
-          options.onProgress?.({
+          await options.onProgress?.({
             entity: column.entity,
             property: column.property,
             rowsDone: outcome.rowsMigrated,

@@ -189,7 +189,7 @@ export interface RangedJobOptions extends WorkerOptions {
    */
   keyRange?: KeyRange;
   // biome-ignore lint/suspicious/noExplicitAny: each job's own progress type
-  onProgress?: (progress: any) => void;
+  onProgress?: (progress: any) => unknown;
 }
 
 /** What every row-by-row job reports. */
@@ -262,7 +262,8 @@ export async function inWorkers<O extends RangedJobOptions, R extends RangedJobR
     const total = all.every((p) => p.rowsTotal !== undefined)
       ? { rowsTotal: all.reduce((n, p) => n + (p.rowsTotal ?? 0), 0) }
       : {};
-    options.onProgress?.({ ...progress, rowsDone: all.reduce((n, p) => n + p.rowsDone, 0), ...total });
+    /* Returned, so each worker waits for it before its next batch, as a job without workers does. */
+    return options.onProgress?.({ ...progress, rowsDone: all.reduce((n, p) => n + p.rowsDone, 0), ...total });
   };
   const { workers: _w, jobId: _j, ranges: _r, leaseMs: _l, ...single } = options;
   const { results, errors, report } = await runInRanges(

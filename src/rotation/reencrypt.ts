@@ -28,7 +28,11 @@ export interface ReencryptOptions extends WorkerOptions {
   batchSize?: number;
   /** Only this tenant's rows (of entities with an `@EncryptionTenant()` column). */
   tenant?: string;
-  onProgress?: (progress: { entity: string; property: string; rowsDone: number }) => void;
+  /**
+   * Called after each batch, once its rows are written; a promise it returns is awaited before the
+   * next batch, so what it records never runs ahead of the database (a rejection ends the job, in `error`).
+   */
+  onProgress?: (progress: { entity: string; property: string; rowsDone: number }) => unknown;
 }
 
 /** What {@link reencryptColumns} did. It never throws midway: an unexpected error is in `error`. */
@@ -136,7 +140,7 @@ export async function reencryptColumns(
           });
           outcome.rowsReencrypted += written;
           outcome.rowsSkipped += prepared.length - written;
-          options.onProgress?.({
+          await options.onProgress?.({
             entity: column.entity,
             property: column.property,
             rowsDone: outcome.rowsReencrypted,

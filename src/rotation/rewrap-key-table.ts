@@ -63,7 +63,7 @@ export async function rewrapKeyTable(
   options: {
     tenant?: string;
     dryRun?: boolean;
-    onProgress?: (progress: { keyRowsDone: number; keyRowsTotal: number }) => void;
+    onProgress?: (progress: { keyRowsDone: number; keyRowsTotal: number }) => unknown;
   },
 ): Promise<KeyTableRewrapResult> {
   const started = performance.now();
@@ -131,7 +131,7 @@ export async function rewrapKeyTable(
           error: describeError(error),
         });
       }
-      options.onProgress?.({ keyRowsDone: done, keyRowsTotal: result.keyRowsTotal });
+      await options.onProgress?.({ keyRowsDone: done, keyRowsTotal: result.keyRowsTotal });
     }
     if (page.length < PAGE) break;
   }

@@ -51,10 +51,13 @@ export interface RewrapOptions extends WorkerOptions {
   batchSize?: number;
   /** Count what would be re-wrapped; change nothing and call no key provider. */
   dryRun?: boolean;
-  /** Called after each batch. */
-  onProgress?: (progress: RewrapProgress) => void;
-  /** Called after each key row of the data-key table (compact properties). */
-  onKeyRowProgress?: (progress: { keyRowsDone: number; keyRowsTotal: number }) => void;
+  /**
+   * Called after each batch, once its rows are written; a promise it returns is awaited before the
+   * next batch, so what it records never runs ahead of the database (a rejection ends the job, in `error`).
+   */
+  onProgress?: (progress: RewrapProgress) => unknown;
+  /** Called after each key row of the data-key table (compact properties), awaited like `onProgress`. */
+  onKeyRowProgress?: (progress: { keyRowsDone: number; keyRowsTotal: number }) => unknown;
 }
 
 /** Progress of one encrypted property. */
@@ -361,7 +364,7 @@ async function rewrapProperty(
     if (mapping.length > 0) {
       for await (const batch of primaryKeyBatches(runner, column, batchSize)) {
         outcome.rowsRewrapped += await updateBatch(runner, column, batch, mapping, rewrapper.toVersion);
-        options.onProgress?.({
+        await options.onProgress?.({
           entity: column.entity,
           property: column.property,
           rowsDone: outcome.rowsRewrapped,

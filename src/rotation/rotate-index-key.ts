@@ -47,7 +47,11 @@ export interface IndexKeyJobOptions {
    * again. Give 0 only when no other instance runs.
    */
   settleTime?: number;
-  onProgress?: (progress: IndexJobProgress) => void;
+  /**
+   * Called after each batch, once its rows are written; a promise it returns is awaited before the
+   * next batch, so what it records never runs ahead of the database (a rejection ends the job, in `error`).
+   */
+  onProgress?: (progress: IndexJobProgress) => unknown;
 }
 
 /** Progress of one searchable property. */
@@ -390,7 +394,7 @@ async function indexProperty(
     outcome.rowsIndexed += written;
     outcome.rowsSkipped += updates.length - written - duplicates.length;
     outcome.duplicates.push(...duplicates);
-    options.onProgress?.({
+    await options.onProgress?.({
       entity: outcome.entity,
       property: outcome.property,
       rowsDone: outcome.rowsIndexed,

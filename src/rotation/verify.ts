@@ -26,7 +26,11 @@ export interface VerifyOptions {
   maxListedFailures?: number;
   /** Only this tenant's rows (of entities with an `@EncryptionTenant()` column). */
   tenant?: string;
-  onProgress?: (progress: { entity: string; property: string; rowsChecked: number }) => void;
+  /**
+   * Called after each batch; a promise it returns is awaited before the next batch (a rejection
+   * ends the check, in `error`).
+   */
+  onProgress?: (progress: { entity: string; property: string; rowsChecked: number }) => unknown;
 }
 
 /** A row that cannot be read as encrypted: where, and why (never the value). */
@@ -158,7 +162,7 @@ export async function verifyEncryptedColumns(
               });
             }
           }
-          options.onProgress?.({
+          await options.onProgress?.({
             entity: column.entity,
             property: column.property,
             rowsChecked: outcome.rowsChecked,

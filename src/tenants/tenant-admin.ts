@@ -78,7 +78,11 @@ export interface OffboardResult {
 export interface TenantJobOptions {
   /** Rows per UPDATE. Default 1,000. */
   batchSize?: number;
-  onProgress?: (job: TenantJob, progress: RewrapProgress) => void;
+  /**
+   * Called after each batch, once the job's progress is persisted (so `status`, here or in another
+   * process, shows at least as much); a promise it returns is awaited before the next batch.
+   */
+  onProgress?: (job: TenantJob, progress: RewrapProgress) => unknown;
 }
 
 const DEFAULT_ROTATION_DAYS = 365;
@@ -287,13 +291,16 @@ export class TenantAdmin {
       job = { ...job, ...changes, updatedAt: new Date().toISOString() };
       const snapshot = job;
       const start = saves++ === 0;
-      saving = saving.then(async () => {
-        if (replaced) return;
-        const saved = await this.#registry.run((runner) =>
-          this.#registry.saveRunningJob(runner, id, snapshot, start),
-        );
-        if (!saved) replaced = true;
-      });
+      /* After the previous save settled: one that failed must not stop the later ones. */
+      saving = saving
+        .catch(() => undefined)
+        .then(async () => {
+          if (replaced) return;
+          const saved = await this.#registry.run((runner) =>
+            this.#registry.saveRunningJob(runner, id, snapshot, start),
+          );
+          if (!saved) replaced = true;
+        });
       return saving;
     };
     const replacedError = () =>
@@ -332,11 +339,21 @@ export class TenantAdmin {
         tenant: id,
         toVersion: target,
         ...(options.batchSize ? { batchSize: options.batchSize } : {}),
-        onProgress: (progress) => {
+        onProgress: async (progress) => {
           done.set(`${progress.entity}.${progress.property}`, progress.rowsDone);
-          /* Persisted at each batch, so status (here or in another process) shows how far it got. */
-          void save({ rowsDone: [...done.values()].reduce((a, b) => a + b, 0) }).catch(() => undefined);
-          options.onProgress?.(job, progress);
+          /*
+           * Persisted at each batch, so status (here or in another process) shows how far it got,
+           * and awaited before the caller is told: a process killed after reporting a batch has
+           * that batch in its persisted state. A save that failed is not reported (the job goes
+           * on, and the next batch's save carries the count).
+           */
+          const persisted = await save({ rowsDone: [...done.values()].reduce((a, b) => a + b, 0) }).then(
+            () => true,
+            () => false,
+          );
+          /* A replaced job stops here rather than after its last batch. */
+          stillCurrent();
+          if (persisted) await options.onProgress?.(job, progress);
         },
       });
       await saving.catch(() => undefined);

@@ -2,6 +2,7 @@ import { type ChildProcess, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { resolve } from 'node:path';
 import { createInterface } from 'node:readline';
+import { Client } from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { KeyRegistry, LocalKeyProvider, type TenantJob, verifyEncryptedColumns } from '../../../src';
 import { rawQuery } from '../../support/database';
@@ -229,6 +230,140 @@ describe('tenant jobs killed with SIGKILL and resumed', () => {
       under_target: ROWS,
       others_identical: 2 * BYSTANDERS,
     });
+    await expectEveryRowReadable();
+  }, 120_000);
+});
+
+/** What a process stopped after a report finds: the progress it reported, persisted. */
+describe("a tenant job's progress", () => {
+  it('onProgress hears only of progress already persisted, as another connection reads it', async () => {
+    const added = await db.encryption.tenants.addKey(TENANT, {
+      kind: 'customer-key',
+      key: randomBytes(32).toString('base64'),
+    });
+    /* Connected beforehand, so each read is sent the moment onProgress is called. */
+    const observer = new Client({ connectionString: db.schema.url });
+    await observer.connect();
+    const reads: Array<Promise<{ told: number; persisted: { state: string; rowsDone: number } }>> = [];
+    try {
+      const job = await db.encryption.tenants.runJob(TENANT, {
+        batchSize: 500,
+        onProgress: (state) => {
+          const told = state.rowsDone;
+          const read = observer
+            .query<{ state: string; rowsDone: number }>(
+              `SELECT job->>'state' AS state, (job->>'rowsDone')::int AS "rowsDone"
+               FROM "${db.schema.schema}".typeorm_envelope_tenants WHERE tenant_id = $1`,
+              [TENANT],
+            )
+            .then((r) => ({ told, persisted: r.rows[0] as { state: string; rowsDone: number } }));
+          reads.push(read);
+          return read.then(() => undefined);
+        },
+      });
+      expect(job).toMatchObject({ kind: 'onboarding', state: 'completed', rowsDone: VALUES });
+    } finally {
+      await Promise.allSettled(reads);
+      await observer.end();
+    }
+    const seen = await Promise.all(reads);
+    expect(seen.length).toBeGreaterThan(1);
+    for (const { told, persisted } of seen) {
+      expect(persisted.state).toBe('rewrapping');
+      expect(persisted.rowsDone).toBeGreaterThanOrEqual(told);
+    }
+    expect((await counts(added.version)).under).toBe(VALUES);
+    expect(await compareWithOriginal(added.version)).toMatchObject({
+      lost: 0,
+      unchanged: ROWS,
+      under_target: ROWS,
+    });
+    await expectEveryRowReadable();
+  }, 120_000);
+
+  it('a progress save that fails is not reported, and the job still saves its later states', async () => {
+    const added = await db.encryption.tenants.addKey(TENANT, {
+      kind: 'customer-key',
+      key: randomBytes(32).toString('base64'),
+    });
+    /* The first progress save of the job fails in PostgreSQL (a sequence is not rolled back with it). */
+    const s = db.schema.schema;
+    await rawQuery(db.schema.url, `CREATE SEQUENCE "${s}".progress_saves`);
+    await rawQuery(
+      db.schema.url,
+      `CREATE FUNCTION "${s}".fail_first_progress() RETURNS trigger LANGUAGE plpgsql AS $$
+       BEGIN
+         IF NEW.job->>'state' = 'rewrapping' AND (NEW.job->>'rowsDone')::int > 0
+            AND nextval('"${s}".progress_saves') = 1 THEN
+           RAISE EXCEPTION 'progress save refused';
+         END IF;
+         RETURN NEW;
+       END $$`,
+    );
+    await rawQuery(
+      db.schema.url,
+      `CREATE TRIGGER fail_first_progress BEFORE UPDATE ON "${s}".typeorm_envelope_tenants
+       FOR EACH ROW EXECUTE FUNCTION "${s}".fail_first_progress()`,
+    );
+    const told: number[] = [];
+    try {
+      const job = await db.encryption.tenants.runJob(TENANT, {
+        batchSize: 500,
+        onProgress: (state) => {
+          told.push(state.rowsDone);
+        },
+      });
+      expect(job).toMatchObject({ kind: added.job?.kind, state: 'completed', rowsDone: VALUES, error: null });
+    } finally {
+      await rawQuery(db.schema.url, `DROP TRIGGER fail_first_progress ON "${s}".typeorm_envelope_tenants`);
+    }
+    const [saves] = await rawQuery<{ n: number }>(
+      db.schema.url,
+      `SELECT last_value::int AS n FROM "${s}".progress_saves`,
+    );
+    /* Every progress save but the refused one was reported. */
+    expect(saves?.n).toBeGreaterThan(1);
+    expect(told).toHaveLength((saves?.n ?? 0) - 1);
+    expect((await db.encryption.tenants.status(TENANT)).job).toMatchObject({
+      kind: added.job?.kind,
+      state: 'completed',
+      rowsDone: VALUES,
+    });
+    expect((await counts(added.version)).under).toBe(VALUES);
+    await expectEveryRowReadable();
+  }, 120_000);
+
+  it('a job replaced while it runs stops at its next batch', async () => {
+    const first = await db.encryption.tenants.addKey(TENANT, {
+      kind: 'customer-key',
+      key: randomBytes(32).toString('base64'),
+    });
+    let second: Awaited<ReturnType<typeof db.encryption.tenants.addKey>> | undefined;
+    const told: number[] = [];
+    const job = await db.encryption.tenants.runJob(TENANT, {
+      batchSize: 500,
+      onProgress: async (state) => {
+        told.push(state.rowsDone);
+        /* Another key activated after the first batch: the job is no longer the tenant's. */
+        second ??= await db.encryption.tenants.addKey(TENANT, {
+          kind: 'customer-key',
+          key: randomBytes(32).toString('base64'),
+        });
+      },
+    });
+    expect(job.state).toBe('failed');
+    expect(job.error).toContain('replaced while it ran');
+    /* Told of the batch after which the key was added, never of one after it. */
+    expect(told).toHaveLength(1);
+    const moved = await counts(first.version);
+    expect(moved.under).toBeGreaterThan(0);
+    expect(moved.under).toBeLessThan(VALUES);
+    expect((await db.encryption.tenants.status(TENANT)).job).toMatchObject({
+      state: 'pending',
+      toVersion: second?.version,
+    });
+    expect((await db.encryption.tenants.runJob(TENANT, { batchSize: 500 })).state).toBe('completed');
+    expect((await counts(second?.version ?? -1)).under).toBe(VALUES);
     await expectEveryRowReadable();
   }, 120_000);
 });
