@@ -34,10 +34,16 @@ export async function inBatchTransaction<T>(runner: QueryRunner, fn: () => Promi
 
 /** A deadlock or serialization failure: nothing was written, the same work can be tried again. */
 function isRetryable(error: unknown): boolean {
-  const code =
-    (error as { code?: unknown } | null)?.code ??
-    (error as { driverError?: { code?: unknown } } | null)?.driverError?.code;
+  const code = pgErrorCode(error);
   return code === '40P01' || code === '40001';
+}
+
+/** The PostgreSQL error code (SQLSTATE) of a driver error, or of the TypeORM error wrapping it. */
+export function pgErrorCode(error: unknown): unknown {
+  return (
+    (error as { code?: unknown } | null)?.code ??
+    (error as { driverError?: { code?: unknown } } | null)?.driverError?.code
+  );
 }
 
 /** A value as a job writes it: a sidecar value (format 1, four columns) or a compact one (format 2). */

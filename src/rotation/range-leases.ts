@@ -3,6 +3,8 @@ import { hostname } from 'node:os';
 import type { QueryRunner } from 'typeorm';
 import { JOB_RANGES_TABLE } from '../../migrations/1764700000000-TypeormEnvelopeJobRanges';
 import { ConfigError } from '../errors';
+import { pgErrorCode } from './job';
+import { libraryTablePath } from './rotation-target';
 
 /**
  * Rows whose primary key is after `after` and up to `upTo` (both included only at the upper end),
@@ -41,9 +43,7 @@ export interface RangeProgress {
 
 /** The table of leases, quoted in the DataSource's schema. */
 export function jobRangesTable(runner: QueryRunner): string {
-  const { driver, options } = runner.connection;
-  const schema = (options as { schema?: string }).schema;
-  return (schema ? [schema, JOB_RANGES_TABLE] : [JOB_RANGES_TABLE]).map((p) => driver.escape(p)).join('.');
+  return libraryTablePath(runner, JOB_RANGES_TABLE);
 }
 
 /** A worker name that says where it runs, for the lease table and the audit log. */
@@ -114,10 +114,7 @@ export async function planRanges(
 
 /** PostgreSQL's "relation does not exist". */
 function isMissingTable(error: unknown): boolean {
-  const code =
-    (error as { code?: unknown } | null)?.code ??
-    (error as { driverError?: { code?: unknown } } | null)?.driverError?.code;
-  return code === '42P01';
+  return pgErrorCode(error) === '42P01';
 }
 
 /** Below this many rows per range, a table is split into fewer ranges: a range costs a few queries. */
