@@ -64,6 +64,12 @@ export function usesWorkers(options: WorkerOptions): boolean {
   return options.jobId !== undefined || (options.workers ?? 1) > 1;
 }
 
+/** A job's options for one run without workers: `options` less the workers' own. */
+export function singleRun<O extends WorkerOptions>(options: O): Omit<O, keyof WorkerOptions> {
+  const { workers: _w, jobId: _j, ranges: _r, leaseMs: _l, ...single } = options;
+  return single;
+}
+
 /**
  * Runs `runRange` over every primary-key range of `tables` with `workers` concurrent workers,
  * coordinated through the lease table: each range is worked on by one worker at a time, and a
@@ -265,7 +271,7 @@ export async function inWorkers<O extends RangedJobOptions, R extends RangedJobR
     /* Returned, so each worker waits for it before its next batch, as a job without workers does. */
     return options.onProgress?.({ ...progress, rowsDone: all.reduce((n, p) => n + p.rowsDone, 0), ...total });
   };
-  const { workers: _w, jobId: _j, ranges: _r, leaseMs: _l, ...single } = options;
+  const single = singleRun(options);
   const { results, errors, report } = await runInRanges(
     dataSourceOf(target),
     jobKind,
@@ -288,8 +294,16 @@ export async function inWorkers<O extends RangedJobOptions, R extends RangedJobR
   return merged;
 }
 
-/** The results of a job's ranges as one. */
-function mergeResults<R extends RangedJobResult>(results: R[], empty: R, sum: ReadonlyArray<string>): R {
+/**
+ * Several runs' results of one job as one, the first's other fields kept: per property, counts
+ * summed (`distinctDataKeys` the largest) and lists put together, in the order the properties first
+ * appear; the first error; the top-level counts named in `sum` added up. `empty` stands for no run.
+ */
+export function mergeResults<R extends RangedJobResult>(
+  results: R[],
+  empty: R,
+  sum: ReadonlyArray<keyof R & string>,
+): R {
   const merged: R = { ...(results[0] ?? empty), properties: [] };
   const byProperty = new Map<string, Record<string, unknown>>();
   for (const result of results) {

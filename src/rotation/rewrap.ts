@@ -8,7 +8,14 @@ import { tenantParameter, tenantText } from '../typeorm/encryption-tenant';
 import { describeError } from './describe-error';
 import { recordJobEnd } from './job';
 import { KeyRegistry } from './key-registry';
-import { inWorkers, usesWorkers, type WorkerOptions, type WorkersReport } from './parallel-job';
+import {
+  inWorkers,
+  mergeResults,
+  singleRun,
+  usesWorkers,
+  type WorkerOptions,
+  type WorkersReport,
+} from './parallel-job';
 import type { KeyRange } from './range-leases';
 import { type KeyTableRewrapResult, rewrapKeyTable } from './rewrap-key-table';
 import { type IndexKeysRewrap, rewrapIndexKeys } from './rotate-index-key';
@@ -270,7 +277,6 @@ async function rewrapWithWorkers(
 ): Promise<RewrapResult> {
   const started = performance.now();
   const toVersion = options.toVersion ?? encryption.keyScope(options.tenant).activeVersion;
-  const { workers: _w, jobId: _j, ranges: _r, leaseMs: _l, ...single } = options;
   const rows = await inWorkers(target, encryption, 'rotation', { ...options, toVersion }, rewrapDataKeys, {
     empty: () => ({
       toVersion,
@@ -284,27 +290,12 @@ async function rewrapWithWorkers(
     columns: hasSidecars,
   });
   if (rows.error !== undefined) return rows;
-  const rest = await rewrapDataKeys(target, encryption, { ...single, toVersion });
-  const byProperty = new Map(rows.properties.map((p) => [`${p.entity}.${p.property}`, p]));
-  for (const p of rest.properties) {
-    const done = byProperty.get(`${p.entity}.${p.property}`);
-    if (!done) rows.properties.push(p);
-    else {
-      done.rowsTotal += p.rowsTotal;
-      done.rowsRewrapped += p.rowsRewrapped;
-      done.offboardedRows += p.offboardedRows;
-      done.rewrapCalls += p.rewrapCalls;
-      done.failures.push(...p.failures);
-    }
-  }
-  return {
-    ...rest,
-    properties: rows.properties,
-    rewrapCalls: rows.rewrapCalls + rest.rewrapCalls,
-    verificationCalls: rows.verificationCalls + rest.verificationCalls,
-    durationMs: performance.now() - started,
-    ...(rows.workers ? { workers: rows.workers } : {}),
-  };
+  const rest = await rewrapDataKeys(target, encryption, { ...singleRun(options), toVersion });
+  /* The rest's key table, stored tenant keys and index keys, with both runs' rows and calls. */
+  const merged = mergeResults([rest, rows], rest, ['rewrapCalls', 'verificationCalls']);
+  merged.durationMs = performance.now() - started;
+  if (rows.workers) merged.workers = rows.workers;
+  return merged;
 }
 
 function entityNames(options: RewrapOptions): string[] | 'all' {
