@@ -197,7 +197,11 @@ function overrideColumnAccess(columns: EncryptedColumns, store: PropertyStateSto
     const origin = store.originOf(value);
     if (origin) return sealedPart(origin.sealed, role, true);
     const sealed = store.currentSealed(entity, path, value);
-    if (sealed) return sealedPart(sealed, role, false);
+    if (sealed) {
+      /* The ciphertext handed to TypeORM leads back to its plaintext when TypeORM copies it. */
+      if (role === 'ciphertext') store.markOnce(value, sealed);
+      return sealedPart(sealed, role, false);
+    }
     /* Only where conditions ask for a transformed value of an object the library never saw. */
     if (transform === true && !store.get(entity, path)) {
       if (isNullTest(value)) return value; // null-ness is not encrypted: IsNull() and Not(IsNull())

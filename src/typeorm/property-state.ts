@@ -69,6 +69,14 @@ export class PropertyStateStore {
     return this.#states.get(entity)?.get(path);
   }
 
+  /** Whether a read loaded column values into some encrypted property of `entity`, not yet decrypted. */
+  hasLoaded(entity: object): boolean {
+    const forEntity = this.#states.get(entity);
+    if (!forEntity) return false;
+    for (const state of forEntity.values()) if (state.loaded) return true;
+    return false;
+  }
+
   /** The state, created empty when missing. */
   upsert(entity: object, path: string): PropertyState {
     let forEntity = this.#states.get(entity);
@@ -84,13 +92,22 @@ export class PropertyStateStore {
     return state;
   }
 
-  /** Records that the entity's property at `path` now encrypts to `sealed`. */
+  /**
+   * Records that the entity's property at `path` now encrypts to `sealed`. The ciphertext is
+   * marked with its origin only once TypeORM is handed it ({@link markOnce}): most values read are
+   * never written back.
+   */
   seal(entity: object, path: string, value: unknown, sealed: SealedValue): void {
     const state = this.upsert(entity, path);
     state.sealed = sealed;
     state.snapshot = snapshotOf(value);
     state.loaded = undefined;
-    this.mark(value, sealed);
+  }
+
+  /** Like {@link mark}, unless `sealed.ciphertext` already leads back to exactly these. */
+  markOnce(value: unknown, sealed: SealedValue): void {
+    const origin = this.originOf(sealed.ciphertext);
+    if (origin?.sealed !== sealed || !Object.is(origin.value, value)) this.mark(value, sealed);
   }
 
   /** Makes `sealed.ciphertext` lead back to `value` and `sealed`. */

@@ -29,8 +29,9 @@ import type { DataKeyTable } from './data-key-table';
 import type { EncryptedColumns } from './encrypted-columns';
 import { tenantText } from './encryption-tenant';
 import { legacyValue } from './legacy-value';
+import { LoadBatch, ReadyValues } from './load-batch';
 import { primaryKeyOf } from './primary-key';
-import type { LoadedColumns, PropertyStateStore } from './property-state';
+import type { LoadedColumns, PropertyState, PropertyStateStore } from './property-state';
 import { setMapOf } from './query-guards';
 import type { SidecarLoader } from './sidecar-loader';
 import { valueBinding } from './value-binding';
@@ -52,6 +53,8 @@ export type EncryptedColumnsLookup = (metadata: EntityMetadata) => readonly Encr
 export class EncryptionSubscriber implements EntitySubscriberInterface {
   /** Decryptions under way, so that entity listeners and this subscriber share one per entity. */
   readonly #opening = new WeakMap<object, Promise<void>>();
+  /** The entities loaded in this turn of the event loop, decrypted together once it is over. */
+  #batch: LoadBatch | undefined;
 
   constructor(
     private readonly lookup: EncryptedColumnsLookup,
@@ -176,7 +179,9 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
 
   /**
    * Decrypts what a read loaded into `entity`, once: entity `@AfterLoad()` listeners (which
-   * TypeORM runs before subscribers) wait for the same decryption.
+   * TypeORM runs before subscribers) wait for the same decryption. The entities loaded in one turn
+   * of the event loop (a result set: TypeORM starts every `afterLoad` before awaiting any) are
+   * decrypted together once that turn is over, with one AES-GCM call per data key.
    */
   open(
     metadata: EntityMetadata,
@@ -186,23 +191,88 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
   ): Promise<void> | undefined {
     const running = this.#opening.get(entity);
     if (running) return running;
-    const pending: Promise<void>[] = [];
-    for (const column of columns) {
-      const opened = this.#openLoaded(metadata, column, entity, queryRunner);
-      if (opened) pending.push(opened);
+    if (!this.store.hasLoaded(entity)) return undefined;
+    let batch = this.#batch;
+    if (!batch) {
+      const started = new LoadBatch();
+      this.#batch = batch = started;
+      queueMicrotask(() => this.#flush(started));
     }
-    if (!pending.length) return undefined;
-    const all = Promise.all(pending).then(
-      () => {
-        this.#opening.delete(entity);
-      },
-      (error: unknown) => {
-        this.#opening.delete(entity);
-        throw error;
-      },
-    );
-    this.#opening.set(entity, all);
-    return all;
+    const opening = batch.add(metadata, columns, entity, queryRunner);
+    this.#opening.set(entity, opening);
+    return opening;
+  }
+
+  /**
+   * Decrypts a batch: every value whose data key is at hand in one call per data key; the others
+   * (a data key not cached, a data-key row not held, a partial select to complete) each on their
+   * own, as they always were.
+   */
+  #flush(batch: LoadBatch): void {
+    if (this.#batch === batch) this.#batch = undefined;
+    const ready = new ReadyValues();
+    const pending: Promise<unknown>[] = [];
+    for (let owner = 0; owner < batch.size; owner++) {
+      const entity = batch.entities[owner] as object;
+      const metadata = batch.metadatas[owner] as EntityMetadata;
+      const queryRunner = batch.queryRunners[owner];
+      for (const column of batch.columns[owner] as readonly EncryptedColumns[]) {
+        try {
+          const opening = this.#openLoaded(metadata, column, entity, queryRunner, false, ready, owner);
+          if (opening) pending.push(opening.catch((error: unknown) => batch.fail(entity, error)));
+        } catch (error) {
+          batch.fail(entity, error);
+        }
+      }
+    }
+    if (ready.size) this.#openReady(batch, ready, pending);
+    batch.finish(pending);
+    for (const entity of batch.entities) this.#opening.delete(entity);
+  }
+
+  /** Opens the batch's values whose key is at hand; a value that needs more goes its own way. */
+  #openReady(batch: LoadBatch, ready: ReadyValues, pending: Promise<unknown>[]): void {
+    const { values, failures } = this.encryptor.tryOpenMany(ready.sealed, ready.bindings);
+    for (let i = 0; i < ready.size; i++) {
+      const owner = ready.owners[i] as number;
+      const entity = batch.entities[owner] as object;
+      const column = ready.columns[i] as EncryptedColumns;
+      const holder = ready.holders[i] as Record<string, unknown>;
+      const sealed = ready.sealed[i] as SealedValue;
+      const failure = failures[i];
+      if (failure === undefined && values[i] !== NOT_CACHED) {
+        this.#recordOpened(entity, column, holder, values[i], sealed);
+        continue;
+      }
+      const metadata = batch.metadatas[owner] as EntityMetadata;
+      const loaded = ready.loaded[i] as LoadedColumns;
+      const record = ready.records[i];
+      let opening: Promise<void> | undefined;
+      if (record) {
+        /* A compact value: with the data-key row as it is now, when the one held no longer serves. */
+        const args = [
+          sealed.ciphertext,
+          record.id,
+          ready.bindings[i] as ValueBinding,
+          loaded,
+          metadata,
+          column,
+          entity,
+          holder,
+        ] as const;
+        opening =
+          failure === undefined ? this.#openHeld(record, args) : this.#openAgain(failure, record, args);
+      } else if (failure !== undefined) {
+        batch.fail(entity, withErrorContext(failure, loadContext(metadata, column, entity, loaded)));
+      } else {
+        opening = this.encryptor.open(sealed, ready.bindings[i] as ValueBinding).then(
+          (value) => this.#recordOpened(entity, column, holder, value, sealed),
+          (error: unknown) =>
+            Promise.reject(withErrorContext(error, loadContext(metadata, column, entity, loaded))),
+        );
+      }
+      if (opening) pending.push(opening.catch((error: unknown) => batch.fail(entity, error)));
+    }
   }
 
   /**
@@ -308,12 +378,18 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
     );
   }
 
+  /**
+   * Opens what was loaded for `column`. With `ready`, a value whose data key is at hand is added
+   * to it instead, to be opened with the rest of the batch.
+   */
   #openLoaded(
     metadata: EntityMetadata,
     column: EncryptedColumns,
     entity: object,
     queryRunner: QueryRunner | undefined,
     refetched = false,
+    ready?: ReadyValues,
+    owner = 0,
   ): Promise<void> | undefined {
     const property = column.definition.propertyName;
     const path = column.main.propertyPath;
@@ -363,7 +439,7 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
       );
     }
     if (ciphertext[0] === FORMAT_V2)
-      return this.#openCompact(metadata, column, entity, holder, loaded, tenant);
+      return this.#openCompact(metadata, column, entity, holder, loaded, tenant, ready, owner, state);
     if (!column.sidecars) {
       throw new IntegrityError(
         ciphertext[0] === 1
@@ -383,6 +459,10 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
     const bound = ((ciphertext[1] ?? 0) & FLAG_PRIMARY_KEY_BOUND) !== 0;
     const primaryKey = bound ? (loaded.primaryKey ?? primaryKeyOf(metadata, entity)) : undefined;
     const binding = valueBinding(metadata, column, primaryKey, tenant);
+    if (ready) {
+      ready.add(owner, column, holder, state, loaded, sealed, binding, undefined);
+      return undefined;
+    }
     let opened: unknown;
     try {
       opened = this.encryptor.tryOpen(sealed, binding);
@@ -414,6 +494,9 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
     holder: Record<string, unknown>,
     loaded: LoadedColumns,
     tenant: string | null,
+    ready: ReadyValues | undefined,
+    owner: number,
+    state: PropertyState,
   ): Promise<void> | undefined {
     const ciphertext = loaded.ciphertext as Buffer;
     const id = compactDataKeyId(ciphertext);
@@ -432,6 +515,24 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
     const primaryKey = bound ? (loaded.primaryKey ?? primaryKeyOf(metadata, entity)) : undefined;
     const binding = valueBinding(metadata, column, primaryKey, tenant);
     const held = this.dataKeys.peek(id);
+    if (held && ready) {
+      try {
+        this.encryptor.checkKeyRecord(held, binding);
+      } catch (error) {
+        return this.#openAgain(error, held, [
+          ciphertext,
+          id,
+          binding,
+          loaded,
+          metadata,
+          column,
+          entity,
+          holder,
+        ]);
+      }
+      ready.add(owner, column, holder, state, loaded, compactSealed(ciphertext, id, held), binding, held);
+      return undefined;
+    }
     const args = [ciphertext, id, binding, loaded, metadata, column, entity, holder] as const;
     if (!held) {
       return this.dataKeys
@@ -439,6 +540,11 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
         .then((record) => this.#openWithRecord(record, ...args))
         .catch((error: unknown) => this.#failedToOpen(error, metadata, column, entity, loaded));
     }
+    return this.#openHeld(held, args);
+  }
+
+  /** Opens with the row this instance holds; if that fails, once more with the row as it is now. */
+  #openHeld(held: DataKeyRecord, args: OpenCompactArgs): Promise<void> | undefined {
     let opening: Promise<void> | undefined;
     try {
       opening = this.#openWithRecord(held, ...args);
@@ -449,20 +555,7 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
   }
 
   /** A held copy of a key row that no longer opens the value is read again, once (re-wrapped elsewhere). */
-  #openAgain(
-    error: unknown,
-    held: DataKeyRecord,
-    args: readonly [
-      Buffer,
-      bigint,
-      ValueBinding,
-      LoadedColumns,
-      EntityMetadata,
-      EncryptedColumns,
-      object,
-      Record<string, unknown>,
-    ],
-  ): Promise<void> {
+  #openAgain(error: unknown, held: DataKeyRecord, args: OpenCompactArgs): Promise<void> {
     const [, id, , loaded, metadata, column, entity] = args;
     this.dataKeys.forget(id);
     return this.dataKeys
@@ -502,13 +595,7 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
       );
     }
     this.encryptor.checkKeyRecord(record, binding);
-    const sealed: SealedValue = {
-      ciphertext,
-      iv: ciphertext.subarray(COMPACT_IV_OFFSET, COMPACT_BODY_OFFSET),
-      wrappedKey: record.wrappedKey,
-      keyVersion: record.keyVersion,
-      dataKeyId: id,
-    };
+    const sealed = compactSealed(ciphertext, id, record);
     const opened = this.encryptor.tryOpen(sealed, binding);
     if (opened === NOT_CACHED) {
       return this.encryptor
@@ -529,6 +616,29 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
     holder[column.definition.propertyName] = value;
     this.store.seal(entity, column.main.propertyPath, value, sealed);
   }
+}
+
+/** What opening a compact value needs, passed along when it takes another round trip. */
+type OpenCompactArgs = readonly [
+  Buffer,
+  bigint,
+  ValueBinding,
+  LoadedColumns,
+  EntityMetadata,
+  EncryptedColumns,
+  object,
+  Record<string, unknown>,
+];
+
+/** A compact value with its data-key row's wrapped key and version, as the field encryptor opens it. */
+function compactSealed(ciphertext: Buffer, id: bigint, record: DataKeyRecord): SealedValue {
+  return {
+    ciphertext,
+    iv: ciphertext.subarray(COMPACT_IV_OFFSET, COMPACT_BODY_OFFSET),
+    wrappedKey: record.wrappedKey,
+    keyVersion: record.keyVersion,
+    dataKeyId: id,
+  };
 }
 
 /**
