@@ -12,9 +12,9 @@ import {
 } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
 import { createTestSchema, rawQuery, type TestSchema } from '../support/database';
-import { packPackage, run } from '../support/packed-package';
+import { repack, run, sharedPackage } from '../support/packed-package';
 
 /**
  * The native AES-256-GCM addon as a user gets it: the packed tarball installed with `npm install`
@@ -80,21 +80,11 @@ let tarballWithoutPrebuild: string;
 /** Every row saved so far, in order: each later program must read all of them. */
 const saved: Array<[string, string]> = [];
 
-/** Packs the package as published (the addon's files included), optionally leaving the prebuilds out. */
-function pack(withPrebuilds: boolean, name: string): string {
-  const dir = join(work, name);
+/** The package as published, repacked in this test's directory without the prebuilds. */
+function withoutPrebuilds(published: string): string {
+  const dir = join(work, 'pack-without-prebuilds');
   mkdirSync(dir);
-  const base = packPackage(dir);
-  if (withPrebuilds) return base;
-  const pkg = join(dir, 'package-build');
-  rmSync(join(pkg, 'prebuilds'), { recursive: true, force: true });
-  rmSync(base);
-  const { stdout } = run('npm', ['pack', '--ignore-scripts', '--json', '--pack-destination', dir], {
-    cwd: pkg,
-  });
-  const [packed] = JSON.parse(stdout) as Array<{ filename: string }>;
-  if (!packed) throw new Error('npm pack reported no tarball');
-  return join(dir, packed.filename);
+  return repack(published, dir, (pkg) => rmSync(join(pkg, 'prebuilds'), { recursive: true }));
 }
 
 /**
@@ -199,8 +189,8 @@ beforeAll(async () => {
   const separator = db.url.includes('?') ? '&' : '?';
   url = `${db.url}${separator}options=${encodeURIComponent(`-c search_path=${db.schema}`)}`;
   masterKey = randomBytes(32).toString('base64');
-  tarball = pack(true, 'pack-with-prebuilds');
-  tarballWithoutPrebuild = pack(false, 'pack-without-prebuilds');
+  tarball = await sharedPackage(inject('packageDir'));
+  tarballWithoutPrebuild = withoutPrebuilds(tarball);
 }, 300_000);
 afterAll(async () => {
   await db?.drop();

@@ -2,8 +2,8 @@ import { execFileSync } from 'node:child_process';
 import { mkdirSync, mkdtempSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { packPackage } from '../support/packed-package';
+import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
+import { sharedPackage } from '../support/packed-package';
 
 const root = resolve(__dirname, '../..');
 const tsc = join(root, 'node_modules/typescript/bin/tsc');
@@ -109,9 +109,9 @@ function compile(dir: string): { status: number; output: string } {
   }
 }
 
-beforeAll(() => {
+beforeAll(async () => {
   work = mkdtempSync(join(tmpdir(), 'typeorm-envelope-types-'));
-  tarball = packPackage(work);
+  tarball = await sharedPackage(inject('packageDir'));
 }, 180_000);
 afterAll(() => {
   if (work) rmSync(work, { recursive: true, force: true });

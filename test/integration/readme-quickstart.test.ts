@@ -2,9 +2,9 @@ import { randomBytes } from 'node:crypto';
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
 import { createTestSchema, rawQuery, type TestSchema } from '../support/database';
-import { compileTypeScript, installTarball, packPackage, run } from '../support/packed-package';
+import { compileTypeScript, installTarball, run, sharedPackage } from '../support/packed-package';
 
 const root = resolve(__dirname, '../..');
 
@@ -46,7 +46,7 @@ afterAll(async () => {
 
 describe('README Quickstart', () => {
   it('compiles and runs as written against the packed package, storing the row encrypted', async () => {
-    const tarball = packPackage(work);
+    const tarball = await sharedPackage(inject('packageDir'));
     const app = join(work, 'app');
     mkdirSync(app);
     writeFileSync(

@@ -17,7 +17,9 @@
  *    or `pglite`) and fail if it is unavailable, e.g. `TYPEORM_ENVELOPE_TEST_DB=pglite npx vitest run`.
  *  - `TYPEORM_ENVELOPE_PG_IMAGE`: container image for the testcontainers path (default `postgres:16-alpine`).
  */
-import { writeFile } from 'node:fs/promises';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import type { TestProject } from 'vitest/node';
 import {
   DURABILITY_OFF,
@@ -33,6 +35,8 @@ declare module 'vitest' {
     databaseUrl: string;
     /** Which source provided it: one of {@link DATABASE_KINDS}. */
     databaseKind: string;
+    /** A directory for this run only (removed at teardown) where the packed package is shared. */
+    packageDir: string;
   }
 }
 
@@ -56,18 +60,29 @@ const SERVER_SETTINGS = [...DURABILITY_OFF, 'max_connections=200'];
 /** Vitest global setup entry point; the returned function is the global teardown. */
 export default async function setup(project: TestProject): Promise<() => Promise<void>> {
   const db = await provisionDatabase();
+  /* Empty until a test asks for the packed package (test/support/packed-package.ts): a run of
+     tests that install none packs nothing. */
+  const packageDir = await mkdtemp(join(tmpdir(), 'typeorm-envelope-run-'));
+  const teardown = async () => {
+    try {
+      await rm(packageDir, { recursive: true, force: true });
+    } finally {
+      await db.teardown();
+    }
+  };
   try {
     const version = await describeVersion(db.url);
     console.log(`[db] using ${db.kind} (${[version, db.detail].filter(Boolean).join('; ')})`);
     project.provide('databaseUrl', db.url);
     project.provide('databaseKind', db.kind);
+    project.provide('packageDir', packageDir);
     const reportFile = process.env.TYPEORM_ENVELOPE_DB_REPORT;
     if (reportFile) await writeFile(reportFile, `${db.kind}\n`);
   } catch (error) {
-    await db.teardown().catch(() => undefined);
+    await teardown().catch(() => undefined);
     throw error;
   }
-  return () => db.teardown();
+  return teardown;
 }
 
 async function provisionDatabase(): Promise<ProvisionedDatabase> {

@@ -2,8 +2,8 @@ import { execFileSync } from 'node:child_process';
 import { mkdirSync, mkdtempSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { packPackage } from '../../../support/packed-package';
+import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
+import { sharedPackage } from '../../../support/packed-package';
 
 /**
  * The published package with the Azure provider in it: its declarations compile, and it loads and
@@ -123,9 +123,9 @@ function run(command: string, args: string[], cwd: string): { status: number; ou
 /** What the package needs at run time besides the optional providers. */
 const RUNTIME_PACKAGES = ['typeorm', 'pg', 'reflect-metadata', 'lru-cache', 'node-gyp-build', 'commander'];
 
-beforeAll(() => {
+beforeAll(async () => {
   work = mkdtempSync(join(tmpdir(), 'typeorm-envelope-azure-'));
-  tarball = packPackage(work);
+  tarball = await sharedPackage(inject('packageDir'));
 }, 180_000);
 afterAll(() => {
   if (work) rmSync(work, { recursive: true, force: true });

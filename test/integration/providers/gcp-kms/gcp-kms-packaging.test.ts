@@ -2,8 +2,8 @@ import { execFileSync } from 'node:child_process';
 import { mkdirSync, mkdtempSync, readdirSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { installTarball, packPackage } from '../../../support/packed-package';
+import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
+import { installTarball, sharedPackage } from '../../../support/packed-package';
 
 /** The packed package with and without the optional Google Cloud packages installed. */
 const root = resolve(__dirname, '../../../..');
@@ -94,9 +94,9 @@ function withoutGoogle(name: string, source: string): string {
   return dir;
 }
 
-beforeAll(() => {
+beforeAll(async () => {
   work = mkdtempSync(join(tmpdir(), 'typeorm-envelope-gcp-'));
-  tarball = packPackage(work);
+  tarball = await sharedPackage(inject('packageDir'));
 }, 180_000);
 afterAll(() => {
   if (work) rmSync(work, { recursive: true, force: true });

@@ -3,8 +3,8 @@ import { mkdirSync, mkdtempSync, rmSync, symlinkSync, writeFileSync } from 'node
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { promisify } from 'node:util';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { packPackage } from '../../../support/packed-package';
+import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
+import { sharedPackage } from '../../../support/packed-package';
 import { startVaultEmulator, transitPolicy, type VaultEmulator } from '../../../support/vault-emulator';
 
 /**
@@ -77,7 +77,7 @@ const TSCONFIG = {
 beforeAll(async () => {
   vault = await startVaultEmulator();
   work = mkdtempSync(join(tmpdir(), 'typeorm-envelope-vault-'));
-  tarball = packPackage(work);
+  tarball = await sharedPackage(inject('packageDir'));
 }, 180_000);
 afterAll(async () => {
   await vault?.close();
