@@ -68,7 +68,29 @@ const unschemed: ByTable = new Map();
 /** Values bound to schema and table, by schema then table (no key string built per value). */
 const bySchema = new Map<string, ByTable>();
 
-function cachedPrefix(header: Uint8Array, binding: ValueBinding, headerKey: number) {
+type Prefixes = { prefix: Buffer; unbound: Buffer };
+/**
+ * The same, by binding object, for frozen bindings (the TypeORM integration freezes one per column):
+ * one lookup per value instead of one per name. A frozen binding's names cannot change.
+ */
+const byFrozenBinding = new WeakMap<ValueBinding, Map<number, Prefixes>>();
+
+function cachedPrefix(header: Uint8Array, binding: ValueBinding, headerKey: number): Prefixes {
+  if (!Object.isFrozen(binding)) return prefixByNames(header, binding, headerKey);
+  let byHeader = byFrozenBinding.get(binding);
+  if (!byHeader) {
+    byHeader = new Map();
+    byFrozenBinding.set(binding, byHeader);
+  }
+  let cached = byHeader.get(headerKey);
+  if (!cached) {
+    cached = prefixByNames(header, binding, headerKey);
+    byHeader.set(headerKey, cached);
+  }
+  return cached;
+}
+
+function prefixByNames(header: Uint8Array, binding: ValueBinding, headerKey: number): Prefixes {
   const schemaBound = ((header[1] ?? 0) & FLAG_SCHEMA_BOUND) !== 0;
   /* Without a schema to open it under, a schema-bound value simply fails authentication. */
   const schema = binding.schema ?? '';

@@ -98,7 +98,11 @@ export class PropertyStateStore {
    * never written back.
    */
   seal(entity: object, path: string, value: unknown, sealed: SealedValue): void {
-    const state = this.upsert(entity, path);
+    this.sealState(this.upsert(entity, path), value, sealed);
+  }
+
+  /** Like {@link seal}, given the property's state. */
+  sealState(state: PropertyState, value: unknown, sealed: SealedValue): void {
     state.sealed = sealed;
     state.snapshot = snapshotOf(value);
     state.loaded = undefined;

@@ -241,7 +241,8 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
       const sealed = ready.sealed[i] as SealedValue;
       const failure = failures[i];
       if (failure === undefined && values[i] !== NOT_CACHED) {
-        this.#recordOpened(entity, column, holder, values[i], sealed);
+        holder[column.definition.propertyName] = values[i];
+        this.store.sealState(ready.states[i] as PropertyState, values[i], sealed);
         continue;
       }
       const metadata = batch.metadatas[owner] as EntityMetadata;
