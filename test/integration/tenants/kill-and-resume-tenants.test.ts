@@ -138,6 +138,10 @@ async function compareWithOriginal(version: number | null) {
   return row;
 }
 
+/** Adds a customer-provided key for the tenant, made here, and activates it. */
+const addTenantKey = () =>
+  db.encryption.tenants.addKey(TENANT, { kind: 'customer-key', key: randomBytes(32).toString('base64') });
+
 /** Reads every row of the tenant through TypeORM with nothing cached. */
 async function expectEveryRowReadable(): Promise<void> {
   db.encryption.purgeCache();
@@ -195,10 +199,7 @@ async function killAndResume(kind: TenantJob['kind'], target: number): Promise<v
 describe('tenant jobs killed with SIGKILL and resumed', () => {
   it(`onboarding and revert each finish correctly after ${RUNS} kills at random points`, async () => {
     for (let run = 0; run < RUNS; run++) {
-      const added = await db.encryption.tenants.addKey(TENANT, {
-        kind: 'customer-key',
-        key: randomBytes(32).toString('base64'),
-      });
+      const added = await addTenantKey();
       expect(added.job).toMatchObject({ kind: 'onboarding', state: 'pending' });
       await killAndResume('onboarding', added.version);
 
@@ -209,10 +210,7 @@ describe('tenant jobs killed with SIGKILL and resumed', () => {
   }, 600_000);
 
   it('an onboarding killed part-way can be reverted instead of resumed', async () => {
-    const added = await db.encryption.tenants.addKey(TENANT, {
-      kind: 'customer-key',
-      key: randomBytes(32).toString('base64'),
-    });
+    const added = await addTenantKey();
     const at = 5 + Math.floor(Math.random() * (BATCHES - 30));
     expect((await killAfter(at)).signal).toBe('SIGKILL');
     const partial = await counts(added.version);
@@ -237,10 +235,7 @@ describe('tenant jobs killed with SIGKILL and resumed', () => {
 /** What a process stopped after a report finds: the progress it reported, persisted. */
 describe("a tenant job's progress", () => {
   it('onProgress hears only of progress already persisted, as another connection reads it', async () => {
-    const added = await db.encryption.tenants.addKey(TENANT, {
-      kind: 'customer-key',
-      key: randomBytes(32).toString('base64'),
-    });
+    const added = await addTenantKey();
     /* Connected beforehand, so each read is sent the moment onProgress is called. */
     const observer = new Client({ connectionString: db.schema.url });
     await observer.connect();
@@ -282,10 +277,7 @@ describe("a tenant job's progress", () => {
   }, 120_000);
 
   it('a progress save that fails is not reported, and the job still saves its later states', async () => {
-    const added = await db.encryption.tenants.addKey(TENANT, {
-      kind: 'customer-key',
-      key: randomBytes(32).toString('base64'),
-    });
+    const added = await addTenantKey();
     /* The first progress save of the job fails in PostgreSQL (a sequence is not rolled back with it). */
     const s = db.schema.schema;
     await rawQuery(db.schema.url, `CREATE SEQUENCE "${s}".progress_saves`);
@@ -334,21 +326,15 @@ describe("a tenant job's progress", () => {
   }, 120_000);
 
   it('a job replaced while it runs stops at its next batch', async () => {
-    const first = await db.encryption.tenants.addKey(TENANT, {
-      kind: 'customer-key',
-      key: randomBytes(32).toString('base64'),
-    });
-    let second: Awaited<ReturnType<typeof db.encryption.tenants.addKey>> | undefined;
+    const first = await addTenantKey();
+    let second: Awaited<ReturnType<typeof addTenantKey>> | undefined;
     const told: number[] = [];
     const job = await db.encryption.tenants.runJob(TENANT, {
       batchSize: 500,
       onProgress: async (state) => {
         told.push(state.rowsDone);
         /* Another key activated after the first batch: the job is no longer the tenant's. */
-        second ??= await db.encryption.tenants.addKey(TENANT, {
-          kind: 'customer-key',
-          key: randomBytes(32).toString('base64'),
-        });
+        second ??= await addTenantKey();
       },
     });
     expect(job.state).toBe('failed');

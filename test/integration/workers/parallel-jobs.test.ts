@@ -16,6 +16,7 @@ import { type CliProject, createCliProject } from '../../support/cli-project';
 import { createTestSchema, rawQuery, type TestSchema } from '../../support/database';
 import { type EncryptedTestDatabase, encryptedDatabase } from '../../support/typeorm';
 import { LedgerAccount } from '../../support/worker-entities';
+import { expectLedgerReads, seedLedger } from './worker-support';
 
 /**
  * Row-by-row jobs run as several workers over primary-key ranges, coordinated through the lease
@@ -42,14 +43,7 @@ beforeAll(async () => {
       activeVersion: 1,
     },
   });
-  const accounts = Array.from({ length: ROWS }, (_, n) =>
-    Object.assign(new LedgerAccount(), {
-      iban: `DE${String(n).padStart(20, '0')}`,
-      holder: `holder ${n}`,
-      n,
-    }),
-  );
-  await db.dataSource.getRepository(LedgerAccount).save(accounts, { chunk: 500 });
+  await seedLedger(db, ROWS);
 }, 180_000);
 
 afterAll(async () => {
@@ -73,15 +67,7 @@ const snapshot = () =>
   );
 
 /** Every row reads back through TypeORM as it was saved, with a cold cache. */
-async function everyRowReads(): Promise<void> {
-  db.encryption.purgeCache();
-  const rows = await db.dataSource.getRepository(LedgerAccount).find({ order: { id: 'ASC' } });
-  expect(rows).toHaveLength(ROWS);
-  const wrong = rows.filter(
-    (r) => r.iban !== `DE${String(r.n).padStart(20, '0')}` || r.holder !== `holder ${r.n}`,
-  );
-  expect(wrong).toEqual([]);
-}
+const everyRowReads = () => expectLedgerReads(db, ROWS);
 
 const leaseStates = (jobId: string) =>
   rawQuery<{ state: string; n: number }>(

@@ -1,16 +1,11 @@
 import 'reflect-metadata';
-import { randomBytes } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import {
-  LocalKeyProvider,
-  reencryptColumns,
-  rewrapDataKeys,
-  TypeormEnvelopeJobRanges1764700000000,
-} from '../../../src';
+import { reencryptColumns, rewrapDataKeys, TypeormEnvelopeJobRanges1764700000000 } from '../../../src';
 import { createTestSchema, rawQuery, type TestSchema } from '../../support/database';
 import { type EncryptedTestDatabase, encryptedDatabase } from '../../support/typeorm';
 import { LedgerAccount } from '../../support/worker-entities';
+import { expectLedgerReads, generatedKeys, seedLedger } from './worker-support';
 
 /**
  * A job waits for the promise its `onProgress` returns before it writes its next batch, with one
@@ -27,22 +22,9 @@ beforeAll(async () => {
   db = await encryptedDatabase([LedgerAccount], {
     schema,
     migrations: [TypeormEnvelopeJobRanges1764700000000],
-    encryption: {
-      keys: [
-        { version: 1, provider: new LocalKeyProvider({ key: randomBytes(32).toString('base64') }) },
-        { version: 2, provider: new LocalKeyProvider({ key: randomBytes(32).toString('base64') }) },
-      ],
-      activeVersion: 1,
-    },
+    encryption: { keys: generatedKeys(), activeVersion: 1 },
   });
-  const accounts = Array.from({ length: ROWS }, (_, n) =>
-    Object.assign(new LedgerAccount(), {
-      iban: `DE${String(n).padStart(20, '0')}`,
-      holder: `holder ${n}`,
-      n,
-    }),
-  );
-  await db.dataSource.getRepository(LedgerAccount).save(accounts, { chunk: 500 });
+  await seedLedger(db, ROWS);
 }, 120_000);
 
 afterAll(async () => {
@@ -60,15 +42,7 @@ async function under(property: 'iban' | 'holder', version: number): Promise<numb
   return row?.n ?? -1;
 }
 
-async function everyRowReads(): Promise<void> {
-  db.encryption.purgeCache();
-  const rows = await db.dataSource.getRepository(LedgerAccount).find({ order: { id: 'ASC' } });
-  expect(rows).toHaveLength(ROWS);
-  const wrong = rows.filter(
-    (r) => r.iban !== `DE${String(r.n).padStart(20, '0')}` || r.holder !== `holder ${r.n}`,
-  );
-  expect(wrong).toEqual([]);
-}
+const everyRowReads = () => expectLedgerReads(db, ROWS);
 
 describe('onProgress returning a promise', () => {
   it('one worker: no batch is written until the promise settles, and each report matches the table', async () => {
