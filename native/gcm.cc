@@ -328,14 +328,22 @@ struct Batch {
   const uint32_t* aad_ends;
   const uint32_t* aad_of;
   size_t n, m;
+  /* sealMany only: bytes left free before each value's output (for the caller's header). */
+  uint32_t lead;
 };
 
 bool ParseBatch(napi_env env, napi_callback_info info, bool sealing, Batch* b) {
-  size_t argc = 10;
-  napi_value argv[10];
+  size_t argc = 11;
+  napi_value argv[11];
   if (napi_get_cb_info(env, info, &argc, argv, nullptr, nullptr) != napi_ok) return false;
-  if (argc < 10) {
-    ThrowType(env, "expected (handle, key, input, ends, ivs, aads, aadEnds, aadOf, out, result)");
+  if (argc < (sealing ? 11u : 10u)) {
+    ThrowType(env, sealing ? "expected (handle, key, input, ends, ivs, aads, aadEnds, aadOf, out, result, lead)"
+                           : "expected (handle, key, input, ends, ivs, aads, aadEnds, aadOf, out, result)");
+    return false;
+  }
+  b->lead = 0;
+  if (sealing && (napi_get_value_uint32(env, argv[10], &b->lead) != napi_ok || b->lead > 64)) {
+    ThrowType(env, "lead must be an integer from 0 to 64");
     return false;
   }
   b->k = GetHandle(env, argv[0], false);
@@ -390,7 +398,8 @@ bool ParseBatch(napi_env env, napi_callback_info info, bool sealing, Batch* b) {
     }
     aad_start = b->aad_ends[j];
   }
-  const size_t out_length = sealing ? b->input.length + b->n * kTagBytes : b->input.length - b->n * per_value;
+  const size_t out_length =
+      sealing ? b->input.length + b->n * (kTagBytes + b->lead) : b->input.length - b->n * per_value;
   if (b->out.length != out_length) {
     ThrowType(env, "out must be a Uint8Array of the output's length");
     return false;
@@ -416,8 +425,9 @@ const unsigned char* AadOf(const Batch& b, size_t i, size_t* length) {
 }
 
 /*
- * sealMany(handle, key, plaintexts, ends, ivs, aads, aadEnds, aadOf, out, result) -> undefined.
- * Writes ciphertext || tag of value i at out[ends[i-1] + 16 i, ends[i] + 16 (i + 1)); result[i] = 1.
+ * sealMany(handle, key, plaintexts, ends, ivs, aads, aadEnds, aadOf, out, result, lead) -> undefined.
+ * Writes ciphertext || tag of value i at out[ends[i-1] + (16 + lead) i + lead, ends[i] + (16 + lead) (i + 1)),
+ * leaving `lead` bytes before each for the caller to fill; result[i] = 1. The lead bytes are not written.
  * One call for the values of one write under one data key. Throws if OpenSSL fails (out cleansed).
  */
 napi_value SealMany(napi_env env, napi_callback_info info) {
@@ -426,7 +436,7 @@ napi_value SealMany(napi_env env, napi_callback_info info) {
   size_t start = 0;
   for (size_t i = 0; i < b.n; i++) {
     const size_t pt_len = b.ends[i] - start;
-    unsigned char* out = b.out.data + start + i * kTagBytes;
+    unsigned char* out = b.out.data + start + i * (kTagBytes + b.lead) + b.lead;
     size_t aad_len;
     const unsigned char* aad = AadOf(b, i, &aad_len);
     int len = 0;

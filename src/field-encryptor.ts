@@ -16,9 +16,9 @@ import {
   compactHeader,
   encodeCompact,
   FORMAT_V2,
-  parseCompact,
+  frameCompact,
 } from './crypto/compact-value';
-import { GcmOpenBatch } from './crypto/gcm-batch';
+import { GcmOpenBatch, GcmSealBatch } from './crypto/gcm-batch';
 import { IvPool } from './crypto/iv-pool';
 import { type ErrorContext, IntegrityError, withErrorContext } from './errors';
 import { type CachedDataKey, type DataKeyCache, NOT_CACHED } from './keys/data-key-cache';
@@ -84,6 +84,17 @@ export interface DataKeyRecord {
 export interface OpenedValues {
   values: unknown[];
   /** Sparse: the error of each value that could not be opened, as `tryOpen` would throw it. */
+  failures: unknown[];
+}
+
+/**
+ * What {@link FieldEncryptor.trySealMany} gives for each value, by index: its sealed form; for a
+ * compact value whose data key's row is being registered, a promise of it; `NOT_CACHED` where no
+ * encrypting data key is cached (seal it with `seal()` or `sealCompact()`); or an error in `failures`.
+ */
+export interface SealedValues {
+  sealed: (SealedValue | Promise<SealedValue> | typeof NOT_CACHED | undefined)[];
+  /** Sparse: the error of each value that could not be sealed (a `ValueTypeError`). */
   failures: unknown[];
 }
 
@@ -169,6 +180,129 @@ export class FieldEncryptor {
         scope,
       ),
     );
+  }
+
+  /**
+   * Seals many values, like {@link trySeal} each (or {@link trySealCompact} with `registrar`), with
+   * one AES-GCM call per data key: the values of one `save([...])`. Every value gets a fresh IV,
+   * its own associated data and its own buffer; the data key's uses are counted value by value.
+   */
+  trySealMany(
+    values: readonly unknown[],
+    bindings: readonly ValueBinding[],
+    declared: readonly (ValueType | undefined)[],
+    registrar?: DataKeyRegistrar,
+  ): SealedValues {
+    const sealed: SealedValues['sealed'] = new Array(values.length);
+    const failures = new Array<unknown>(values.length);
+    const plaintexts = new Array<Buffer>(values.length);
+    const byScope = new Map<string, { scope: KeyScope; indices: number[] }>();
+    try {
+      for (let i = 0; i < values.length; i++) {
+        try {
+          plaintexts[i] = encodeValue(values[i], declared[i]);
+        } catch (error) {
+          failures[i] = error;
+          continue;
+        }
+        const scope = this.#scope(bindings[i] as ValueBinding);
+        let group = byScope.get(scope.cacheId);
+        if (!group) {
+          group = { scope, indices: [] };
+          byScope.set(scope.cacheId, group);
+        }
+        group.indices.push(i);
+      }
+      for (const { scope, indices } of byScope.values()) {
+        let next = 0;
+        while (next < indices.length) {
+          const from = next;
+          const granted = this.cache.tryWithEncryptionKeyFor(
+            indices.length - from,
+            (key, dataKey, count) => {
+              this.#sealGroup(
+                key,
+                dataKey,
+                indices.slice(from, from + count),
+                plaintexts,
+                bindings,
+                sealed,
+                registrar,
+                scope,
+              );
+              return count;
+            },
+            scope,
+          );
+          if (granted === NOT_CACHED) {
+            for (let j = from; j < indices.length; j++) sealed[indices[j] as number] = NOT_CACHED;
+            break;
+          }
+          next += granted;
+        }
+      }
+    } finally {
+      for (const plaintext of plaintexts) plaintext?.fill(0);
+    }
+    return { sealed, failures };
+  }
+
+  /** Seals the values at `indices` under one data key, each framed in its own view of one buffer. */
+  #sealGroup(
+    key: Buffer,
+    dataKey: CachedDataKey,
+    indices: readonly number[],
+    plaintexts: readonly Buffer[],
+    bindings: readonly ValueBinding[],
+    sealed: SealedValues['sealed'],
+    registrar: DataKeyRegistrar | undefined,
+    scope: KeyScope,
+  ): void {
+    const batch = new GcmSealBatch();
+    const ivs: Buffer[] = [];
+    const flags: number[] = [];
+    for (const i of indices) {
+      const binding = bindings[i] as ValueBinding;
+      const f = flagsOf(binding);
+      const iv = this.#ivs.next();
+      batch.add(iv, plaintexts[i] as Buffer, associatedData(registrar ? v2Header(f) : v1Header(f), binding));
+      ivs.push(iv);
+      flags.push(f);
+    }
+    const out = batch.seal(key, registrar ? COMPACT_BODY_OFFSET : HEADER_BYTES);
+    const { wrappedKey, version } = dataKey;
+    const views = indices.map((_, j) => out.sealed.subarray(out.start(j), out.end(j)));
+    if (!registrar) {
+      indices.forEach((i, j) => {
+        const ciphertext = views[j] as Buffer;
+        ciphertext[0] = FORMAT_V1;
+        ciphertext[1] = flags[j] as number;
+        sealed[i] = { ciphertext, iv: ivs[j] as Buffer, wrappedKey, keyVersion: version };
+      });
+      return;
+    }
+    const frame = (dataKeyId: bigint, j: number): SealedValue => {
+      const ciphertext = frameCompact(views[j] as Buffer, flags[j] as number, dataKeyId, ivs[j] as Buffer);
+      return {
+        ciphertext,
+        iv: ciphertext.subarray(COMPACT_IV_OFFSET, COMPACT_BODY_OFFSET),
+        wrappedKey,
+        keyVersion: version,
+        dataKeyId,
+      };
+    };
+    const known = registrar.knownId(dataKey);
+    if (known !== undefined) {
+      indices.forEach((i, j) => {
+        sealed[i] = frame(known, j);
+      });
+      return;
+    }
+    /* One registration for every value of the group; none is stored before its row is committed. */
+    const registration = registrar.register(dataKey, scope);
+    indices.forEach((i, j) => {
+      sealed[i] = registration.then((id) => frame(id, j));
+    });
   }
 
   /**
@@ -331,13 +465,14 @@ export class FieldEncryptor {
    * The checks {@link tryOpen} makes before it decrypts (format, flags, tenant binding), and the
    * value's associated data, without splitting the value into views.
    */
-  #checkedAssociatedData(sealed: SealedValue, binding: ValueBinding): Buffer {
+  #checkedAssociatedData(sealed: SealedValue, binding: ValueBinding, context: ErrorContext = {}): Buffer {
     const { ciphertext } = sealed;
+    const where = { ...context, keyVersion: sealed.keyVersion };
     if (ciphertext[0] === FORMAT_V2) {
       try {
         checkCompact(ciphertext);
       } catch (error) {
-        throw withErrorContext(error, { keyVersion: sealed.keyVersion });
+        throw withErrorContext(error, where);
       }
     } else {
       const knownFlags = FLAG_PRIMARY_KEY_BOUND | FLAG_SCHEMA_BOUND | FLAG_TENANT_BOUND;
@@ -346,13 +481,14 @@ export class FieldEncryptor {
         ciphertext[0] !== FORMAT_V1 ||
         ((ciphertext[1] ?? 0) & ~knownFlags) !== 0
       ) {
-        throw new IntegrityError('ciphertext has an unknown format', { keyVersion: sealed.keyVersion });
+        throw new IntegrityError('ciphertext has an unknown format', where);
       }
     }
     if (binding.tenant !== undefined && ((ciphertext[1] ?? 0) & FLAG_TENANT_BOUND) === 0) {
+      /* A tenant's row holds only values bound to its tenant: any other was put there from elsewhere. */
       throw new IntegrityError('encrypted value is not bound to the tenant of its row', {
+        ...where,
         tenant: binding.tenant,
-        keyVersion: sealed.keyVersion,
       });
     }
     /* What gcmOpen refuses as failing authentication: an IV of another length, a body shorter than a tag. */
@@ -360,7 +496,7 @@ export class FieldEncryptor {
       ciphertext[0] !== FORMAT_V2 &&
       (sealed.iv.length !== IV_BYTES || ciphertext.length - HEADER_BYTES < TAG_BYTES)
     ) {
-      this.#decode(undefined, sealed, tenantOf(binding));
+      this.#decode(undefined, sealed, { ...context, ...tenantOf(binding) });
     }
     /* The associated data takes the header from the first two bytes: the value itself serves. */
     return associatedData(ciphertext, binding);
@@ -432,7 +568,7 @@ export class FieldEncryptor {
   }
 
   #seal(key: Buffer, dataKey: CachedDataKey, plaintext: Buffer, binding: ValueBinding): SealedValue {
-    const header = Buffer.of(FORMAT_V1, flagsOf(binding));
+    const header = v1Header(flagsOf(binding));
     const iv = this.#ivs.next();
     return {
       ciphertext: Buffer.concat([header, gcmSeal(key, iv, plaintext, associatedData(header, binding))]),
@@ -444,38 +580,22 @@ export class FieldEncryptor {
 
   /** The parts to authenticate: format 1 (the sidecar layout's) or format 2 (compact), by byte 0. */
   #parse(sealed: SealedValue, binding: ValueBinding, context: ErrorContext): OpenParts {
-    let parts: { header: Buffer; iv: Buffer; body: Buffer };
-    if (sealed.ciphertext[0] === FORMAT_V2) {
-      try {
-        parts = parseCompact(sealed.ciphertext);
-      } catch (error) {
-        throw withErrorContext(error, { ...context, keyVersion: sealed.keyVersion });
-      }
-    } else {
-      const header = sealed.ciphertext.subarray(0, HEADER_BYTES);
-      const knownFlags = FLAG_PRIMARY_KEY_BOUND | FLAG_SCHEMA_BOUND | FLAG_TENANT_BOUND;
-      if (
-        sealed.ciphertext.length < HEADER_BYTES ||
-        header[0] !== FORMAT_V1 ||
-        ((header[1] ?? 0) & ~knownFlags) !== 0
-      ) {
-        throw new IntegrityError('ciphertext has an unknown format', {
-          ...context,
-          keyVersion: sealed.keyVersion,
-        });
-      }
-      parts = { header, iv: sealed.iv, body: sealed.ciphertext.subarray(HEADER_BYTES) };
+    const aad = this.#checkedAssociatedData(sealed, binding, context);
+    const { ciphertext } = sealed;
+    if (ciphertext[0] === FORMAT_V2) {
+      return {
+        header: ciphertext.subarray(0, HEADER_BYTES),
+        iv: ciphertext.subarray(COMPACT_IV_OFFSET, COMPACT_BODY_OFFSET),
+        body: ciphertext.subarray(COMPACT_BODY_OFFSET),
+        aad,
+      };
     }
-    const { header } = parts;
-    if (binding.tenant !== undefined && ((header[1] ?? 0) & FLAG_TENANT_BOUND) === 0) {
-      /* A tenant's row holds only values bound to its tenant: any other was put there from elsewhere. */
-      throw new IntegrityError('encrypted value is not bound to the tenant of its row', {
-        ...context,
-        tenant: binding.tenant,
-        keyVersion: sealed.keyVersion,
-      });
-    }
-    return { ...parts, aad: associatedData(header, binding) };
+    return {
+      header: ciphertext.subarray(0, HEADER_BYTES),
+      iv: sealed.iv,
+      body: ciphertext.subarray(HEADER_BYTES),
+      aad,
+    };
   }
 
   #decode(plaintext: Buffer | undefined, sealed: SealedValue, context: ErrorContext): unknown {
@@ -502,6 +622,20 @@ interface OpenParts {
   iv: Buffer;
   body: Buffer;
   aad: Buffer;
+}
+
+/** The two header bytes of a format-1 value with these flags, shared (read-only). */
+const V1_HEADERS = Array.from({ length: 8 }, (_, flags) => Buffer.of(FORMAT_V1, flags));
+
+function v1Header(flags: number): Buffer {
+  return V1_HEADERS[flags] ?? Buffer.of(FORMAT_V1, flags);
+}
+
+/** The same for format 2 (compact values), as their associated data takes it. */
+const V2_HEADERS = Array.from({ length: 8 }, (_, flags) => compactHeader(flags));
+
+function v2Header(flags: number): Buffer {
+  return V2_HEADERS[flags] ?? compactHeader(flags);
 }
 
 /** Whether `sealed` is under the data key of `group`. */

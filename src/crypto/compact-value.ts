@@ -92,6 +92,27 @@ export function encodeCompact(parts: CompactParts): Buffer {
 }
 
 /**
+ * Writes the frame of a format-2 value into the first {@link COMPACT_BODY_OFFSET} bytes of `out`,
+ * whose body (ciphertext and tag) is already in place after them: for values sealed together
+ * into one buffer. Throws a `RangeError` for a frame no reader would accept, as `encodeCompact`.
+ */
+export function frameCompact(out: Buffer, flags: number, dataKeyId: bigint, iv: Uint8Array): Buffer {
+  if (!Number.isInteger(flags) || flags < 0 || (flags & ~KNOWN_FLAGS) !== 0) {
+    throw new RangeError('compact value: unknown header flags');
+  }
+  if (dataKeyId < 1n || dataKeyId > MAX_DATA_KEY_ID) {
+    throw new RangeError('compact value: data-key id out of range');
+  }
+  if (iv.length !== IV_BYTES) throw new RangeError('compact value: the IV must be 96 bits');
+  if (out.length < COMPACT_MIN_BYTES) throw new RangeError('compact value: body shorter than a tag');
+  out[0] = FORMAT_V2;
+  out[1] = flags;
+  out.writeBigUInt64BE(dataKeyId, DATA_KEY_ID_OFFSET);
+  out.set(iv, COMPACT_IV_OFFSET);
+  return out;
+}
+
+/**
  * Splits a format-2 value into its parts (views, no copy). A value that is too short, of another
  * format, with unknown flags or an impossible data-key id is an `IntegrityError` (it was not
  * written by this library, or was altered); nothing in the message comes from the value's bytes

@@ -175,19 +175,23 @@ export class GcmSealBatch extends BatchLayout {
     return this.#plaintexts.length - 1;
   }
 
-  /** Seals every plaintext under `key`: value i's `ciphertext || tag` is `sealed.subarray(start(i), end(i))`. */
-  seal(key: Uint8Array): SealedBatch {
+  /**
+   * Seals every plaintext under `key`, each after `lead` bytes left free for the caller (a header):
+   * value i is `sealed.subarray(start(i), end(i))`, its `ciphertext || tag` from `start(i) + lead`.
+   */
+  seal(key: Uint8Array, lead = 0): SealedBatch {
     const n = this.#plaintexts.length;
-    const sealed = Buffer.allocUnsafe(this.#bytes + n * TAG_BYTES);
+    const sealed = Buffer.allocUnsafe(this.#bytes + n * (TAG_BYTES + lead));
     const ends = new Uint32Array(n);
     if (nativeGcm && key.length === KEY_BYTES) {
       const input = Buffer.allocUnsafe(this.#bytes);
       const ivs = Buffer.allocUnsafe(n * IV_BYTES);
       let at = 0;
       for (let i = 0; i < n; i++) {
-        input.set(this.#plaintexts[i] as Uint8Array, at);
+        const plaintext = this.#plaintexts[i] as Uint8Array;
+        input.set(plaintext, at);
         ivs.set(this.#ivs[i] as Uint8Array, i * IV_BYTES);
-        at += (this.#plaintexts[i] as Uint8Array).length;
+        at += plaintext.length;
         ends[i] = at;
       }
       try {
@@ -203,6 +207,7 @@ export class GcmSealBatch extends BatchLayout {
           aadOf,
           sealed,
           new Uint8Array(n),
+          lead,
         );
       } finally {
         input.fill(0);
@@ -211,27 +216,30 @@ export class GcmSealBatch extends BatchLayout {
       let at = 0;
       for (let i = 0; i < n; i++) {
         const plaintext = this.#plaintexts[i] as Uint8Array;
-        sealed.set(gcmSeal(key, this.#ivs[i] as Uint8Array, plaintext, this.aadAt(i)), at + i * TAG_BYTES);
+        const box = gcmSeal(key, this.#ivs[i] as Uint8Array, plaintext, this.aadAt(i));
+        sealed.set(box, at + i * (TAG_BYTES + lead) + lead);
         at += plaintext.length;
         ends[i] = at;
       }
     }
-    return new SealedBatch(sealed, ends);
+    return new SealedBatch(sealed, ends, lead);
   }
 }
 
-/** The sealed values of a batch, all in one buffer. */
+/** The sealed values of a batch, all in one buffer, each after its `lead` bytes. */
 export class SealedBatch {
   constructor(
     readonly sealed: Buffer,
     readonly ends: Uint32Array,
+    readonly lead: number,
   ) {}
 
+  /** Where value i's lead bytes begin. */
   start(i: number): number {
-    return i === 0 ? 0 : (this.ends[i - 1] as number) + i * TAG_BYTES;
+    return i === 0 ? 0 : (this.ends[i - 1] as number) + i * (TAG_BYTES + this.lead);
   }
 
   end(i: number): number {
-    return (this.ends[i] as number) + (i + 1) * TAG_BYTES;
+    return (this.ends[i] as number) + (i + 1) * (TAG_BYTES + this.lead);
   }
 }

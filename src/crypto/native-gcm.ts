@@ -42,10 +42,11 @@ export interface NativeGcm {
     out?: T,
   ): T | undefined;
   /**
-   * Seals the values of one batch under one key in one call (see {@link GcmBatch} for the layout):
-   * value i of `plaintexts` is `[ends[i-1], ends[i])`, its IV `ivs[12 i, 12 i + 12)`, and its
-   * `ciphertext || tag` is written to `out` at `[ends[i-1] + 16 i, ends[i] + 16 (i + 1))`.
-   * Sets `result[i]` to 1. Throws a TypeError on inconsistent arguments, before any byte is written.
+   * Seals the values of one batch under one key in one call: value i of `plaintexts` is
+   * `[ends[i-1], ends[i])`, its IV `ivs[12 i, 12 i + 12)`, and its `ciphertext || tag` is written to
+   * `out` after `lead` bytes left for the caller, the whole at
+   * `[ends[i-1] + (16 + lead) i, ends[i] + (16 + lead) (i + 1))`. Sets `result[i]` to 1. Throws a
+   * TypeError on inconsistent arguments, before any byte is written.
    */
   sealMany(
     handle: NativeGcmHandle,
@@ -58,6 +59,7 @@ export interface NativeGcm {
     aadOf: Uint32Array,
     out: Uint8Array,
     result: Uint8Array,
+    lead: number,
   ): void;
   /**
    * Opens the values of one batch under one key in one call: value i of `sealed` is

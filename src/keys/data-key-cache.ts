@@ -271,12 +271,27 @@ export class DataKeyCache {
     fn: (key: Buffer, dataKey: CachedDataKey) => T,
     scope: KeyScope = this.#keyring,
   ): T | typeof NOT_CACHED {
+    return this.tryWithEncryptionKeyFor(1, fn, scope);
+  }
+
+  /**
+   * Like {@link tryWithEncryptionKey}, for up to `wanted` values sealed in one call: `fn` is told
+   * how many it may seal under this key (at least 1, at most what the key has left before
+   * `dataKeyMaxUses`), and exactly that many uses are counted. The caller seals the rest with the
+   * next key (or the asynchronous path, once this one is used up).
+   */
+  tryWithEncryptionKeyFor<T>(
+    wanted: number,
+    fn: (key: Buffer, dataKey: CachedDataKey, granted: number) => T,
+    scope: KeyScope = this.#keyring,
+  ): T | typeof NOT_CACHED {
     if (scope.writeRefusal) return NOT_CACHED; // the asynchronous path throws it
     const id = this.#encryptingIdOf(scope);
     const dataKey = this.#encrypting.get(id);
     if (!dataKey || dataKey.destroyed) return NOT_CACHED;
     if (this.#clock.now() - dataKey.createdAt >= this.#renewAfter) this.#renew(scope, id, dataKey);
-    return this.#useEncryptionKey(id, dataKey, fn);
+    const granted = Math.max(1, Math.min(wanted, this.#maxUses - dataKey.uses));
+    return this.#useEncryptionKey(id, dataKey, (key) => fn(key, dataKey, granted), granted);
   }
 
   /**
@@ -386,13 +401,15 @@ export class DataKeyCache {
     this.#renewing.set(id, renewal);
   }
 
+  /** Runs `fn` with the key and counts `uses` values sealed under it (it leaves the cache at the limit). */
   #useEncryptionKey<T>(
     id: string,
     dataKey: CachedDataKey,
     fn: (key: Buffer, dataKey: CachedDataKey) => T,
+    uses = 1,
   ): T {
     const result = dataKey.use((key) => fn(key, dataKey));
-    dataKey.uses += 1;
+    dataKey.uses += uses;
     if (dataKey.uses >= this.#maxUses && this.#encrypting.peek(id) === dataKey) {
       this.#encrypting.delete(id);
     }

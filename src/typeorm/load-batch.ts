@@ -1,21 +1,15 @@
 import type { EntityMetadata, QueryRunner } from 'typeorm';
 import type { ValueBinding } from '../crypto/associated-data';
+import type { ValueType } from '../crypto/codec';
 import type { DataKeyRecord, SealedValue } from '../field-encryptor';
 import type { EncryptedColumns } from './encrypted-columns';
 import type { LoadedColumns, PropertyState } from './property-state';
 
 /**
- * The entities whose `afterLoad` ran in one turn of the event loop: TypeORM starts `afterLoad`
- * for every entity of a result set before awaiting any, so they are decrypted together, once
- * that turn is over. Each entity's promise settles when the whole batch has, and rejects only
- * with that entity's own failure: a tampered row fails its own query, never another one read in
- * the same turn.
+ * The outcome of each entity handled together in one turn of the event loop: each entity's
+ * promise settles once the whole turn's work has, and rejects only with that entity's own failure.
  */
-export class LoadBatch {
-  readonly metadatas: EntityMetadata[] = [];
-  readonly columns: (readonly EncryptedColumns[])[] = [];
-  readonly entities: object[] = [];
-  readonly queryRunners: (QueryRunner | undefined)[] = [];
+export class TurnOutcomes {
   readonly #failures = new Map<object, unknown>();
   readonly #settled: Promise<void>;
   #settle!: () => void;
@@ -25,6 +19,38 @@ export class LoadBatch {
       this.#settle = resolve;
     });
   }
+
+  /** Settles when the turn's work has; rejects with `entity`'s first failure, if it had one. */
+  promiseFor(entity: object): Promise<void> {
+    return this.#settled.then(() => {
+      if (this.#failures.has(entity)) throw this.#failures.get(entity);
+    });
+  }
+
+  /** Records `entity`'s first failure: its promise rejects with it. */
+  fail(entity: object, error: unknown): void {
+    if (!this.#failures.has(entity)) this.#failures.set(entity, error);
+  }
+
+  /** Settles every entity's promise once `pending` (the work that needed a round trip) have. */
+  finish(pending: Promise<unknown>[]): void {
+    if (pending.length === 0) this.#settle();
+    else void Promise.allSettled(pending).then(() => this.#settle());
+  }
+}
+
+/**
+ * The entities whose `afterLoad` ran in one turn of the event loop: TypeORM starts `afterLoad`
+ * for every entity of a result set before awaiting any, so they are decrypted together, once
+ * that turn is over. A tampered row fails its own entity's promise, never another one read in
+ * the same turn.
+ */
+export class LoadBatch {
+  readonly metadatas: EntityMetadata[] = [];
+  readonly columns: (readonly EncryptedColumns[])[] = [];
+  readonly entities: object[] = [];
+  readonly queryRunners: (QueryRunner | undefined)[] = [];
+  readonly outcomes = new TurnOutcomes();
 
   get size(): number {
     return this.entities.length;
@@ -40,20 +66,49 @@ export class LoadBatch {
     this.columns.push(columns);
     this.entities.push(entity);
     this.queryRunners.push(queryRunner);
-    return this.#settled.then(() => {
-      if (this.#failures.has(entity)) throw this.#failures.get(entity);
-    });
+    return this.outcomes.promiseFor(entity);
+  }
+}
+
+/**
+ * The values the writes of one turn of the event loop seal (TypeORM starts `beforeInsert` and
+ * `beforeUpdate` for every entity of a `save([...])` before awaiting any): sealed together once
+ * that turn is over, one AES-GCM call per data key, each layout apart.
+ */
+export class SealBatch {
+  readonly outcomes = new TurnOutcomes();
+  readonly sidecars = new SealRequests();
+  readonly compact = new SealRequests();
+}
+
+/** Values to seal in one layout, and what to do with each sealed value or failure. */
+export class SealRequests {
+  readonly values: unknown[] = [];
+  readonly bindings: ValueBinding[] = [];
+  readonly declared: (ValueType | undefined)[] = [];
+  readonly entities: object[] = [];
+  readonly records: ((sealed: SealedValue) => void)[] = [];
+  /** Throws the value's failure with its context (entity and column). */
+  readonly failures: ((error: unknown) => never)[] = [];
+
+  get size(): number {
+    return this.values.length;
   }
 
-  /** Records `entity`'s first failure: its promise rejects with it. */
-  fail(entity: object, error: unknown): void {
-    if (!this.#failures.has(entity)) this.#failures.set(entity, error);
-  }
-
-  /** Settles every entity's promise once `pending` (the values that needed a round trip) have. */
-  finish(pending: Promise<unknown>[]): void {
-    if (pending.length === 0) this.#settle();
-    else void Promise.allSettled(pending).then(() => this.#settle());
+  add(
+    entity: object,
+    value: unknown,
+    binding: ValueBinding,
+    declared: ValueType | undefined,
+    record: (sealed: SealedValue) => void,
+    failed: (error: unknown) => never,
+  ): void {
+    this.entities.push(entity);
+    this.values.push(value);
+    this.bindings.push(binding);
+    this.declared.push(declared);
+    this.records.push(record);
+    this.failures.push(failed);
   }
 }
 

@@ -29,7 +29,7 @@ import type { DataKeyTable } from './data-key-table';
 import type { EncryptedColumns } from './encrypted-columns';
 import { tenantText } from './encryption-tenant';
 import { legacyValue } from './legacy-value';
-import { LoadBatch, ReadyValues } from './load-batch';
+import { LoadBatch, ReadyValues, SealBatch, type SealRequests } from './load-batch';
 import { primaryKeyOf } from './primary-key';
 import type { LoadedColumns, PropertyState, PropertyStateStore } from './property-state';
 import { setMapOf } from './query-guards';
@@ -55,6 +55,8 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
   readonly #opening = new WeakMap<object, Promise<void>>();
   /** The entities loaded in this turn of the event loop, decrypted together once it is over. */
   #batch: LoadBatch | undefined;
+  /** The values written in this turn of the event loop, sealed together once it is over. */
+  #sealing: SealBatch | undefined;
 
   constructor(
     private readonly lookup: EncryptedColumnsLookup,
@@ -219,14 +221,14 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
       for (const column of batch.columns[owner] as readonly EncryptedColumns[]) {
         try {
           const opening = this.#openLoaded(metadata, column, entity, queryRunner, false, ready, owner);
-          if (opening) pending.push(opening.catch((error: unknown) => batch.fail(entity, error)));
+          if (opening) pending.push(opening.catch((error: unknown) => batch.outcomes.fail(entity, error)));
         } catch (error) {
-          batch.fail(entity, error);
+          batch.outcomes.fail(entity, error);
         }
       }
     }
     if (ready.size) this.#openReady(batch, ready, pending);
-    batch.finish(pending);
+    batch.outcomes.finish(pending);
     for (const entity of batch.entities) this.#opening.delete(entity);
   }
 
@@ -264,7 +266,7 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
         opening =
           failure === undefined ? this.#openHeld(record, args) : this.#openAgain(failure, record, args);
       } else if (failure !== undefined) {
-        batch.fail(entity, withErrorContext(failure, loadContext(metadata, column, entity, loaded)));
+        batch.outcomes.fail(entity, withErrorContext(failure, loadContext(metadata, column, entity, loaded)));
       } else {
         opening = this.encryptor.open(sealed, ready.bindings[i] as ValueBinding).then(
           (value) => this.#recordOpened(entity, column, holder, value, sealed),
@@ -272,13 +274,14 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
             Promise.reject(withErrorContext(error, loadContext(metadata, column, entity, loaded))),
         );
       }
-      if (opening) pending.push(opening.catch((error: unknown) => batch.fail(entity, error)));
+      if (opening) pending.push(opening.catch((error: unknown) => batch.outcomes.fail(entity, error)));
     }
   }
 
   /**
-   * Seals the encrypted properties a write names. Runs synchronously while the data key is
-   * cached (the common case), so a write costs no extra promise per entity.
+   * Seals the encrypted properties a write names: a value the row already holds is kept as
+   * stored; the others join the turn's batch (see {@link #sealAll}). Checks that need no key run
+   * at once, so a misuse fails before anything is sealed.
    */
   #seal(
     metadata: EntityMetadata,
@@ -289,7 +292,7 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
     setMap: boolean,
     tenant: string | null | undefined,
   ): Promise<void> | undefined {
-    const pending: Promise<void>[] = [];
+    let batch: SealBatch | undefined;
     for (const column of columns) {
       const { propertyName: property, type, bindPrimaryKey } = column.definition;
       const path = column.main.propertyPath;
@@ -335,29 +338,84 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
         );
       }
       const binding = valueBinding(metadata, column, bindPrimaryKey ? primaryKey : undefined, tenant);
-      const compact = column.layout === 'compact';
-      const failed = (error: unknown) => {
+      const failed = (error: unknown): never => {
         throw withErrorContext(error, { entity: metadata.name, column: path });
       };
-      let sealed: SealedValue | Promise<SealedValue> | typeof NOT_CACHED;
-      try {
-        sealed = compact
-          ? this.encryptor.trySealCompact(value, binding, type, this.dataKeys)
-          : this.encryptor.trySeal(value, binding, type);
-      } catch (error) {
-        failed(error);
-        continue;
-      }
-      if (sealed === NOT_CACHED) {
-        /* A compact value waits for its data key's row to be committed: see DataKeyTable. */
-        sealed = compact
-          ? this.encryptor.sealCompact(value, binding, type, this.dataKeys)
-          : this.encryptor.seal(value, binding, type);
-      }
-      if (sealed instanceof Promise) pending.push(sealed.then(record, failed));
-      else record(sealed);
+      if (!batch) batch = this.#sealBatch();
+      (column.layout === 'compact' ? batch.compact : batch.sidecars).add(
+        entity,
+        value,
+        binding,
+        type,
+        record,
+        failed,
+      );
     }
-    return pending.length ? Promise.all(pending).then(() => undefined) : undefined;
+    return batch?.outcomes.promiseFor(entity);
+  }
+
+  /** The batch the values written in this turn join; sealed once the turn is over. */
+  #sealBatch(): SealBatch {
+    let batch = this.#sealing;
+    if (!batch) {
+      const started = new SealBatch();
+      this.#sealing = batch = started;
+      queueMicrotask(() => this.#sealAll(started));
+    }
+    return batch;
+  }
+
+  /**
+   * Seals a turn's values: those whose data key is cached in one call per data key; the others
+   * once a data key is generated. A compact value is recorded only once its data key's row is
+   * committed (see DataKeyTable).
+   */
+  #sealAll(batch: SealBatch): void {
+    if (this.#sealing === batch) this.#sealing = undefined;
+    const pending: Promise<unknown>[] = [];
+    this.#sealRequests(batch, batch.sidecars, undefined, pending);
+    this.#sealRequests(batch, batch.compact, this.dataKeys, pending);
+    batch.outcomes.finish(pending);
+  }
+
+  #sealRequests(
+    batch: SealBatch,
+    requests: SealRequests,
+    registrar: DataKeyTable | undefined,
+    pending: Promise<unknown>[],
+  ): void {
+    if (!requests.size) return;
+    const { sealed, failures } = this.encryptor.trySealMany(
+      requests.values,
+      requests.bindings,
+      requests.declared,
+      registrar,
+    );
+    for (let i = 0; i < requests.size; i++) {
+      const entity = requests.entities[i] as object;
+      const record = requests.records[i] as (sealed: SealedValue) => void;
+      const failed = requests.failures[i] as (error: unknown) => never;
+      let result = sealed[i];
+      try {
+        if (failures[i] !== undefined) failed(failures[i]);
+        if (result === NOT_CACHED) {
+          const value = requests.values[i];
+          const binding = requests.bindings[i] as ValueBinding;
+          result = registrar
+            ? this.encryptor.sealCompact(value, binding, requests.declared[i], registrar)
+            : this.encryptor.seal(value, binding, requests.declared[i]);
+        }
+        if (result instanceof Promise) {
+          pending.push(
+            result.then(record, failed).catch((error: unknown) => batch.outcomes.fail(entity, error)),
+          );
+        } else if (result !== undefined) {
+          record(result);
+        }
+      } catch (error) {
+        batch.outcomes.fail(entity, error);
+      }
+    }
   }
 
   /**
