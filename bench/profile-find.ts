@@ -194,8 +194,7 @@ async function main(): Promise<void> {
     await timed(
       `${sealed.length} × FieldEncryptor.tryOpen (decrypt only)`,
       () => {
-        for (const s of sealed)
-          encryptor.tryOpen(s.value, { schema, table: TABLE, column: s.column });
+        for (const s of sealed) encryptor.tryOpen(s.value, { schema, table: TABLE, column: s.column });
       },
       t,
     );
