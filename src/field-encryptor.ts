@@ -79,7 +79,8 @@ export interface DataKeyRecord {
 
 /**
  * What {@link FieldEncryptor.tryOpenMany} gives for each value, by index: its plaintext value, or
- * `NOT_CACHED` where its data key is not cached (open it with `open()`), or an error in `failures`.
+ * `NOT_CACHED` where its data key is not cached (open it with `open()`), or an error in `failures`
+ * (where one is set, the value is to be ignored).
  */
 export interface OpenedValues {
   values: unknown[];
@@ -420,6 +421,62 @@ export class FieldEncryptor {
       if (done === NOT_CACHED) for (const i of group.indices) values[i] = NOT_CACHED;
     }
     return { values, failures };
+  }
+
+  /**
+   * Like {@link tryOpenMany}, waiting for the data keys that are not cached: one unwrap per
+   * distinct data key (shared with every other caller), then the values again in one call per key.
+   * A value whose key still cannot be had (revoked, evicted meanwhile) is opened on its own, so its
+   * error is the one {@link open} gives.
+   */
+  async openMany(sealed: readonly SealedValue[], bindings: readonly ValueBinding[]): Promise<OpenedValues> {
+    const first = this.tryOpenMany(sealed, bindings);
+    const waiting: number[] = [];
+    const unwraps = new Map<string, Promise<unknown>>();
+    for (let i = 0; i < sealed.length; i++) {
+      if (first.values[i] !== NOT_CACHED) continue;
+      waiting.push(i);
+      const value = sealed[i] as SealedValue;
+      const scope = this.#scope(bindings[i] as ValueBinding);
+      const id = `${scope.cacheId}\0${value.keyVersion}\0${value.wrappedKey.toString('base64')}`;
+      if (!unwraps.has(id)) {
+        const unwrap = this.cache.withDecryptionKey(
+          value.keyVersion,
+          value.wrappedKey,
+          () => undefined,
+          scope,
+        );
+        unwraps.set(
+          id,
+          unwrap.catch(() => undefined),
+        ); // the value's own open() reports it
+      }
+    }
+    if (!waiting.length) return first;
+    await Promise.all(unwraps.values());
+    const again = this.tryOpenMany(
+      waiting.map((i) => sealed[i] as SealedValue),
+      waiting.map((i) => bindings[i] as ValueBinding),
+    );
+    const alone: Promise<void>[] = [];
+    waiting.forEach((i, j) => {
+      if (again.failures[j] !== undefined) first.failures[i] = again.failures[j];
+      else if (again.values[j] !== NOT_CACHED) first.values[i] = again.values[j];
+      else {
+        alone.push(
+          this.open(sealed[i] as SealedValue, bindings[i] as ValueBinding).then(
+            (value) => {
+              first.values[i] = value;
+            },
+            (error: unknown) => {
+              first.failures[i] = error;
+            },
+          ),
+        );
+      }
+    });
+    await Promise.all(alone);
+    return first;
   }
 
   /** Opens one data key's values in one call, then decodes each from the shared plaintext buffer. */

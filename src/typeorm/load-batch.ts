@@ -127,6 +127,21 @@ export class ReadyValues {
   readonly loaded: LoadedColumns[] = [];
   /** For a compact value: the data-key row it was opened with (`undefined` for a sidecar value). */
   readonly records: (DataKeyRecord | undefined)[] = [];
+  /**
+   * In a batch's first round: the compact values whose data-key row this instance does not hold,
+   * by id (entity index and column), read once for all of them before a second round.
+   */
+  readonly awaitingRows: Map<bigint, [number, EncryptedColumns][]> | undefined;
+
+  constructor(firstRound: boolean) {
+    this.awaitingRows = firstRound ? new Map() : undefined;
+  }
+
+  awaitRow(id: bigint, owner: number, column: EncryptedColumns): void {
+    const waiting = this.awaitingRows?.get(id);
+    if (waiting) waiting.push([owner, column]);
+    else this.awaitingRows?.set(id, [[owner, column]]);
+  }
 
   get size(): number {
     return this.sealed.length;

@@ -212,70 +212,133 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
    */
   #flush(batch: LoadBatch): void {
     if (this.#batch === batch) this.#batch = undefined;
-    const ready = new ReadyValues();
+    const ready = new ReadyValues(true);
     const pending: Promise<unknown>[] = [];
     for (let owner = 0; owner < batch.size; owner++) {
-      const entity = batch.entities[owner] as object;
-      const metadata = batch.metadatas[owner] as EntityMetadata;
-      const queryRunner = batch.queryRunners[owner];
       for (const column of batch.columns[owner] as readonly EncryptedColumns[]) {
-        try {
-          const opening = this.#openLoaded(metadata, column, entity, queryRunner, false, ready, owner);
-          if (opening) pending.push(opening.catch((error: unknown) => batch.outcomes.fail(entity, error)));
-        } catch (error) {
-          batch.outcomes.fail(entity, error);
-        }
+        this.#prepare(batch, owner, column, ready, pending);
       }
     }
-    if (ready.size) this.#openReady(batch, ready, pending);
+    this.#openReady(batch, ready, pending);
     batch.outcomes.finish(pending);
     for (const entity of batch.entities) this.#opening.delete(entity);
   }
 
-  /** Opens the batch's values whose key is at hand; a value that needs more goes its own way. */
+  /** Adds `column`'s loaded value of the batch's entity `owner` to `ready`, or starts its own way. */
+  #prepare(
+    batch: LoadBatch,
+    owner: number,
+    column: EncryptedColumns,
+    ready: ReadyValues,
+    pending: Promise<unknown>[],
+  ): void {
+    const entity = batch.entities[owner] as object;
+    try {
+      const opening = this.#openLoaded(
+        batch.metadatas[owner] as EntityMetadata,
+        column,
+        entity,
+        batch.queryRunners[owner],
+        false,
+        ready,
+        owner,
+      );
+      if (opening) pending.push(opening.catch((error: unknown) => batch.outcomes.fail(entity, error)));
+    } catch (error) {
+      batch.outcomes.fail(entity, error);
+    }
+  }
+
+  /**
+   * Opens the batch's values whose key is at hand in one call per data key. The values whose data
+   * key is not cached wait for one unwrap per key, then open together; the compact values whose
+   * key row is not held wait for one read of the rows, then join a second round.
+   */
   #openReady(batch: LoadBatch, ready: ReadyValues, pending: Promise<unknown>[]): void {
-    const { values, failures } = this.encryptor.tryOpenMany(ready.sealed, ready.bindings);
-    for (let i = 0; i < ready.size; i++) {
-      const owner = ready.owners[i] as number;
-      const entity = batch.entities[owner] as object;
-      const column = ready.columns[i] as EncryptedColumns;
-      const holder = ready.holders[i] as Record<string, unknown>;
-      const sealed = ready.sealed[i] as SealedValue;
-      const failure = failures[i];
-      if (failure === undefined && values[i] !== NOT_CACHED) {
-        holder[column.definition.propertyName] = values[i];
-        this.store.sealState(ready.states[i] as PropertyState, values[i], sealed);
-        continue;
+    if (ready.size) {
+      const { values, failures } = this.encryptor.tryOpenMany(ready.sealed, ready.bindings);
+      const cold: number[] = [];
+      for (let i = 0; i < ready.size; i++) {
+        if (failures[i] === undefined && values[i] === NOT_CACHED) cold.push(i);
+        else this.#settleReady(batch, ready, i, values[i], failures[i], pending);
       }
-      const metadata = batch.metadatas[owner] as EntityMetadata;
-      const loaded = ready.loaded[i] as LoadedColumns;
-      const record = ready.records[i];
-      let opening: Promise<void> | undefined;
-      if (record) {
-        /* A compact value: with the data-key row as it is now, when the one held no longer serves. */
-        const args = [
-          sealed.ciphertext,
-          record.id,
-          ready.bindings[i] as ValueBinding,
-          loaded,
-          metadata,
-          column,
-          entity,
-          holder,
-        ] as const;
-        opening =
-          failure === undefined ? this.#openHeld(record, args) : this.#openAgain(failure, record, args);
-      } else if (failure !== undefined) {
-        batch.outcomes.fail(entity, withErrorContext(failure, loadContext(metadata, column, entity, loaded)));
-      } else {
-        opening = this.encryptor.open(sealed, ready.bindings[i] as ValueBinding).then(
-          (value) => this.#recordOpened(entity, column, holder, value, sealed),
-          (error: unknown) =>
-            Promise.reject(withErrorContext(error, loadContext(metadata, column, entity, loaded))),
+      if (cold.length) {
+        const opening = this.encryptor
+          .openMany(
+            cold.map((i) => ready.sealed[i] as SealedValue),
+            cold.map((i) => ready.bindings[i] as ValueBinding),
+          )
+          .then(({ values: opened, failures: failed }) => {
+            const more: Promise<unknown>[] = [];
+            cold.forEach((i, j) => this.#settleReady(batch, ready, i, opened[j], failed[j], more));
+            return Promise.all(more);
+          });
+        pending.push(
+          opening.catch((error: unknown) => {
+            for (const i of cold)
+              batch.outcomes.fail(batch.entities[ready.owners[i] as number] as object, error);
+          }),
         );
       }
-      if (opening) pending.push(opening.catch((error: unknown) => batch.outcomes.fail(entity, error)));
     }
+    const awaiting = ready.awaitingRows;
+    if (awaiting?.size) {
+      /* One read of the key rows for all of them (the data-key table reads them in one query). */
+      const rows = [...awaiting.keys()].map((id) => this.dataKeys.resolve(id).catch(() => undefined));
+      pending.push(
+        Promise.all(rows).then(() => {
+          const again = new ReadyValues(false);
+          const more: Promise<unknown>[] = [];
+          for (const waiting of awaiting.values()) {
+            for (const [owner, column] of waiting) this.#prepare(batch, owner, column, again, more);
+          }
+          this.#openReady(batch, again, more);
+          return Promise.allSettled(more);
+        }),
+      );
+    }
+  }
+
+  /** Records value `i` of `ready` once opened, or its failure (a compact value tries its key row anew). */
+  #settleReady(
+    batch: LoadBatch,
+    ready: ReadyValues,
+    i: number,
+    value: unknown,
+    failure: unknown,
+    pending: Promise<unknown>[],
+  ): void {
+    const owner = ready.owners[i] as number;
+    const entity = batch.entities[owner] as object;
+    const column = ready.columns[i] as EncryptedColumns;
+    const holder = ready.holders[i] as Record<string, unknown>;
+    const sealed = ready.sealed[i] as SealedValue;
+    if (failure === undefined) {
+      holder[column.definition.propertyName] = value;
+      this.store.sealState(ready.states[i] as PropertyState, value, sealed);
+      return;
+    }
+    const metadata = batch.metadatas[owner] as EntityMetadata;
+    const loaded = ready.loaded[i] as LoadedColumns;
+    const record = ready.records[i];
+    if (!record) {
+      batch.outcomes.fail(entity, withErrorContext(failure, loadContext(metadata, column, entity, loaded)));
+      return;
+    }
+    /* A compact value: with the data-key row as it is now, when the one held no longer serves. */
+    const args = [
+      sealed.ciphertext,
+      record.id,
+      ready.bindings[i] as ValueBinding,
+      loaded,
+      metadata,
+      column,
+      entity,
+      holder,
+    ] as const;
+    pending.push(
+      this.#openAgain(failure, record, args).catch((error: unknown) => batch.outcomes.fail(entity, error)),
+    );
   }
 
   /**
@@ -590,6 +653,10 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
         ]);
       }
       ready.add(owner, column, holder, state, loaded, compactSealed(ciphertext, id, held), binding, held);
+      return undefined;
+    }
+    if (!held && ready?.awaitingRows) {
+      ready.awaitRow(id, owner, column);
       return undefined;
     }
     const args = [ciphertext, id, binding, loaded, metadata, column, entity, holder] as const;

@@ -216,3 +216,35 @@ describe('FieldEncryptor.trySealMany', () => {
     expect(encryptor.tryOpen(sealed[2] as SealedValue, BINDINGS[0] as ValueBinding)).toBe('also fine');
   });
 });
+
+describe('FieldEncryptor.openMany', () => {
+  it('opens values under keys not cached with one unwrap per data key, and reports each bad value as open() does', async () => {
+    const writer = new FieldEncryptor(new DataKeyCache(keyring, { dataKeyMaxUses: 5 }));
+    const binding = BINDINGS[1] as ValueBinding;
+    const sealed = await Promise.all(
+      Array.from({ length: 15 }, (_, i) => writer.seal(`value ${i}`, binding)),
+    );
+    const tampered = {
+      ...(sealed[7] as SealedValue),
+      ciphertext: Buffer.from((sealed[7] as SealedValue).ciphertext),
+    };
+    tampered.ciphertext[4] = (tampered.ciphertext[4] as number) ^ 1;
+    sealed[7] = tampered;
+    const cache = new DataKeyCache(keyring);
+    const reader = new FieldEncryptor(cache);
+    const { values, failures } = await reader.openMany(
+      sealed,
+      sealed.map(() => binding),
+    );
+    expect(cache.stats.unwrapped).toBe(3);
+    expect(values.filter((_, i) => i !== 7)).toEqual(
+      Array.from({ length: 15 }, (_, i) => `value ${i}`).filter((_, i) => i !== 7),
+    );
+    const expected = await reader.open(tampered, binding).then(
+      () => undefined,
+      (e: unknown) => e,
+    );
+    expect((failures[7] as Error).message).toBe((expected as Error).message);
+    expect(failures.filter((f) => f !== undefined)).toHaveLength(1);
+  });
+});
