@@ -270,7 +270,9 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
           )
           .then(({ values: opened, failures: failed }) => {
             const more: Promise<unknown>[] = [];
-            cold.forEach((i, j) => this.#settleReady(batch, ready, i, opened[j], failed[j], more));
+            cold.forEach((i, j) => {
+              this.#settleReady(batch, ready, i, opened[j], failed[j], more);
+            });
             return Promise.all(more);
           });
         pending.push(
