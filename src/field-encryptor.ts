@@ -118,6 +118,8 @@ const SCANNED_GROUPS = 8;
  */
 export class FieldEncryptor {
   readonly #ivs = new IvPool();
+  /** The data-key row and tenant {@link checkKeyRecord} passed last. */
+  #lastChecked: { record: DataKeyRecord; scope: KeyScope; tenant: string | undefined } | undefined;
 
   constructor(
     private readonly cache: DataKeyCache,
@@ -312,7 +314,10 @@ export class FieldEncryptor {
    * any key is used.
    */
   checkKeyRecord(record: DataKeyRecord, binding: ValueBinding, context: ErrorContext = {}): void {
+    /* The values of a result set mostly share one row and tenant: the last ones checked pass. */
     const scope = this.#scope(binding);
+    const last = this.#lastChecked;
+    if (last && last.record === record && last.scope === scope && last.tenant === binding.tenant) return;
     if (record.keyring !== scope.context[KEYRING_CONTEXT_KEY]) {
       throw new IntegrityError(
         `data key ${record.id} of the data-key table belongs to another keyring than this one`,
@@ -325,6 +330,7 @@ export class FieldEncryptor {
         { ...context, ...tenantOf(binding) },
       );
     }
+    this.#lastChecked = { record, scope, tenant: binding.tenant };
   }
 
   /**
@@ -524,12 +530,13 @@ export class FieldEncryptor {
    */
   #checkedAssociatedData(sealed: SealedValue, binding: ValueBinding, context: ErrorContext = {}): Buffer {
     const { ciphertext } = sealed;
-    const where = { ...context, keyVersion: sealed.keyVersion };
+    /* Built only for an error: most values pass. */
+    const where = () => ({ ...context, keyVersion: sealed.keyVersion });
     if (ciphertext[0] === FORMAT_V2) {
       try {
         checkCompact(ciphertext);
       } catch (error) {
-        throw withErrorContext(error, where);
+        throw withErrorContext(error, where());
       }
     } else {
       const knownFlags = FLAG_PRIMARY_KEY_BOUND | FLAG_SCHEMA_BOUND | FLAG_TENANT_BOUND;
@@ -538,13 +545,13 @@ export class FieldEncryptor {
         ciphertext[0] !== FORMAT_V1 ||
         ((ciphertext[1] ?? 0) & ~knownFlags) !== 0
       ) {
-        throw new IntegrityError('ciphertext has an unknown format', where);
+        throw new IntegrityError('ciphertext has an unknown format', where());
       }
     }
     if (binding.tenant !== undefined && ((ciphertext[1] ?? 0) & FLAG_TENANT_BOUND) === 0) {
       /* A tenant's row holds only values bound to its tenant: any other was put there from elsewhere. */
       throw new IntegrityError('encrypted value is not bound to the tenant of its row', {
-        ...where,
+        ...where(),
         tenant: binding.tenant,
       });
     }

@@ -120,7 +120,8 @@ export function frameCompact(out: Buffer, flags: number, dataKeyId: bigint, iv: 
  */
 export function parseCompact(value: Uint8Array): CompactValue {
   const buf = Buffer.isBuffer(value) ? value : Buffer.from(value.buffer, value.byteOffset, value.byteLength);
-  const dataKeyId = checkCompact(buf);
+  checkCompact(buf);
+  const dataKeyId = buf.readBigUInt64BE(DATA_KEY_ID_OFFSET);
   return {
     header: buf.subarray(0, HEADER_BYTES),
     flags: buf[1] as number,
@@ -131,21 +132,22 @@ export function parseCompact(value: Uint8Array): CompactValue {
 }
 
 /**
- * Checks what {@link parseCompact} checks, without making views, and returns the data-key id: for
- * the values of a result set opened together.
+ * Checks what {@link parseCompact} checks, without making views or a bigint: for the values of a
+ * result set opened together.
  */
-export function checkCompact(buf: Buffer): bigint {
+export function checkCompact(buf: Buffer): void {
   if (buf.length < COMPACT_MIN_BYTES || buf[0] !== FORMAT_V2) {
     throw new IntegrityError('compact encrypted value is truncated or has an unknown format');
   }
   if (((buf[1] as number) & ~KNOWN_FLAGS) !== 0) {
     throw new IntegrityError('compact encrypted value has unknown header flags');
   }
-  const dataKeyId = buf.readBigUInt64BE(DATA_KEY_ID_OFFSET);
-  if (dataKeyId < 1n || dataKeyId > MAX_DATA_KEY_ID) {
+  /* 1 to 2^63 - 1, read as two 32-bit halves: no bigint per value. */
+  const high = buf.readUInt32BE(DATA_KEY_ID_OFFSET);
+  const low = buf.readUInt32BE(DATA_KEY_ID_OFFSET + 4);
+  if (high >= 0x80000000 || (high === 0 && low === 0)) {
     throw new IntegrityError('compact encrypted value names an impossible data-key id');
   }
-  return dataKeyId;
 }
 
 /**
