@@ -530,13 +530,11 @@ export class FieldEncryptor {
    */
   #checkedAssociatedData(sealed: SealedValue, binding: ValueBinding, context: ErrorContext = {}): Buffer {
     const { ciphertext } = sealed;
-    /* Built only for an error: most values pass. */
-    const where = () => ({ ...context, keyVersion: sealed.keyVersion });
     if (ciphertext[0] === FORMAT_V2) {
       try {
         checkCompact(ciphertext);
       } catch (error) {
-        throw withErrorContext(error, where());
+        throw withErrorContext(error, whereOf(context, sealed));
       }
     } else {
       const knownFlags = FLAG_PRIMARY_KEY_BOUND | FLAG_SCHEMA_BOUND | FLAG_TENANT_BOUND;
@@ -545,13 +543,13 @@ export class FieldEncryptor {
         ciphertext[0] !== FORMAT_V1 ||
         ((ciphertext[1] ?? 0) & ~knownFlags) !== 0
       ) {
-        throw new IntegrityError('ciphertext has an unknown format', where());
+        throw new IntegrityError('ciphertext has an unknown format', whereOf(context, sealed));
       }
     }
     if (binding.tenant !== undefined && ((ciphertext[1] ?? 0) & FLAG_TENANT_BOUND) === 0) {
       /* A tenant's row holds only values bound to its tenant: any other was put there from elsewhere. */
       throw new IntegrityError('encrypted value is not bound to the tenant of its row', {
-        ...where(),
+        ...whereOf(context, sealed),
         tenant: binding.tenant,
       });
     }
@@ -700,6 +698,11 @@ const V2_HEADERS = Array.from({ length: 8 }, (_, flags) => compactHeader(flags))
 
 function v2Header(flags: number): Buffer {
   return V2_HEADERS[flags] ?? compactHeader(flags);
+}
+
+/** An error's context: the caller's, with the value's key version (built only when a check fails). */
+function whereOf(context: ErrorContext, sealed: SealedValue): ErrorContext {
+  return { ...context, keyVersion: sealed.keyVersion };
 }
 
 /** Whether `sealed` is under the data key of `group`. */
