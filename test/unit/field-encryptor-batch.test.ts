@@ -204,16 +204,18 @@ describe('FieldEncryptor.trySealMany', () => {
     );
   });
 
-  it('refuses a value of the wrong type as trySeal does, sealing the others', () => {
-    const { sealed, failures } = encryptor.trySealMany(
+  it('refuses a value of the wrong type as trySeal does, sealing the others', async () => {
+    const sealer = new FieldEncryptor(new DataKeyCache(keyring));
+    await sealer.seal('warm the encrypting key', BINDINGS[0] as ValueBinding);
+    const { sealed, failures } = sealer.trySealMany(
       ['fine', 42, 'also fine'],
       [BINDINGS[0], BINDINGS[0], BINDINGS[0]] as ValueBinding[],
       ['string', 'string', 'string'],
     );
     expect(failures[1]).toBeInstanceOf(Error);
     expect((failures[1] as Error).name).toBe('ValueTypeError');
-    expect(encryptor.tryOpen(sealed[0] as SealedValue, BINDINGS[0] as ValueBinding)).toBe('fine');
-    expect(encryptor.tryOpen(sealed[2] as SealedValue, BINDINGS[0] as ValueBinding)).toBe('also fine');
+    expect(sealer.tryOpen(sealed[0] as SealedValue, BINDINGS[0] as ValueBinding)).toBe('fine');
+    expect(sealer.tryOpen(sealed[2] as SealedValue, BINDINGS[0] as ValueBinding)).toBe('also fine');
   });
 });
 
