@@ -284,16 +284,13 @@ export class FieldEncryptor {
       });
       return;
     }
-    const frame = (dataKeyId: bigint, j: number): SealedValue => {
-      const ciphertext = frameCompact(views[j] as Buffer, flags[j] as number, dataKeyId, ivs[j] as Buffer);
-      return {
-        ciphertext,
-        iv: ciphertext.subarray(COMPACT_IV_OFFSET, COMPACT_BODY_OFFSET),
-        wrappedKey,
-        keyVersion: version,
+    const frame = (dataKeyId: bigint, j: number): SealedValue =>
+      compactSealedValue(
+        frameCompact(views[j] as Buffer, flags[j] as number, dataKeyId, ivs[j] as Buffer),
         dataKeyId,
-      };
-    };
+        wrappedKey,
+        version,
+      );
     const known = registrar.knownId(dataKey);
     if (known !== undefined) {
       indices.forEach((i, j) => {
@@ -599,16 +596,8 @@ export class FieldEncryptor {
     const iv = this.#ivs.next();
     const body = gcmSeal(key, iv, plaintext, associatedData(compactHeader(flags), binding));
     const { wrappedKey, version } = dataKey;
-    const frame = (dataKeyId: bigint): SealedValue => {
-      const ciphertext = encodeCompact({ flags, dataKeyId, iv, body });
-      return {
-        ciphertext,
-        iv: ciphertext.subarray(COMPACT_IV_OFFSET, COMPACT_BODY_OFFSET),
-        wrappedKey,
-        keyVersion: version,
-        dataKeyId,
-      };
-    };
+    const frame = (dataKeyId: bigint): SealedValue =>
+      compactSealedValue(encodeCompact({ flags, dataKeyId, iv, body }), dataKeyId, wrappedKey, version);
     const known = registrar.knownId(dataKey);
     return known !== undefined ? frame(known) : registrar.register(dataKey, scope).then(frame);
   }
@@ -698,6 +687,25 @@ const V2_HEADERS = Array.from({ length: 8 }, (_, flags) => compactHeader(flags))
 
 function v2Header(flags: number): Buffer {
   return V2_HEADERS[flags] ?? compactHeader(flags);
+}
+
+/**
+ * A compact (format 2) value as the field encryptor opens it: the stored bytes, with its data
+ * key's wrapped key and version from the key's row.
+ */
+export function compactSealedValue(
+  ciphertext: Buffer,
+  dataKeyId: bigint,
+  wrappedKey: Buffer,
+  keyVersion: number,
+): SealedValue {
+  return {
+    ciphertext,
+    iv: ciphertext.subarray(COMPACT_IV_OFFSET, COMPACT_BODY_OFFSET),
+    wrappedKey,
+    keyVersion,
+    dataKeyId,
+  };
 }
 
 /** An error's context: the caller's, with the value's key version (built only when a check fails). */

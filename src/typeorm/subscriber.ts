@@ -9,13 +9,7 @@ import type {
 } from 'typeorm';
 import type { ValueBinding } from '../crypto/associated-data';
 import { FLAG_PRIMARY_KEY_BOUND } from '../crypto/associated-data';
-import {
-  COMPACT_BODY_OFFSET,
-  COMPACT_IV_OFFSET,
-  compactDataKeyId,
-  FORMAT_V2,
-  parseCompact,
-} from '../crypto/compact-value';
+import { compactDataKeyId, FORMAT_V2, parseCompact } from '../crypto/compact-value';
 import {
   type ErrorContext,
   IntegrityError,
@@ -23,7 +17,12 @@ import {
   ValueTypeError,
   withErrorContext,
 } from '../errors';
-import type { DataKeyRecord, FieldEncryptor, SealedValue } from '../field-encryptor';
+import {
+  compactSealedValue,
+  type DataKeyRecord,
+  type FieldEncryptor,
+  type SealedValue,
+} from '../field-encryptor';
 import { NOT_CACHED } from '../keys/data-key-cache';
 import type { DataKeyTable } from './data-key-table';
 import type { EncryptedColumns } from './encrypted-columns';
@@ -760,13 +759,7 @@ type OpenCompactArgs = readonly [
 
 /** A compact value with its data-key row's wrapped key and version, as the field encryptor opens it. */
 function compactSealed(ciphertext: Buffer, id: bigint, record: DataKeyRecord): SealedValue {
-  return {
-    ciphertext,
-    iv: ciphertext.subarray(COMPACT_IV_OFFSET, COMPACT_BODY_OFFSET),
-    wrappedKey: record.wrappedKey,
-    keyVersion: record.keyVersion,
-    dataKeyId: id,
-  };
+  return compactSealedValue(ciphertext, id, record.wrappedKey, record.keyVersion);
 }
 
 /**
