@@ -376,6 +376,60 @@ export class FieldEncryptor {
   tryOpenMany(sealed: readonly SealedValue[], bindings: readonly ValueBinding[]): OpenedValues {
     const values = new Array<unknown>(sealed.length);
     const failures = new Array<unknown>(sealed.length);
+    for (const group of this.#groupsOf(sealed, bindings, failures)) {
+      const done = this.cache.tryWithDecryptionKey(
+        group.keyVersion,
+        group.wrappedKey,
+        (key) => this.#openGroup(key, group, sealed, bindings, values, failures),
+        group.scope,
+      );
+      if (done === NOT_CACHED) for (const i of group.indices) values[i] = NOT_CACHED;
+    }
+    return { values, failures };
+  }
+
+  /**
+   * Like {@link tryOpenMany}, also for data keys that are not cached: each key is unwrapped once
+   * (shared with every other caller, as {@link open} does) and its values opened in one call while
+   * it is held, so a result set under more data keys than the cache holds unwraps each only once.
+   * A key that cannot be unwrapped fails its values with the error {@link open} would give, after
+   * one provider call.
+   */
+  async openMany(sealed: readonly SealedValue[], bindings: readonly ValueBinding[]): Promise<OpenedValues> {
+    const values = new Array<unknown>(sealed.length);
+    const failures = new Array<unknown>(sealed.length);
+    await Promise.all(
+      this.#groupsOf(sealed, bindings, failures).map((group) =>
+        this.cache
+          .withDecryptionKey(
+            group.keyVersion,
+            group.wrappedKey,
+            (key) => this.#openGroup(key, group, sealed, bindings, values, failures),
+            group.scope,
+          )
+          .catch((error: unknown) => {
+            for (const i of group.indices) {
+              const value = sealed[i] as SealedValue;
+              failures[i] = withErrorContext(unwrapFailure(error, value), {
+                keyVersion: value.keyVersion,
+                ...tenantOf(bindings[i] as ValueBinding),
+              });
+            }
+          }),
+      ),
+    );
+    return { values, failures };
+  }
+
+  /**
+   * The values of a batch by data key, each added to its key's batch with its associated data;
+   * a value failing its checks gets its error in `failures` and joins no group.
+   */
+  #groupsOf(
+    sealed: readonly SealedValue[],
+    bindings: readonly ValueBinding[],
+    failures: unknown[],
+  ): KeyGroup[] {
     const groups: KeyGroup[] = [];
     const byLookup = new Map<string, KeyGroup>();
     let last: KeyGroup | undefined;
@@ -414,72 +468,7 @@ export class FieldEncryptor {
       else group.batch.add(value.iv, value.ciphertext, HEADER_BYTES, aad);
       group.indices.push(i);
     }
-    for (const group of groups) {
-      const done = this.cache.tryWithDecryptionKey(
-        group.keyVersion,
-        group.wrappedKey,
-        (key) => this.#openGroup(key, group, sealed, bindings, values, failures),
-        group.scope,
-      );
-      if (done === NOT_CACHED) for (const i of group.indices) values[i] = NOT_CACHED;
-    }
-    return { values, failures };
-  }
-
-  /**
-   * Like {@link tryOpenMany}, waiting for the data keys that are not cached: one unwrap per
-   * distinct data key (shared with every other caller), then the values again in one call per key.
-   * A value whose key still cannot be had (revoked, evicted meanwhile) is opened on its own, so its
-   * error is the one {@link open} gives.
-   */
-  async openMany(sealed: readonly SealedValue[], bindings: readonly ValueBinding[]): Promise<OpenedValues> {
-    const first = this.tryOpenMany(sealed, bindings);
-    const waiting: number[] = [];
-    const unwraps = new Map<string, Promise<unknown>>();
-    for (let i = 0; i < sealed.length; i++) {
-      if (first.values[i] !== NOT_CACHED) continue;
-      waiting.push(i);
-      const value = sealed[i] as SealedValue;
-      const scope = this.#scope(bindings[i] as ValueBinding);
-      const id = `${scope.cacheId}\0${value.keyVersion}\0${value.wrappedKey.toString('base64')}`;
-      if (!unwraps.has(id)) {
-        const unwrap = this.cache.withDecryptionKey(
-          value.keyVersion,
-          value.wrappedKey,
-          () => undefined,
-          scope,
-        );
-        unwraps.set(
-          id,
-          unwrap.catch(() => undefined),
-        ); // the value's own open() reports it
-      }
-    }
-    if (!waiting.length) return first;
-    await Promise.all(unwraps.values());
-    const again = this.tryOpenMany(
-      waiting.map((i) => sealed[i] as SealedValue),
-      waiting.map((i) => bindings[i] as ValueBinding),
-    );
-    const alone: Promise<void>[] = [];
-    waiting.forEach((i, j) => {
-      if (again.failures[j] !== undefined) first.failures[i] = again.failures[j];
-      else if (again.values[j] !== NOT_CACHED) first.values[i] = again.values[j];
-      else {
-        alone.push(
-          this.open(sealed[i] as SealedValue, bindings[i] as ValueBinding).then(
-            (value) => {
-              first.values[i] = value;
-            },
-            (error: unknown) => {
-              first.failures[i] = error;
-            },
-          ),
-        );
-      }
-    });
-    await Promise.all(alone);
-    return first;
+    return groups;
   }
 
   /** Opens one data key's values in one call, then decodes each from the shared plaintext buffer. */
