@@ -22,6 +22,7 @@ import type { EncryptedColumns } from '../typeorm/encrypted-columns';
 import { tenantParameter, tenantText } from '../typeorm/encryption-tenant';
 import { primaryKeyOf, primaryKeyOfRow } from '../typeorm/primary-key';
 import { describeError } from './describe-error';
+import { pgErrorCode } from './job';
 import { KeyRegistry } from './key-registry';
 import { dataSourceOf, type EntitySelector, type RotationTarget, withQueryRunner } from './rotation-target';
 
@@ -504,8 +505,9 @@ async function writeIndexes(
 }
 
 function isUniqueViolation(error: unknown): boolean {
-  const e = error as { code?: unknown; name?: unknown; driverError?: { code?: unknown } } | null;
-  return e?.name === 'UniqueViolationError' || e?.code === '23505' || e?.driverError?.code === '23505';
+  return (
+    (error as { name?: unknown } | null)?.name === 'UniqueViolationError' || pgErrorCode(error) === '23505'
+  );
 }
 
 /**
