@@ -28,11 +28,11 @@ import type { DataKeyTable } from './data-key-table';
 import type { EncryptedColumns } from './encrypted-columns';
 import { tenantText } from './encryption-tenant';
 import { legacyValue } from './legacy-value';
-import { LoadBatch, ReadyValues, SealBatch, type SealRequests } from './load-batch';
 import { primaryKeyOf } from './primary-key';
 import type { LoadedColumns, PropertyState, PropertyStateStore } from './property-state';
 import { setMapOf } from './query-guards';
 import type { SidecarLoader } from './sidecar-loader';
+import { LoadBatch, ReadyValues, SealBatch, type SealRequests } from './turn-batches';
 import { valueBinding } from './value-binding';
 
 /** Finds the encrypted columns of an entity's metadata. */
@@ -205,9 +205,9 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
   }
 
   /**
-   * Decrypts a batch: every value whose data key is at hand in one call per data key; the others
-   * (a data key not cached, a data-key row not held, a partial select to complete) each on their
-   * own, as they always were.
+   * Decrypts a batch: the values whose data key is at hand in one call per data key, the others
+   * once their key or key row is had (see {@link #openReady}); a partial select to complete goes
+   * its own way. An entity stays joinable (`#opening`) until the whole batch has settled.
    */
   #flush(batch: LoadBatch): void {
     if (this.#batch === batch) this.#batch = undefined;
@@ -220,7 +220,9 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
     }
     this.#openReady(batch, ready, pending);
     batch.outcomes.finish(pending);
-    for (const entity of batch.entities) this.#opening.delete(entity);
+    void batch.outcomes.settled.then(() => {
+      for (const entity of batch.entities) this.#opening.delete(entity);
+    });
   }
 
   /** Adds `column`'s loaded value of the batch's entity `owner` to `ready`, or starts its own way. */
@@ -249,9 +251,9 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
   }
 
   /**
-   * Opens the batch's values whose key is at hand in one call per data key. The values whose data
-   * key is not cached wait for one unwrap per key, then open together; the compact values whose
-   * key row is not held wait for one read of the rows, then join a second round.
+   * Opens the batch's values whose key is at hand in one call per data key. A data key that is not
+   * cached is unwrapped once and its values opened while it is held; the compact values whose key
+   * row is not held wait for one read of the rows, then join a second round.
    */
   #openReady(batch: LoadBatch, ready: ReadyValues, pending: Promise<unknown>[]): void {
     if (ready.size) {

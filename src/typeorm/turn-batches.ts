@@ -11,18 +11,19 @@ import type { LoadedColumns, PropertyState } from './property-state';
  */
 export class TurnOutcomes {
   readonly #failures = new Map<object, unknown>();
-  readonly #settled: Promise<void>;
+  /** Settles (never rejects) once the turn's work has. */
+  readonly settled: Promise<void>;
   #settle!: () => void;
 
   constructor() {
-    this.#settled = new Promise((resolve) => {
+    this.settled = new Promise((resolve) => {
       this.#settle = resolve;
     });
   }
 
   /** Settles when the turn's work has; rejects with `entity`'s first failure, if it had one. */
   promiseFor(entity: object): Promise<void> {
-    return this.#settled.then(() => {
+    return this.settled.then(() => {
       if (this.#failures.has(entity)) throw this.#failures.get(entity);
     });
   }
