@@ -215,7 +215,8 @@ describe('cross-account KMS through STS AssumeRole', () => {
   });
 
   it('credentials are refreshed before they expire, and calls keep succeeding', async () => {
-    vi.useFakeTimers({ toFake: ['Date'], now: Date.now() });
+    /* A whole second, as STS gives expirations to the second: every margin below is then exact. */
+    vi.useFakeTimers({ toFake: ['Date'], now: Math.floor(Date.now() / 1000) * 1000 });
     sts.defineRole({
       roleArn: ROLE,
       trust: { principals: [VENDOR], externalId },
@@ -235,7 +236,9 @@ describe('cross-account KMS through STS AssumeRole', () => {
       const second = await provider.generateDataKey(CONTEXT);
       expect(sts.calls.AssumeRole).toBe(2);
 
-      vi.setSystemTime(Date.now() + 10 * MINUTE); // the first session has expired
+      // The first session has expired; the second has 3 minutes left, inside the refresh window.
+      // (At exactly 5 minutes left the SDK, which refreshes below 5, would keep it.)
+      vi.setSystemTime(Date.now() + 12 * MINUTE);
       expect((await provider.unwrapDataKey(first.wrappedKey, CONTEXT)).equals(first.plaintextKey)).toBe(true);
       expect((await provider.unwrapDataKey(second.wrappedKey, CONTEXT)).equals(second.plaintextKey)).toBe(
         true,
