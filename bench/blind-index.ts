@@ -6,11 +6,10 @@
  * `save` of BENCH_LOGIN_WRITES (10,000) rows with and without `searchable`.
  */
 import 'reflect-metadata';
-import { randomBytes } from 'node:crypto';
-import { DataSource, type Repository } from 'typeorm';
-import type { BenchDatabase } from './database';
+import type { Repository } from 'typeorm';
+import { type BenchDatabase, randomLocalKey, withBenchSchema } from './database';
 import { EncryptedLogin, PlainLogin, SearchableLogin } from './entities';
-import { EnvelopeEncryption, LocalKeyProvider, TypeormEnvelopeIndexKeys1764600000000 } from './library';
+import { TypeormEnvelopeIndexKeys1764600000000 } from './library';
 import { collectGarbage, fmtInt, intEnv, median, round1, round2 } from './stats';
 
 const ROWS = intEnv('BENCH_LOGIN_ROWS', 100_000);
@@ -40,26 +39,15 @@ function check(condition: unknown, message: string): asserts condition {
 export async function runBlindIndexBench(
   db: BenchDatabase,
 ): Promise<{ lines: string[]; result: BlindIndexBenchResult }> {
-  const schema = `bench_bidx_${randomBytes(4).toString('hex')}`;
-  const admin = new DataSource({ type: 'postgres', url: db.url, logging: false });
-  await admin.initialize();
-  await admin.query(`CREATE SCHEMA "${schema}"`);
-  const encryption = new EnvelopeEncryption({
-    keys: [{ version: 1, provider: new LocalKeyProvider({ key: randomBytes(32).toString('base64') }) }],
-    activeVersion: 1,
-  });
-  const common = { type: 'postgres' as const, url: db.url, schema, synchronize: true, logging: false };
-  const plain = new DataSource({ ...common, entities: [PlainLogin] });
-  const envelope = new DataSource({
-    ...common,
+  const schemaOptions = {
+    prefix: 'bench_bidx',
     entities: [SearchableLogin, EncryptedLogin],
     migrations: [TypeormEnvelopeIndexKeys1764600000000],
-    migrationsRun: true,
-  });
-  encryption.attach(envelope);
-  try {
-    await plain.initialize();
-    await envelope.initialize();
+    keys: [randomLocalKey()],
+  };
+  return withBenchSchema(db, schemaOptions, async ({ schema, admin, dataSource: envelope, openPlain }) => {
+    /* The baseline: the same rows in plaintext, through TypeORM without encryption. */
+    const plain = await openPlain([PlainLogin]);
     const repositories = {
       plaintext: plain.getRepository(PlainLogin) as unknown as Repository<Login>,
       searchable: envelope.getRepository(SearchableLogin) as unknown as Repository<Login>,
@@ -155,9 +143,5 @@ export async function runBlindIndexBench(
         `${result.writeMs.ratio.toFixed(2)} |`,
     ];
     return { lines, result };
-  } finally {
-    for (const ds of [plain, envelope]) if (ds.isInitialized) await ds.destroy().catch(() => undefined);
-    await admin.query(`DROP SCHEMA IF EXISTS "${schema}" CASCADE`).catch(() => undefined);
-    await admin.destroy().catch(() => undefined);
-  }
+  });
 }

@@ -7,6 +7,8 @@
  *  3. embedded PGlite (PostgreSQL compiled to WASM) served over TCP.
  * `BENCH_DB=DATABASE_URL|local-binaries|pglite` forces one of them.
  */
+import { randomBytes } from 'node:crypto';
+import { DataSource, type DataSourceOptions } from 'typeorm';
 import {
   DURABILITY_OFF,
   LocalPostgresUnavailableError,
@@ -14,6 +16,7 @@ import {
   startLocalCluster,
   startPglite,
 } from '../test/support/postgres-servers';
+import { EnvelopeEncryption, type KeyProvider, LocalKeyProvider } from './library';
 
 export type DatabaseKind = 'DATABASE_URL' | 'local-binaries' | 'pglite';
 
@@ -80,5 +83,92 @@ async function tryLocalBinaries(required: boolean): Promise<Omit<BenchDatabase, 
     if (error instanceof LocalPostgresUnavailableError) return undefined;
     console.warn(`local PostgreSQL binaries unusable, falling back to PGlite: ${(error as Error).message}`);
     return undefined;
+  }
+}
+
+/** A local master key with a random key, made at run time. */
+export function randomLocalKey(): LocalKeyProvider {
+  return new LocalKeyProvider({ key: randomBytes(32).toString('base64') });
+}
+
+export interface BenchSchemaOptions {
+  /** The schema's name is this prefix and a random suffix, so that runs never meet. */
+  prefix: string;
+  /** The entities of the encrypted DataSource; their tables are created by `synchronize`. */
+  entities: NonNullable<DataSourceOptions['entities']>;
+  /** The library's migrations the section needs (data-key, index-key or job-range tables). */
+  migrations: NonNullable<DataSourceOptions['migrations']>;
+  /**
+   * The master keys, as versions 1, 2, … in this order; version 1 is active. Default: two
+   * random local keys, so that a section can rotate from version 1 to 2.
+   */
+  keys?: readonly KeyProvider[];
+  /** Connections in the DataSource's pool, when a section needs more than pg's default 10. */
+  poolSize?: number;
+}
+
+export interface BenchSchema {
+  /** The schema's name, unquoted. */
+  schema: string;
+  /** A DataSource on the database without a schema: the one that creates and drops it. */
+  admin: DataSource;
+  /** The encryption attached to `dataSource`. */
+  encryption: EnvelopeEncryption;
+  /** The DataSource on the schema with `encryption` attached, initialized (migrations run). */
+  dataSource: DataSource;
+  /** Opens another DataSource on the schema, without encryption, for plaintext baselines. */
+  openPlain(entities: NonNullable<DataSourceOptions['entities']>): Promise<DataSource>;
+}
+
+/**
+ * Runs `run` in a schema of its own on `db`: creates the schema, an `EnvelopeEncryption` over
+ * `options.keys` and a DataSource on the schema with it attached (`migrationsRun`,
+ * `synchronize`), and afterwards, whether `run` succeeded or threw, destroys every DataSource it
+ * opened and drops the schema. Resolves with what `run` resolves with.
+ */
+export async function withBenchSchema<T>(
+  db: BenchDatabase,
+  options: BenchSchemaOptions,
+  run: (bench: BenchSchema) => Promise<T>,
+): Promise<T> {
+  const schema = `${options.prefix}_${randomBytes(4).toString('hex')}`;
+  const admin = new DataSource({ type: 'postgres', url: db.url, logging: false });
+  const opened: DataSource[] = [];
+  const open = async (dataSource: DataSource) => {
+    opened.push(dataSource);
+    return dataSource.initialize();
+  };
+  await admin.initialize();
+  try {
+    await admin.query(`CREATE SCHEMA "${schema}"`);
+    const encryption = new EnvelopeEncryption({
+      keys: (options.keys ?? [randomLocalKey(), randomLocalKey()]).map((provider, i) => ({
+        version: i + 1,
+        provider,
+      })),
+      activeVersion: 1,
+    });
+    const common = { type: 'postgres' as const, url: db.url, schema, synchronize: true, logging: false };
+    const dataSource = new DataSource({
+      ...common,
+      entities: options.entities,
+      migrations: options.migrations,
+      migrationsRun: true,
+      ...(options.poolSize === undefined ? {} : { extra: { max: options.poolSize } }),
+    });
+    encryption.attach(dataSource);
+    await open(dataSource);
+    return await run({
+      schema,
+      admin,
+      encryption,
+      dataSource,
+      openPlain: (entities) => open(new DataSource({ ...common, entities })),
+    });
+  } finally {
+    /* Teardown errors must not hide the section's own. */
+    for (const ds of opened) if (ds.isInitialized) await ds.destroy().catch(() => undefined);
+    await admin.query(`DROP SCHEMA IF EXISTS "${schema}" CASCADE`).catch(() => undefined);
+    await admin.destroy().catch(() => undefined);
   }
 }

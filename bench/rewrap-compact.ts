@@ -6,16 +6,10 @@
  * (a checksum of the data table before and after) along with a sample read with a cold cache.
  */
 import 'reflect-metadata';
-import { randomBytes } from 'node:crypto';
-import { DataSource, In } from 'typeorm';
-import type { BenchDatabase } from './database';
+import { In } from 'typeorm';
+import { type BenchDatabase, withBenchSchema } from './database';
 import { CompactPerson } from './entities';
-import {
-  EnvelopeEncryption,
-  LocalKeyProvider,
-  rewrapDataKeys,
-  TypeormEnvelopeDataKeys1764500000000,
-} from './library';
+import { rewrapDataKeys, TypeormEnvelopeDataKeys1764500000000 } from './library';
 import { fmtInt, intEnv, round1 } from './stats';
 
 const ROWS = intEnv('BENCH_COMPACT_REWRAP_ROWS', 1_000_000);
@@ -40,30 +34,12 @@ function check(condition: unknown, message: string): asserts condition {
 export async function runCompactRewrapBench(
   db: BenchDatabase,
 ): Promise<{ lines: string[]; result: CompactRewrapBenchResult }> {
-  const schema = `bench_compact_rewrap_${randomBytes(4).toString('hex')}`;
-  const admin = new DataSource({ type: 'postgres', url: db.url, logging: false });
-  await admin.initialize();
-  await admin.query(`CREATE SCHEMA "${schema}"`);
-  const encryption = new EnvelopeEncryption({
-    keys: [1, 2].map((version) => ({
-      version,
-      provider: new LocalKeyProvider({ key: randomBytes(32).toString('base64') }),
-    })),
-    activeVersion: 1,
-  });
-  const dataSource = new DataSource({
-    type: 'postgres',
-    url: db.url,
-    schema,
+  const schemaOptions = {
+    prefix: 'bench_compact_rewrap',
     entities: [CompactPerson],
     migrations: [TypeormEnvelopeDataKeys1764500000000],
-    migrationsRun: true,
-    synchronize: true,
-    logging: false,
-  });
-  encryption.attach(dataSource);
-  try {
-    await dataSource.initialize();
+  };
+  return withBenchSchema(db, schemaOptions, async ({ schema, encryption, dataSource }) => {
     const repository = dataSource.getRepository(CompactPerson);
     const person = (n: number) =>
       Object.assign(new CompactPerson(), {
@@ -135,9 +111,5 @@ export async function runCompactRewrapBench(
         `${result.rewrapCalls} re-wrap calls; ${result.verified}`,
     ];
     return { lines, result };
-  } finally {
-    if (dataSource.isInitialized) await dataSource.destroy().catch(() => undefined);
-    await admin.query(`DROP SCHEMA IF EXISTS "${schema}" CASCADE`).catch(() => undefined);
-    await admin.destroy().catch(() => undefined);
-  }
+  });
 }

@@ -5,12 +5,10 @@
  * (./kms-sized-key-provider.ts). Storage only: no timings.
  */
 import 'reflect-metadata';
-import { randomBytes } from 'node:crypto';
-import { DataSource } from 'typeorm';
-import type { BenchDatabase } from './database';
+import { type BenchDatabase, withBenchSchema } from './database';
 import { KmsSizedCompactPerson, KmsSizedEnvelopePerson, type PersonData } from './entities';
 import { KMS_WRAPPED_KEY_BYTES, KmsSizedKeyProvider } from './kms-sized-key-provider';
-import { DATA_KEYS_TABLE, EnvelopeEncryption, TypeormEnvelopeDataKeys1764500000000 } from './library';
+import { DATA_KEYS_TABLE, TypeormEnvelopeDataKeys1764500000000 } from './library';
 import { round1 } from './stats';
 
 /** What the section adds to bench/results.json: bytes per row, the compact one with its key table. */
@@ -27,27 +25,13 @@ export async function runKmsStorageBench(
   db: BenchDatabase,
   people: readonly PersonData[],
 ): Promise<KmsStorageResult> {
-  const schema = `bench_kms_${randomBytes(4).toString('hex')}`;
-  const admin = new DataSource({ type: 'postgres', url: db.url, logging: false });
-  await admin.initialize();
-  await admin.query(`CREATE SCHEMA "${schema}"`);
-  const encryption = new EnvelopeEncryption({
-    keys: [{ version: 1, provider: new KmsSizedKeyProvider() }],
-    activeVersion: 1,
-  });
-  const dataSource = new DataSource({
-    type: 'postgres',
-    url: db.url,
-    schema,
+  const schemaOptions = {
+    prefix: 'bench_kms',
     entities: [KmsSizedEnvelopePerson, KmsSizedCompactPerson],
     migrations: [TypeormEnvelopeDataKeys1764500000000],
-    migrationsRun: true,
-    synchronize: true,
-    logging: false,
-  });
-  encryption.attach(dataSource);
-  try {
-    await dataSource.initialize();
+    keys: [new KmsSizedKeyProvider()],
+  };
+  return withBenchSchema(db, schemaOptions, async ({ schema, dataSource }) => {
     for (const entity of [KmsSizedEnvelopePerson, KmsSizedCompactPerson]) {
       const repository = dataSource.getRepository(entity);
       await repository.save(
@@ -76,9 +60,5 @@ export async function runKmsStorageBench(
       ),
       compactKeyTableBytes: keyTable,
     };
-  } finally {
-    if (dataSource.isInitialized) await dataSource.destroy().catch(() => undefined);
-    await admin.query(`DROP SCHEMA IF EXISTS "${schema}" CASCADE`).catch(() => undefined);
-    await admin.destroy().catch(() => undefined);
-  }
+  });
 }

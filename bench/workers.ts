@@ -9,16 +9,9 @@
 import 'reflect-metadata';
 import { randomBytes } from 'node:crypto';
 import os from 'node:os';
-import { DataSource } from 'typeorm';
-import type { BenchDatabase } from './database';
+import { type BenchDatabase, withBenchSchema } from './database';
 import { EnvelopePerson } from './entities';
-import {
-  EnvelopeEncryption,
-  LocalKeyProvider,
-  reencryptColumns,
-  rewrapDataKeys,
-  TypeormEnvelopeJobRanges1764700000000,
-} from './library';
+import { reencryptColumns, rewrapDataKeys, TypeormEnvelopeJobRanges1764700000000 } from './library';
 import { encryptedColumnsSql, fillSealedRows } from './rewrap';
 import { collectGarbage, fmtInt, intEnv, round1, round2 } from './stats';
 
@@ -39,31 +32,14 @@ export interface WorkersBenchResult {
 export async function runWorkersBench(
   db: BenchDatabase,
 ): Promise<{ lines: string[]; result: WorkersBenchResult }> {
-  const schema = `bench_workers_${randomBytes(4).toString('hex')}`;
-  const admin = new DataSource({ type: 'postgres', url: db.url, logging: false });
-  await admin.initialize();
-  await admin.query(`CREATE SCHEMA "${schema}"`);
-  const encryption = new EnvelopeEncryption({
-    keys: [1, 2].map((version) => ({
-      version,
-      provider: new LocalKeyProvider({ key: randomBytes(32).toString('base64') }),
-    })),
-    activeVersion: 1,
-  });
-  const dataSource = new DataSource({
-    type: 'postgres',
-    url: db.url,
-    schema,
+  const schemaOptions = {
+    prefix: 'bench_workers',
     entities: [EnvelopePerson],
     migrations: [TypeormEnvelopeJobRanges1764700000000],
-    migrationsRun: true,
-    synchronize: true,
-    logging: false,
-    extra: { max: 12 },
-  });
-  encryption.attach(dataSource);
-  try {
-    await dataSource.initialize();
+    /* Up to 4 workers, each on a connection of its own, beside the job's other connections. */
+    poolSize: 12,
+  };
+  return withBenchSchema(db, schemaOptions, async ({ schema, encryption, dataSource }) => {
     const columns = encryptedColumnsSql(dataSource, encryption);
     const table = columns[0]?.table as string;
     const copy = `"${schema}"."bench_envelope_copy"`;
@@ -128,9 +104,5 @@ export async function runWorkersBench(
       ),
     ];
     return { lines, result };
-  } finally {
-    if (dataSource.isInitialized) await dataSource.destroy().catch(() => undefined);
-    await admin.query(`DROP SCHEMA IF EXISTS "${schema}" CASCADE`).catch(() => undefined);
-    await admin.destroy().catch(() => undefined);
-  }
+  });
 }
