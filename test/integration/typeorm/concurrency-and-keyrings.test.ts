@@ -1,6 +1,6 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import 'reflect-metadata';
-import { DataSource } from 'typeorm';
+import { DataSource, In } from 'typeorm';
 import { ConfigError, EnvelopeEncryption, IntegrityError } from '../../../src';
 import { CountingKeyProvider } from '../../support/counting-key-provider';
 import { rawQuery } from '../../support/database';
@@ -94,6 +94,73 @@ describe('two DataSources with different keyrings in one process', () => {
     await two.dataSource.getRepository(Customer).save(copy);
     expect((await two.dataSource.getRepository(Customer).findOneByOrFail({ id: copy.id })).email).toBe(
       'moving@example.com',
+    );
+  });
+
+  it('loaded entities saved as they are into the other DataSource, in the same turn as saves to their own, read back in both', async () => {
+    const repoOne = one.dataSource.getRepository(Customer);
+    const repoTwo = two.dataSource.getRepository(Customer);
+    /* Both keyrings have written before: their encrypting data keys are warm, the batched path. */
+    const warm = { plan: 'copy-warm', address: null, contact: { phone: null, preferredChannel: null } };
+    await Promise.all([
+      repoOne.save({ ...warm, email: 'w1@example.com' }),
+      repoTwo.save({ ...warm, email: 'w2@example.com' }),
+    ]);
+    const saved = await repoOne.save(
+      Array.from({ length: 6 }, (_, n) => ({
+        email: `copied${n}@example.com`,
+        plan: 'copy',
+        address: { street: `${n} Copy Lane`, city: 'Oulu' },
+        contact: { phone: `+358 40 ${n}`, preferredChannel: null },
+      })),
+    );
+    const ids = saved.map((c) => c.id);
+    const loaded = await repoOne.findBy({ id: In(ids) });
+    /* Ids that the other table does not have yet: the copies are inserts there. */
+    const [{ top }] = (await rawQuery(
+      two.schema.url,
+      `SELECT COALESCE(MAX(id), 0) + 1000 AS top FROM "${two.schema.schema}".customer`,
+    )) as [{ top: number }];
+    const copies = loaded.map((c, n) => Object.assign(c, { id: top + n }));
+    /* Half also changed: one save to its own DataSource and one to the other, started together. */
+    copies.forEach((c, n) => {
+      if (n % 2 === 0) c.email = `changed${n}@example.com`;
+    });
+    await Promise.all([
+      repoTwo.save(copies),
+      repoOne.save(saved.map((s, n) => ({ ...s, plan: `copy-${n}` }))),
+    ]);
+    const keyOfOne = await rawQuery<{ k: Buffer }>(
+      one.schema.url,
+      `SELECT DISTINCT email_wrapped_key AS k FROM "${one.schema.schema}".customer WHERE id = ANY($1)`,
+      [ids],
+    );
+    const inTwo = await rawQuery<Record<string, unknown>>(
+      two.schema.url,
+      `SELECT * FROM "${two.schema.schema}".customer WHERE id = ANY($1) ORDER BY id`,
+      [copies.map((c) => c.id)],
+    );
+    expect(inTwo.length).toBe(copies.length);
+    for (const row of inTwo) {
+      for (const k of keyOfOne) expect((row.email_wrapped_key as Buffer).equals(k.k)).toBe(false);
+      expect((row.email_ciphertext as Buffer).includes(Buffer.from('@example.com'))).toBe(false);
+      expect((row.address_ciphertext as Buffer).includes(Buffer.from('Copy Lane'))).toBe(false);
+    }
+    one.encryption.purgeCache();
+    two.encryption.purgeCache();
+    const backTwo = await repoTwo.findBy({ id: In(copies.map((c) => c.id)) });
+    expect(backTwo.map((c) => [c.email, c.address?.street, c.contact.phone]).sort()).toEqual(
+      copies
+        .map((_, n) => [
+          n % 2 === 0 ? `changed${n}@example.com` : `copied${n}@example.com`,
+          `${n} Copy Lane`,
+          `+358 40 ${n}`,
+        ])
+        .sort(),
+    );
+    const backOne = await repoOne.findBy({ id: In(ids) });
+    expect(backOne.map((c) => [c.email, c.plan]).sort()).toEqual(
+      saved.map((_, n) => [`copied${n}@example.com`, `copy-${n}`]).sort(),
     );
   });
 });
