@@ -96,8 +96,11 @@ export interface BenchSchemaOptions {
   prefix: string;
   /** The entities of the encrypted DataSource; their tables are created by `synchronize`. */
   entities: NonNullable<DataSourceOptions['entities']>;
-  /** The library's migrations the section needs (data-key, index-key or job-range tables). */
-  migrations: NonNullable<DataSourceOptions['migrations']>;
+  /**
+   * The library's migrations the section needs (data-key, index-key or job-range tables). Omitted:
+   * none are run, so the schema holds only the entities' tables (not even TypeORM's `migrations`).
+   */
+  migrations?: NonNullable<DataSourceOptions['migrations']>;
   /**
    * The master keys, as versions 1, 2, … in this order; version 1 is active. Default: two
    * random local keys, so that a section can rotate from version 1 to 2.
@@ -114,7 +117,7 @@ export interface BenchSchema {
   admin: DataSource;
   /** The encryption attached to `dataSource`. */
   encryption: EnvelopeEncryption;
-  /** The DataSource on the schema with `encryption` attached, initialized (migrations run). */
+  /** The DataSource on the schema with `encryption` attached, initialized (migrations, if any, run). */
   dataSource: DataSource;
   /** Opens another DataSource on the schema, without encryption, for plaintext baselines. */
   openPlain(entities: NonNullable<DataSourceOptions['entities']>): Promise<DataSource>;
@@ -122,9 +125,10 @@ export interface BenchSchema {
 
 /**
  * Runs `run` in a schema of its own on `db`: creates the schema, an `EnvelopeEncryption` over
- * `options.keys` and a DataSource on the schema with it attached (`migrationsRun`,
- * `synchronize`), and afterwards, whether `run` succeeded or threw, destroys every DataSource it
- * opened and drops the schema. Resolves with what `run` resolves with.
+ * `options.keys` and a DataSource on the schema with it attached (`synchronize`, and
+ * `migrationsRun` when `options.migrations` is given), and afterwards, whether `run` succeeded
+ * or threw, destroys every DataSource it opened and drops the schema. Resolves with what `run`
+ * resolves with.
  */
 export async function withBenchSchema<T>(
   db: BenchDatabase,
@@ -152,8 +156,7 @@ export async function withBenchSchema<T>(
     const dataSource = new DataSource({
       ...common,
       entities: options.entities,
-      migrations: options.migrations,
-      migrationsRun: true,
+      ...(options.migrations === undefined ? {} : { migrations: options.migrations, migrationsRun: true }),
       ...(options.poolSize === undefined ? {} : { extra: { max: options.poolSize } }),
     });
     encryption.attach(dataSource);

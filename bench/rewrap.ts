@@ -5,11 +5,10 @@
  * alternate the order of the two. The table is restored from a copy before every measurement.
  */
 import 'reflect-metadata';
-import { randomBytes } from 'node:crypto';
-import { DataSource, In } from 'typeorm';
-import type { BenchDatabase } from './database';
+import { type DataSource, In } from 'typeorm';
+import { type BenchDatabase, withBenchSchema } from './database';
 import { EnvelopePerson } from './entities';
-import { EnvelopeEncryption, LocalKeyProvider, type RewrapResult, rewrapDataKeys } from './library';
+import { type EnvelopeEncryption, type RewrapResult, rewrapDataKeys } from './library';
 import { collectGarbage, fmtInt, intEnv, median, round1 } from './stats';
 
 const ROWS = intEnv('BENCH_REWRAP_ROWS', 100_000);
@@ -161,28 +160,9 @@ export async function fillSealedRows(
 export async function runRewrapBench(
   db: BenchDatabase,
 ): Promise<{ lines: string[]; result: RewrapBenchResult }> {
-  const schema = `bench_rewrap_${randomBytes(4).toString('hex')}`;
-  const admin = new DataSource({ type: 'postgres', url: db.url, logging: false });
-  await admin.initialize();
-  await admin.query(`CREATE SCHEMA "${schema}"`);
-  const encryption = new EnvelopeEncryption({
-    keys: [
-      { version: 1, provider: new LocalKeyProvider({ key: randomBytes(32).toString('base64') }) },
-      { version: 2, provider: new LocalKeyProvider({ key: randomBytes(32).toString('base64') }) },
-    ],
-    activeVersion: 1,
-  });
-  const dataSource = new DataSource({
-    type: 'postgres',
-    url: db.url,
-    schema,
-    entities: [EnvelopePerson],
-    synchronize: true,
-    logging: false,
-  });
-  encryption.attach(dataSource);
-  try {
-    await dataSource.initialize();
+  /* No migrations: the envelope entity keeps its wrapped keys in its own rows. */
+  const schemaOptions = { prefix: 'bench_rewrap', entities: [EnvelopePerson] };
+  return withBenchSchema(db, schemaOptions, async ({ schema, encryption, dataSource }) => {
     const sectionStarted = performance.now();
     const columns = encryptedColumnsSql(dataSource, encryption);
     check(columns.length === 3, `${columns.length} encrypted properties`);
@@ -351,9 +331,5 @@ export async function runRewrapBench(
       `Re-wrap verified after the last round: ${verified}`,
     ];
     return { lines, result };
-  } finally {
-    if (dataSource.isInitialized) await dataSource.destroy().catch(() => undefined);
-    await admin.query(`DROP SCHEMA IF EXISTS "${schema}" CASCADE`).catch(() => undefined);
-    await admin.destroy().catch(() => undefined);
-  }
+  });
 }
