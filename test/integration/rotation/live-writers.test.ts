@@ -1,11 +1,12 @@
 import { randomBytes } from 'node:crypto';
 import 'reflect-metadata';
-import { Column, Entity, PrimaryGeneratedColumn, type QueryRunner, type Repository } from 'typeorm';
+import type { QueryRunner, Repository } from 'typeorm';
 import { afterEach, describe, expect, it } from 'vitest';
-import { backfillEncryptedColumns, Encrypted, reencryptColumns, verifyEncryptedColumns } from '../../../src';
+import { backfillEncryptedColumns, reencryptColumns, verifyEncryptedColumns } from '../../../src';
 import type { EncryptionContext, GeneratedDataKey } from '../../../src/keys/key-provider';
 import { CountingKeyProvider } from '../../support/counting-key-provider';
 import { createTestSchema, rawQuery, type TestSchema } from '../../support/database';
+import { LivePlain, LiveSecret } from '../../support/live-entities';
 import { type EncryptedTestDatabase, encryptedDatabase } from '../../support/typeorm';
 
 /**
@@ -38,22 +39,6 @@ class PausingKeyProvider extends CountingKeyProvider {
   }
 }
 
-@Entity('live_account')
-class LiveAccount {
-  @PrimaryGeneratedColumn() id!: number;
-  @Encrypted() email!: string;
-  @Column({ type: 'int' }) visits!: number;
-}
-
-/** A table whose plaintext `email` column is being encrypted (created by SQL, as it was before). */
-@Entity('live_member')
-class LiveMember {
-  @PrimaryGeneratedColumn() id!: number;
-  @Encrypted({ plaintextColumn: { name: 'email', type: 'varchar' }, readPlaintextFallback: true })
-  email!: string;
-  @Column({ type: 'int' }) visits!: number;
-}
-
 const ROWS = 40;
 /** Concurrent writers in the random tests; each owns every WRITERS-th row, so its last write is the row's. */
 const WRITERS = 3;
@@ -71,7 +56,7 @@ afterEach(async () => {
  * `job` runs the rotation job (its key provider can pause).
  */
 async function twoInstances(
-  entity: typeof LiveAccount | typeof LiveMember,
+  entity: typeof LiveSecret | typeof LivePlain,
   seed: (schema: TestSchema) => Promise<void>,
 ) {
   const schema = await createTestSchema('live');
@@ -99,20 +84,20 @@ const rowsOf = (schema: TestSchema, table: string) =>
 /** Every row reads back through TypeORM as the application last wrote it, and is whole in SQL. */
 async function expectAsWritten(
   db: EncryptedTestDatabase,
-  repo: Repository<LiveAccount> | Repository<LiveMember>,
+  repo: Repository<LiveSecret> | Repository<LivePlain>,
   expected: Map<number, string>,
   table: string,
 ) {
   db.encryption.purgeCache();
   const read = await repo.find({ order: { id: 'ASC' } });
-  expect(new Map(read.map((r) => [r.id, r.email]))).toEqual(expected);
+  expect(new Map(read.map((r) => [r.id, r.secret]))).toEqual(expected);
   const raw = await rowsOf(db.schema, table);
   expect(raw).toHaveLength(expected.size);
   for (const row of raw) {
     /* All four columns of one value, never a mix: each is present and the value authenticates. */
-    expect([row.email_ciphertext, row.email_iv, row.email_wrapped_key].every(Buffer.isBuffer)).toBe(true);
-    expect(row.email_key_version).toBe(1);
-    expect((row.email_ciphertext as Buffer).toString('latin1')).not.toContain('@example.com');
+    expect([row.secret_ciphertext, row.secret_iv, row.secret_wrapped_key].every(Buffer.isBuffer)).toBe(true);
+    expect(row.secret_key_version).toBe(1);
+    expect((row.secret_ciphertext as Buffer).toString('latin1')).not.toContain('@example.com');
   }
   const verified = await verifyEncryptedColumns(db.dataSource, db.encryption);
   expect(verified).toMatchObject({ failed: 0, pendingBackfill: 0, rowsChecked: expected.size });
@@ -120,27 +105,27 @@ async function expectAsWritten(
 
 describe('reencryptColumns beside live writers', () => {
   async function accounts() {
-    const setup = await twoInstances(LiveAccount, async () => undefined);
-    const repo = setup.app.dataSource.getRepository(LiveAccount);
+    const setup = await twoInstances(LiveSecret, async () => undefined);
+    const repo = setup.app.dataSource.getRepository(LiveSecret);
     const saved = await repo.save(
-      Array.from({ length: ROWS }, (_, i) => repo.create({ email: `a${i}@example.com`, visits: 0 })),
+      Array.from({ length: ROWS }, (_, i) => repo.create({ secret: `a${i}@example.com`, n: 0 })),
     );
-    const expected = new Map(saved.map((a) => [a.id, a.email]));
+    const expected = new Map(saved.map((a) => [a.id, a.secret]));
     return { ...setup, repo, saved, expected };
   }
 
   it('skips the rows the application wrote between the read of a batch and its write', async () => {
     const { app, job, jobProvider, repo, saved, expected, schema } = await accounts();
-    const before = new Map((await rowsOf(schema, 'live_account')).map((r) => [r.id, r]));
-    const [first, second, third, fourth] = saved as [LiveAccount, LiveAccount, LiveAccount, LiveAccount];
+    const before = new Map((await rowsOf(schema, 'live_secrets')).map((r) => [r.id, r]));
+    const [first, second, third, fourth] = saved as [LiveSecret, LiveSecret, LiveSecret, LiveSecret];
     jobProvider.pauseOnce(async () => {
       // A loaded entity changed and saved, an update(), a delete, and a save of another column only.
       const loaded = await repo.findOneByOrFail({ id: first.id });
-      loaded.email = 'saved-meanwhile@example.com';
+      loaded.secret = 'saved-meanwhile@example.com';
       await repo.save(loaded);
-      await repo.update({ id: second.id }, { email: 'updated-meanwhile@example.com' });
+      await repo.update({ id: second.id }, { secret: 'updated-meanwhile@example.com' });
       await repo.delete({ id: third.id });
-      await repo.update({ id: fourth.id }, { visits: 5 });
+      await repo.update({ id: fourth.id }, { n: 5 });
     });
     expected.set(first.id, 'saved-meanwhile@example.com');
     expected.set(second.id, 'updated-meanwhile@example.com');
@@ -149,29 +134,29 @@ describe('reencryptColumns beside live writers', () => {
     const result = await reencryptColumns(job.dataSource, job.encryption, { batchSize: 10 });
     expect(result.error).toBeUndefined();
     expect(result.properties[0]).toMatchObject({ rowsReencrypted: ROWS - 3, rowsSkipped: 3, failures: [] });
-    await expectAsWritten(app, repo, expected, 'live_account');
-    const after = new Map((await rowsOf(schema, 'live_account')).map((r) => [r.id, r]));
-    // The rows the job wrote hold new data keys; the visits written meanwhile are kept.
+    await expectAsWritten(app, repo, expected, 'live_secrets');
+    const after = new Map((await rowsOf(schema, 'live_secrets')).map((r) => [r.id, r]));
+    // The rows the job wrote hold new data keys; the other column, written meanwhile, is kept.
     const untouched = [...after.values()].filter((r) => r.id !== first.id && r.id !== second.id);
     for (const row of untouched) {
-      expect((row.email_wrapped_key as Buffer).equals(before.get(row.id)?.email_wrapped_key as Buffer)).toBe(
-        false,
-      );
+      expect(
+        (row.secret_wrapped_key as Buffer).equals(before.get(row.id)?.secret_wrapped_key as Buffer),
+      ).toBe(false);
     }
-    expect(after.get(fourth.id)?.visits).toBe(5);
+    expect(after.get(fourth.id)?.n).toBe(5);
   });
 
   it("waits for an application transaction that holds the row, then leaves the application's value", async () => {
     const { app, job, repo, saved, expected } = await accounts();
-    const target = saved[0] as LiveAccount;
+    const target = saved[0] as LiveSecret;
     const runner = app.dataSource.createQueryRunner();
     await runner.connect();
     await runner.startTransaction();
     let jobDone = false;
     try {
-      const inTransaction = runner.manager.getRepository(LiveAccount);
+      const inTransaction = runner.manager.getRepository(LiveSecret);
       const loaded = await inTransaction.findOneByOrFail({ id: target.id });
-      loaded.email = 'in-transaction@example.com';
+      loaded.secret = 'in-transaction@example.com';
       await inTransaction.save(loaded); // row locked, not committed: the job reads the old value
       const running = reencryptColumns(job.dataSource, job.encryption, { batchSize: 100 }).finally(() => {
         jobDone = true;
@@ -189,25 +174,25 @@ describe('reencryptColumns beside live writers', () => {
       await runner.release();
     }
     expected.set(target.id, 'in-transaction@example.com');
-    await expectAsWritten(app, repo, expected, 'live_account');
+    await expectAsWritten(app, repo, expected, 'live_secrets');
   });
 
   it('runs a batch again when PostgreSQL breaks a deadlock with an application transaction by aborting it', async () => {
     const { app, job, repo, saved, expected } = await accounts();
-    const [, second, , , fifth] = saved as LiveAccount[];
+    const [, second, , , fifth] = saved as LiveSecret[];
     const runner = app.dataSource.createQueryRunner();
     await runner.connect();
     await runner.startTransaction();
     try {
       /* Let the job's session be the one that detects the deadlock (it waits first, at 1 s by default). */
       await runner.query(`SET LOCAL deadlock_timeout = '60s'`);
-      const inTransaction = runner.manager.getRepository(LiveAccount);
-      await inTransaction.update({ id: (fifth as LiveAccount).id }, { visits: 1 }); // the job will wait here
+      const inTransaction = runner.manager.getRepository(LiveSecret);
+      await inTransaction.update({ id: (fifth as LiveSecret).id }, { n: 1 }); // the job will wait here
       const running = reencryptColumns(job.dataSource, job.encryption, { batchSize: 100 });
       const holder = await backendPid(runner);
       await waitUntil(async () => (await waitingFor(app, holder)) > 0);
       // The job holds the rows before the fifth; taking one of them closes the cycle.
-      await inTransaction.update({ id: (second as LiveAccount).id }, { email: 'deadlock@example.com' });
+      await inTransaction.update({ id: (second as LiveSecret).id }, { secret: 'deadlock@example.com' });
       await runner.commitTransaction();
       const result = await running;
       expect(result.error).toBeUndefined();
@@ -216,36 +201,36 @@ describe('reencryptColumns beside live writers', () => {
       if (runner.isTransactionActive) await runner.rollbackTransaction();
       await runner.release();
     }
-    expected.set((second as LiveAccount).id, 'deadlock@example.com');
-    await expectAsWritten(app, repo, expected, 'live_account');
+    expected.set((second as LiveSecret).id, 'deadlock@example.com');
+    await expectAsWritten(app, repo, expected, 'live_secrets');
   });
 
   it('an entity loaded before the job and saved after it keeps its value', async () => {
     const { app, job, repo, saved, expected, schema } = await accounts();
-    const stale = await repo.findOneByOrFail({ id: (saved[0] as LiveAccount).id });
-    const staleEdited = await repo.findOneByOrFail({ id: (saved[1] as LiveAccount).id });
+    const stale = await repo.findOneByOrFail({ id: (saved[0] as LiveSecret).id });
+    const staleEdited = await repo.findOneByOrFail({ id: (saved[1] as LiveSecret).id });
     const result = await reencryptColumns(job.dataSource, job.encryption, { batchSize: 7 });
     expect(result.properties[0]).toMatchObject({ rowsReencrypted: ROWS, rowsSkipped: 0 });
     const [jobRow] = await rawQuery<Row>(
       schema.url,
-      `SELECT * FROM "${schema.schema}".live_account WHERE id = $1`,
+      `SELECT * FROM "${schema.schema}".live_secrets WHERE id = $1`,
       [stale.id],
     );
-    stale.visits += 1;
+    stale.n += 1;
     await repo.save(stale);
-    staleEdited.email = 'edited-after@example.com';
+    staleEdited.secret = 'edited-after@example.com';
     await repo.save(staleEdited);
     expected.set(staleEdited.id, 'edited-after@example.com');
-    await expectAsWritten(app, repo, expected, 'live_account');
+    await expectAsWritten(app, repo, expected, 'live_secrets');
     const [row] = await rawQuery<Row>(
       schema.url,
-      `SELECT * FROM "${schema.schema}".live_account WHERE id = $1`,
+      `SELECT * FROM "${schema.schema}".live_secrets WHERE id = $1`,
       [stale.id],
     );
-    expect(row?.visits).toBe(1);
+    expect(row?.n).toBe(1);
     // Saving the other column does not put back the value under the data key the job replaced.
-    expect(row?.email_ciphertext).toEqual(jobRow?.email_ciphertext);
-    expect(row?.email_wrapped_key).toEqual(jobRow?.email_wrapped_key);
+    expect(row?.secret_ciphertext).toEqual(jobRow?.secret_ciphertext);
+    expect(row?.secret_wrapped_key).toEqual(jobRow?.secret_wrapped_key);
   });
 
   it('loses nothing while several writers update random rows throughout the job', async () => {
@@ -258,11 +243,11 @@ describe('reencryptColumns beside live writers', () => {
         const email = `w${w}-${n}@example.com`;
         if (n % 2 === 0) {
           const loaded = await repo.findOneByOrFail({ id });
-          loaded.email = email;
-          loaded.visits += 1;
+          loaded.secret = email;
+          loaded.n += 1;
           await repo.save(loaded);
         } else {
-          await repo.update({ id }, { email });
+          await repo.update({ id }, { secret: email });
         }
         expected.set(id, email);
       }
@@ -274,23 +259,23 @@ describe('reencryptColumns beside live writers', () => {
     expect(result.error).toBeUndefined();
     const outcome = result.properties[0];
     expect((outcome?.rowsReencrypted ?? 0) + (outcome?.rowsSkipped ?? 0)).toBe(ROWS);
-    await expectAsWritten(app, repo, expected, 'live_account');
+    await expectAsWritten(app, repo, expected, 'live_secrets');
   });
 });
 
 describe('backfillEncryptedColumns beside live writers', () => {
   async function members() {
-    const setup = await twoInstances(LiveMember, async (schema) => {
+    const setup = await twoInstances(LivePlain, async (schema) => {
       await rawQuery(
         schema.url,
-        `CREATE TABLE "${schema.schema}".live_member (id serial PRIMARY KEY, email varchar NOT NULL, visits int NOT NULL);
-         INSERT INTO "${schema.schema}".live_member (email, visits)
+        `CREATE TABLE "${schema.schema}".live_plain (id serial PRIMARY KEY, secret varchar NOT NULL, n int NOT NULL);
+         INSERT INTO "${schema.schema}".live_plain (secret, n)
            SELECT 'm' || i || '@example.com', 0 FROM generate_series(0, ${ROWS - 1}) AS i`,
       );
     });
-    const repo = setup.app.dataSource.getRepository(LiveMember);
+    const repo = setup.app.dataSource.getRepository(LivePlain);
     const expected = new Map(
-      (await rowsOf(setup.schema, 'live_member')).map((r) => [r.id as number, r.email as string]),
+      (await rowsOf(setup.schema, 'live_plain')).map((r) => [r.id as number, r.secret as string]),
     );
     return { ...setup, repo, expected };
   }
@@ -303,13 +288,13 @@ describe('backfillEncryptedColumns beside live writers', () => {
       job.encryption.cache.renewEncryptionKey(); // the job's first seal asks the key provider
       jobProvider.pauseOnce(async () => {
         const loaded = await repo.findOneByOrFail({ id: ids[0] as number });
-        loaded.email = 'saved-meanwhile@example.com';
+        loaded.secret = 'saved-meanwhile@example.com';
         await repo.save(loaded);
-        await repo.update({ id: ids[1] as number }, { email: 'updated-meanwhile@example.com' });
+        await repo.update({ id: ids[1] as number }, { secret: 'updated-meanwhile@example.com' });
         await repo.delete({ id: ids[2] as number });
-        await repo.update({ id: ids[3] as number }, { visits: 9 });
+        await repo.update({ id: ids[3] as number }, { n: 9 });
         // An instance still running the previous release writes the old column directly.
-        await rawQuery(schema.url, `UPDATE "${schema.schema}".live_member SET email = $1 WHERE id = $2`, [
+        await rawQuery(schema.url, `UPDATE "${schema.schema}".live_plain SET secret = $1 WHERE id = $2`, [
           'old-release@example.com',
           ids[4],
         ]);
@@ -328,13 +313,13 @@ describe('backfillEncryptedColumns beside live writers', () => {
       expect(result.properties[0]).toMatchObject({ rowsEncrypted: ROWS - 4, failures: [] });
       const again = await backfillEncryptedColumns(job.dataSource, job.encryption, { clearPlaintext });
       expect(again.properties[0]).toMatchObject({ rowsEncrypted: 1 });
-      await expectAsWritten(app, repo, expected, 'live_member');
-      const raw = await rowsOf(schema, 'live_member');
+      await expectAsWritten(app, repo, expected, 'live_plain');
+      const raw = await rowsOf(schema, 'live_plain');
       for (const row of raw) {
         const written = row.id === ids[0] || row.id === ids[1];
-        expect(row.email).toBe(written || clearPlaintext ? null : expected.get(row.id as number));
+        expect(row.secret).toBe(written || clearPlaintext ? null : expected.get(row.id as number));
       }
-      expect(raw.find((r) => r.id === ids[3])?.visits).toBe(9);
+      expect(raw.find((r) => r.id === ids[3])?.n).toBe(9);
     },
   );
 
@@ -346,7 +331,7 @@ describe('backfillEncryptedColumns beside live writers', () => {
     await runner.startTransaction();
     let jobDone = false;
     try {
-      await runner.manager.getRepository(LiveMember).update({ id }, { email: 'in-transaction@example.com' });
+      await runner.manager.getRepository(LivePlain).update({ id }, { secret: 'in-transaction@example.com' });
       const running = backfillEncryptedColumns(job.dataSource, job.encryption, { batchSize: 100 }).finally(
         () => {
           jobDone = true;
@@ -364,7 +349,7 @@ describe('backfillEncryptedColumns beside live writers', () => {
       await runner.release();
     }
     expected.set(id, 'in-transaction@example.com');
-    await expectAsWritten(app, repo, expected, 'live_member');
+    await expectAsWritten(app, repo, expected, 'live_plain');
   });
 
   it('an entity loaded before the backfill and saved after it keeps its value, and no plaintext comes back', async () => {
@@ -374,15 +359,15 @@ describe('backfillEncryptedColumns beside live writers', () => {
     const staleEdited = await repo.findOneByOrFail({ id: b });
     const result = await backfillEncryptedColumns(job.dataSource, job.encryption, { clearPlaintext: true });
     expect(result.properties[0]).toMatchObject({ rowsEncrypted: ROWS });
-    stale.visits += 1;
+    stale.n += 1;
     await repo.save(stale);
-    staleEdited.email = 'edited-after@example.com';
+    staleEdited.secret = 'edited-after@example.com';
     await repo.save(staleEdited);
     expected.set(b, 'edited-after@example.com');
-    await expectAsWritten(app, repo, expected, 'live_member');
-    const raw = await rowsOf(schema, 'live_member');
-    expect(raw.filter((r) => r.email !== null)).toEqual([]);
-    expect(raw.find((r) => r.id === a)?.visits).toBe(1);
+    await expectAsWritten(app, repo, expected, 'live_plain');
+    const raw = await rowsOf(schema, 'live_plain');
+    expect(raw.filter((r) => r.secret !== null)).toEqual([]);
+    expect(raw.find((r) => r.id === a)?.n).toBe(1);
   });
 
   it('loses nothing while several writers update random rows throughout the backfill', async () => {
@@ -395,10 +380,10 @@ describe('backfillEncryptedColumns beside live writers', () => {
         const email = `w${w}-${n}@example.com`;
         if (n % 2 === 0) {
           const loaded = await repo.findOneByOrFail({ id });
-          loaded.email = email;
+          loaded.secret = email;
           await repo.save(loaded);
         } else {
-          await repo.update({ id }, { email });
+          await repo.update({ id }, { secret: email });
         }
         expected.set(id, email);
       }
@@ -408,7 +393,7 @@ describe('backfillEncryptedColumns beside live writers', () => {
     running = false;
     await Promise.all(writers);
     expect(result.error).toBeUndefined();
-    await expectAsWritten(app, repo, expected, 'live_member');
+    await expectAsWritten(app, repo, expected, 'live_plain');
   });
 });
 

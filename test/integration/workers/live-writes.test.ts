@@ -1,10 +1,8 @@
 import 'reflect-metadata';
 import { randomBytes } from 'node:crypto';
-import { Column, Entity, PrimaryGeneratedColumn } from 'typeorm';
 import { afterEach, describe, expect, it } from 'vitest';
 import {
   backfillEncryptedColumns,
-  Encrypted,
   migrateLayout,
   reencryptColumns,
   rewrapDataKeys,
@@ -13,6 +11,7 @@ import {
   type WorkersReport,
 } from '../../../src';
 import { createTestSchema, rawQuery, type TestSchema } from '../../support/database';
+import { LayoutMigrating, LivePlain, LiveSecret } from '../../support/live-entities';
 import { type EncryptedTestDatabase, encryptedDatabase } from '../../support/typeorm';
 import { JOB_MIGRATIONS } from '../compact-jobs/job-entities';
 import { dataKeyIdOf, keyRows, onPglite } from '../compact-jobs/job-support';
@@ -31,30 +30,6 @@ const BATCH = 50;
 const WRITERS = 3;
 /** Text in every plaintext value, looked for in the stored bytes. */
 const MARK = 'live-secret';
-
-@Entity('live_secrets')
-class LiveSecret {
-  @PrimaryGeneratedColumn() id!: number;
-  @Encrypted() secret!: string;
-  @Column({ type: 'int' }) n!: number;
-}
-
-/** A table whose plaintext `secret` column is being encrypted (created by SQL, as it was before). */
-@Entity('live_plain')
-class LivePlain {
-  @PrimaryGeneratedColumn() id!: number;
-  @Encrypted({ plaintextColumn: { name: 'secret', type: 'varchar' }, readPlaintextFallback: true })
-  secret!: string;
-  @Column({ type: 'int' }) n!: number;
-}
-
-/** `live_secrets` moving from the four sidecars to the compact layout. */
-@Entity('live_secrets')
-class LayoutMigrating {
-  @PrimaryGeneratedColumn() id!: number;
-  @Encrypted({ layout: 'compact', migrateFrom: 'sidecars' }) secret!: string;
-  @Column({ type: 'int' }) n!: number;
-}
 
 type LiveEntity = typeof LiveSecret | typeof LivePlain | typeof LayoutMigrating;
 type Row = { id: number; secret: string; n: number };
