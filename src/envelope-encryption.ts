@@ -274,6 +274,7 @@ export class EnvelopeEncryption {
         subscriber.openBeforeListeners(metadata, found);
       }
       if (!dataSource.subscribers.includes(subscriber)) dataSource.subscribers.push(subscriber);
+      subscriber.openBeforeSubscribers(dataSource.subscribers);
       attachBlindIndexes(dataSource, columns, {
         indexKeys: encryption.indexKeys,
         keyringId: encryption.keyring.keyringId,

@@ -56,6 +56,8 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
   #batch: LoadBatch | undefined;
   /** The values written in this turn of the event loop, sealed together once it is over. */
   #sealing: SealBatch | undefined;
+  /** The application's subscribers whose `afterLoad` waits for the decryption (see below). */
+  readonly #waiting = new WeakSet<EntitySubscriberInterface>();
 
   constructor(
     private readonly lookup: EncryptedColumnsLookup,
@@ -158,7 +160,33 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
     const metadata = event?.metadata;
     const columns = metadata && this.lookup(metadata);
     if (!columns) return undefined;
+    /* Once per turn: subscribers added since (after initialize()) also get to see plaintext. */
+    if (!this.#batch && event?.connection) this.openBeforeSubscribers(event.connection.subscribers);
     return this.open(metadata, columns, entity, event?.queryRunner);
+  }
+
+  /**
+   * The application's own subscribers see loaded entities decrypted, as entity listeners do: the
+   * `afterLoad` of each other subscriber is made to wait for the decryption of its entity. TypeORM
+   * calls the subscribers of the DataSource options before this one and those added later after
+   * it, each for a whole result set; either way the wait is one microtask, by which time this
+   * subscriber's `afterLoad` (which has the query runner) has started the decryption, and joins it.
+   */
+  openBeforeSubscribers(subscribers: readonly EntitySubscriberInterface[]): void {
+    for (const subscriber of subscribers) {
+      if (subscriber === this || this.#waiting.has(subscriber)) continue;
+      this.#waiting.add(subscriber);
+      const afterLoad = subscriber.afterLoad;
+      if (typeof afterLoad !== 'function') continue;
+      subscriber.afterLoad = (entity: object, event: LoadEvent<object>) => {
+        const metadata = event?.metadata;
+        const columns = metadata && this.lookup(metadata);
+        if (!columns || !this.store.hasLoaded(entity)) return afterLoad.call(subscriber, entity, event);
+        return Promise.resolve()
+          .then(() => this.open(metadata, columns, entity, event.queryRunner))
+          .then(() => afterLoad.call(subscriber, entity, event));
+      };
+    }
   }
 
   /**

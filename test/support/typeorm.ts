@@ -51,6 +51,8 @@ export async function encryptedDatabase(
     migrations?: DataSourceOptions['migrations'];
     /** Use this schema instead of creating one (a second DataSource on the same tables). */
     schema?: TestSchema;
+    /** The application's own entity subscribers, as given in the DataSource options. */
+    subscribers?: DataSourceOptions['subscribers'];
   } = {},
 ): Promise<EncryptedTestDatabase> {
   const schema = options.schema ?? (await createTestSchema(options.prefix ?? 'typeorm'));
@@ -71,6 +73,7 @@ export async function encryptedDatabase(
     logger,
     migrations: options.migrations ?? [],
     migrationsRun: Array.isArray(options.migrations) && options.migrations.length > 0,
+    subscribers: options.subscribers ?? [],
   });
   encryption.attach(dataSource);
   await dataSource.initialize();
