@@ -178,7 +178,7 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
       this.#waiting.add(subscriber);
       const afterLoad = subscriber.afterLoad;
       if (typeof afterLoad !== 'function') continue;
-      subscriber.afterLoad = (entity: object, event: LoadEvent<object>) => {
+      const waiting = (entity: object, event: LoadEvent<object>) => {
         const metadata = event?.metadata;
         const columns = metadata && this.lookup(metadata);
         if (!columns || !this.store.hasLoaded(entity)) return afterLoad.call(subscriber, entity, event);
@@ -186,6 +186,11 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
           .then(() => this.open(metadata, columns, entity, event.queryRunner))
           .then(() => afterLoad.call(subscriber, entity, event));
       };
+      try {
+        subscriber.afterLoad = waiting;
+      } catch {
+        /* A frozen subscriber keeps its own afterLoad: it sees properties before decryption. */
+      }
     }
   }
 

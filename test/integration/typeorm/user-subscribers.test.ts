@@ -195,3 +195,25 @@ describe('one subscriber class in two DataSources', () => {
     }
   });
 });
+
+describe('a frozen subscriber', () => {
+  it('does not keep the DataSource from starting, and reads still decrypt', async () => {
+    const frozen: EntitySubscriberInterface = Object.freeze({
+      afterLoad(entity: object) {
+        if (entity instanceof Customer) record('frozen', entity);
+      },
+    });
+    const other = await encryptedDatabase([Customer, Order], { prefix: 'user_subscribers_frozen' });
+    try {
+      other.dataSource.subscribers.push(frozen);
+      const [saved] = await other.dataSource.getRepository(Customer).save(people(1, 'frozen'));
+      seen.length = 0;
+      expect((await other.dataSource.getRepository(Customer).findOneByOrFail({ id: saved?.id })).email).toBe(
+        'frozen0@example.com',
+      );
+      expect(seen.filter((s) => s.subscriber === 'frozen')).toHaveLength(1);
+    } finally {
+      await other.close();
+    }
+  });
+});
