@@ -58,14 +58,22 @@ afterEach(async () => {
 async function twoInstances(
   entity: typeof LiveSecret | typeof LivePlain,
   seed: (schema: TestSchema) => Promise<void>,
+  /** Run-time settings for the job instance's sessions (the pg `options` connection parameter). */
+  jobSessionOptions?: string,
 ) {
   const schema = await createTestSchema('live');
   schemaToDrop = schema;
   await seed(schema);
   const masterKey = randomBytes(32).toString('base64');
-  const instance = async (provider: CountingKeyProvider): Promise<EncryptedTestDatabase> => {
+  const instance = async (
+    provider: CountingKeyProvider,
+    options?: string,
+  ): Promise<EncryptedTestDatabase> => {
+    /* pg sends `options` to the server as run-time settings of every session it opens. */
+    const url = new URL(schema.url);
+    if (options) url.searchParams.set('options', options);
     const db = await encryptedDatabase([entity], {
-      schema,
+      schema: { ...schema, url: url.toString() },
       encryption: { keys: [{ version: 1, provider }], activeVersion: 1 },
     });
     open.push(db);
@@ -73,7 +81,7 @@ async function twoInstances(
   };
   const app = await instance(new CountingKeyProvider(masterKey));
   const jobProvider = new PausingKeyProvider(masterKey);
-  const job = await instance(jobProvider);
+  const job = await instance(jobProvider, jobSessionOptions);
   return { schema, app, job, jobProvider };
 }
 
@@ -104,8 +112,8 @@ async function expectAsWritten(
 }
 
 describe('reencryptColumns beside live writers', () => {
-  async function accounts() {
-    const setup = await twoInstances(LiveSecret, async () => undefined);
+  async function accounts(jobSessionOptions?: string) {
+    const setup = await twoInstances(LiveSecret, async () => undefined, jobSessionOptions);
     const repo = setup.app.dataSource.getRepository(LiveSecret);
     const saved = await repo.save(
       Array.from({ length: ROWS }, (_, i) => repo.create({ secret: `a${i}@example.com`, n: 0 })),
@@ -178,13 +186,18 @@ describe('reencryptColumns beside live writers', () => {
   });
 
   it('runs a batch again when PostgreSQL breaks a deadlock with an application transaction by aborting it', async () => {
-    const { app, job, repo, saved, expected } = await accounts();
+    /*
+     * PostgreSQL checks for a deadlock once per lock wait, deadlock_timeout after the wait begins.
+     * The job's session waits first; its check must come after the application closes the cycle
+     * (5 s leaves room on a loaded machine, where 1 s did not) and before the application's own.
+     */
+    const { app, job, repo, saved, expected } = await accounts('-c deadlock_timeout=5s');
     const [, second, , , fifth] = saved as LiveSecret[];
     const runner = app.dataSource.createQueryRunner();
     await runner.connect();
     await runner.startTransaction();
     try {
-      /* Let the job's session be the one that detects the deadlock (it waits first, at 1 s by default). */
+      /* So the job's session is the one that detects the deadlock, and is aborted. */
       await runner.query(`SET LOCAL deadlock_timeout = '60s'`);
       const inTransaction = runner.manager.getRepository(LiveSecret);
       await inTransaction.update({ id: (fifth as LiveSecret).id }, { n: 1 }); // the job will wait here
