@@ -490,17 +490,22 @@ describe('a job replaced while it runs', () => {
     const client = new Client({ connectionString: db.schema.url });
     await client.connect();
     await client.query('BEGIN');
+    const [holder] = (await client.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')).rows;
     await client.query(
       `SELECT id FROM ${table()} WHERE id = (SELECT max(id) FROM ${table()} WHERE "workspaceId" = $1) FOR UPDATE`,
       [tenant],
     );
-    /* Polled from another connection: a transaction sees one snapshot of pg_stat_activity. */
+    /*
+     * Polled from another connection: a transaction sees one snapshot of pg_stat_activity. Only
+     * an UPDATE waiting on this lock counts: other test files update their own tenant_contacts.
+     */
     const blocked = async () => {
       for (;;) {
         const [row] = await rawQuery<{ n: number }>(
           db.schema.url,
           `SELECT count(*)::int AS n FROM pg_stat_activity
-           WHERE wait_event_type = 'Lock' AND query LIKE 'UPDATE%tenant_contacts%'`,
+           WHERE $1 = ANY(pg_blocking_pids(pid)) AND query LIKE 'UPDATE%tenant_contacts%'`,
+          [holder?.pid],
         );
         if ((row?.n ?? 0) > 0) return;
         await new Promise((r) => setTimeout(r, 10));

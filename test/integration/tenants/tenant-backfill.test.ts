@@ -60,12 +60,18 @@ it('a row moved to another tenant while the backfill sealed its value is left fo
     await mover.query('BEGIN');
     await mover.query(`UPDATE ${table()} SET "workspaceId" = 'ws-b' WHERE id = $1`, [id]);
     const running = backfillEncryptedColumns(db.dataSource, db.encryption, {});
-    /* Wait until the backfill's write of that row waits on the mover's lock. */
-    for (let i = 0; i < 500; i++) {
+    /*
+     * Wait until the backfill's write of that row waits on the mover's lock (a statement on this
+     * schema's table: other test files update their own phone columns on the same server).
+     */
+    for (let i = 0; ; i++) {
       const waiting = await watcher.query(
-        `SELECT count(*)::int AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'UPDATE%phone_ciphertext%'`,
+        `SELECT count(*)::int AS n FROM pg_stat_activity
+         WHERE wait_event_type = 'Lock' AND query LIKE 'UPDATE%phone_ciphertext%' AND query LIKE $1`,
+        [`%${db.schema.schema}%tenant_legacy_people%`],
       );
       if (waiting.rows[0].n > 0) break;
+      if (i === 1_500) throw new Error("the backfill's UPDATE of the moved row never waited on its lock");
       await new Promise((resolve) => setTimeout(resolve, 10));
     }
     await mover.query('COMMIT');
