@@ -164,14 +164,17 @@ describe('a worker process killed part-way', () => {
           WORKER_JOB_SCHEMA: schema.schema,
           WORKER_JOB_MASTER_KEY: masterKey,
           WORKER_JOB_ID: jobId,
-          WORKER_JOB_LEASE_MS: '60000',
+          /* Longer than the test may run: the leases run out only when the test expires them (SQL). */
+          WORKER_JOB_LEASE_MS: '600000',
         },
         stdio: ['ignore', 'pipe', 'pipe'],
       },
     );
   }
 
-  it('leaves ranges to be taken over once their leases run out; the next run finishes the job and every row reads', async () => {
+  it('leaves ranges to be taken over once their leases run out; the next run finishes the job and every row reads', {
+    timeout: 300_000,
+  }, async () => {
     /* The child holds only version 1; the rows are back under it for this test. */
     await db.encryption.activate(1);
     await rewrapDataKeys(db.dataSource, db.encryption, { toVersion: 1 });
