@@ -389,11 +389,18 @@ describe('KMS emulator driven by the real @aws-sdk/client-kms', () => {
   });
 
   it('adds configurable latency to every response', async () => {
+    const before = emulator.delayedResponses.length;
     emulator.setLatency(60);
-    const started = Date.now();
+    try {
+      const described = await kms.send(new DescribeKeyCommand({ KeyId: keyId }));
+      expect(described.KeyMetadata?.KeyId).toBe(keyId);
+      // The answer came only after the emulator's 60 ms timer had fired for it.
+      expect(emulator.delayedResponses.slice(before)).toEqual([60]);
+    } finally {
+      emulator.setLatency(0);
+    }
     await kms.send(new DescribeKeyCommand({ KeyId: keyId }));
-    expect(Date.now() - started).toBeGreaterThanOrEqual(55);
-    emulator.setLatency(0);
+    expect(emulator.delayedResponses.slice(before)).toEqual([60]); // latency 0: sent at once
   });
 
   it('requires an Authorization header', async () => {

@@ -250,6 +250,11 @@ export class KmsEmulator {
   readonly faults: Record<string, number> = Object.fromEntries(OPERATIONS.map((op) => [op, 0]));
   /** Every request in arrival order. */
   readonly callLog: KmsCall[] = [];
+  /**
+   * The delay (ms) each response held back by {@link setLatency} waited out, added once its timer
+   * has fired, just before it is sent: a client that has an answer already listed got it after the delay.
+   */
+  readonly delayedResponses: number[] = [];
 
   private readonly keys = new Map<string, KeyRecord>();
   private readonly aliases = new Map<string, AliasRecord>();
@@ -462,7 +467,11 @@ export class KmsEmulator {
       status = known ? error.status : 500;
       payload = { __type: errorType, message: known ? error.message : 'Internal error' };
     }
-    if (this.latencyMs > 0) await new Promise((resolve) => setTimeout(resolve, this.latencyMs));
+    const latency = this.latencyMs;
+    if (latency > 0) {
+      await new Promise((resolve) => setTimeout(resolve, latency));
+      this.delayedResponses.push(latency);
+    }
     const text = JSON.stringify(payload);
     res.writeHead(status, {
       'Content-Type': 'application/x-amz-json-1.1',
