@@ -175,7 +175,8 @@ function processAlive(pid: number): boolean {
 /**
  * A digest of everything {@link packPackage} reads from the checkout: the compiler options as
  * resolved from tsconfig.build.json, the files it compiles, the entry script, package.json and
- * every other file package.json `files` publishes, and the compiler's version.
+ * every other file package.json `files` publishes, the compiler's version, and the record of
+ * installed packages.
  */
 async function buildInputsDigest(): Promise<string> {
   const { default: ts } = await import('typescript');
@@ -193,6 +194,8 @@ async function buildInputsDigest(): Promise<string> {
     ...['package.json', 'scripts/write-esm-entry.mjs', ...files.filter((f) => f !== 'dist')].map((file) =>
       join(root, file),
     ),
+    /* What is installed, which the compile reads types from: npm rewrites this on every install. */
+    join(root, 'node_modules', '.package-lock.json'),
   ];
   for (const input of inputs) hashPath(hash, input);
   return `typeorm-envelope-${hash.digest('hex').slice(0, 16)}`;
