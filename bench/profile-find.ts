@@ -10,7 +10,8 @@
  *    through a DataSource *without* encryption attached (TypeORM hydration of all 13 columns, no
  *    decryption), the full `find()`, and the 30,000 decryptions alone, value by value
  *    (`FieldEncryptor.tryOpen`) and as one batch (`tryOpenMany`, the path `afterLoad` takes for a
- *    result set while its data keys are cached), next to bare AES-256-GCM.
+ *    result set while its data keys are cached), next to bare AES-256-GCM; and 1,000 `findOneBy`
+ *    of single rows on each DataSource (what a batch of one costs beside its round trip).
  * 2. An in-process CPU profile (node:inspector) of 5 full `find()`s, self time bucketed by source;
  *    native frames count towards the JavaScript that called them. Written to
  *    .bench-build/envelope-find.cpuprofile (open it in Chrome DevTools).
@@ -154,6 +155,16 @@ async function main(): Promise<void> {
       async () => sumChars(await envelope.getRepository(Envelope).find()),
       t,
     );
+
+    /* Single-row reads: what a batch of one costs beside the round trip. */
+    const LOOKUPS = 1_000;
+    const lookups = async (ds: DataSource, entity: typeof PlainPerson | typeof Envelope) => {
+      const repo = ds.getRepository<PersonData & { id: number }>(entity);
+      for (let id = 1; id <= LOOKUPS; id++) await repo.findOneBy({ id });
+    };
+    await timed(`findOneBy ×${LOOKUPS} plaintext`, () => lookups(plain, PlainPerson), t);
+    await timed(`findOneBy ×${LOOKUPS} envelope, NOT attached`, () => lookups(unattached, Envelope), t);
+    await timed(`findOneBy ×${LOOKUPS} envelope, full`, () => lookups(envelope, Envelope), t);
 
     const raw = (await envelope.query(`SELECT * FROM "${schema}".${TABLE}`)) as Array<
       Record<string, unknown>
