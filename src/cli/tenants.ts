@@ -169,6 +169,11 @@ export function addTenantCommands(program: Command, run: Runner): void {
         const lines = [
           `tenant ${result.tenantId} offboarded: ${result.keysDestroyed} key${result.keysDestroyed === 1 ? '' : 's'} destroyed; its rows can no longer be read and its writes are refused`,
         ];
+        if (result.indexKeysErased > 0) {
+          lines.push(
+            `${result.indexKeysErased} blind-index key${result.indexKeysErased === 1 ? '' : 's'} erased: its searchable values can no longer be looked up`,
+          );
+        }
         if (result.valuesUnderApplicationKey > 0) {
           lines.push(
             `${result.valuesUnderApplicationKey} of its values are under the application key, which offboarding does not destroy: delete those rows to erase them`,

@@ -171,6 +171,7 @@ export class IndexKeys {
 
   /** The scope's keys, when everything they need is in memory (no I/O); otherwise `undefined`. */
   peek(scope: KeyScope): ScopeIndexKeys | undefined {
+    if (scope.readRefusal) return undefined; // load() throws it
     const entry = this.#records.get(scope.cacheId);
     if (!entry) return undefined;
     const assembled = entry.assembled;
@@ -198,6 +199,9 @@ export class IndexKeys {
    * not stored.
    */
   async load(scope: KeyScope, store: IndexKeyStore, create: boolean): Promise<ScopeIndexKeys> {
+    /* An offboarded tenant's values are not searched, even where no key would match them. */
+    const refusal = scope.readRefusal;
+    if (refusal) throw refusal;
     const known = this.peek(scope);
     if (known && (known.write || !create)) return known;
     const id = `${scope.cacheId}\0${create ? 'w' : 'r'}`;

@@ -17,6 +17,11 @@ export interface KeyScope {
   readonly activeVersion: number;
   /** Why new encryptions in this scope are refused, if they are. */
   readonly writeRefusal: Error | undefined;
+  /**
+   * Why reads in this scope are refused whatever is in memory, if they are (an offboarded
+   * tenant): also what needs no key to answer, such as a search no index key can match.
+   */
+  readonly readRefusal: Error | undefined;
   /** The provider of `version`, once it is known to be the right key for this scope. */
   checkedProvider(version: number): Promise<KeyProvider>;
 }

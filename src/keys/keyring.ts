@@ -99,6 +99,11 @@ export class Keyring implements KeyScope {
     return this.#writeRefusal;
   }
 
+  /** The application's keyring refuses no read by its state: a key that fails, fails its values. */
+  get readRefusal(): undefined {
+    return undefined;
+  }
+
   /** Whether `version` is configured. */
   has(version: number): boolean {
     return this.#providers.has(version);

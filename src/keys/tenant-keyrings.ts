@@ -256,6 +256,10 @@ class TenantScope implements KeyScope {
     return this.keyrings.tenant(this.tenant)?.activeVersion ?? this.keyrings.vendor.activeVersion;
   }
 
+  get readRefusal(): Error | undefined {
+    return this.keyrings.tenant(this.tenant)?.state === 'offboarded' ? this.#offboarded() : undefined;
+  }
+
   get writeRefusal(): Error | undefined {
     const record = this.keyrings.tenant(this.tenant);
     if (record?.state === 'offboarded') return this.#offboarded();

@@ -68,6 +68,11 @@ export interface OffboardResult {
   /** Tenant keys whose records were erased (wrapped customer-provided keys, KMS key and role). */
   keysDestroyed: number;
   /**
+   * The tenant's blind-index keys erased (their records kept as `retired`): its indexes can no
+   * longer be computed, so no guessed value can be tested against its rows.
+   */
+  indexKeysErased: number;
+  /**
    * The tenant's stored values under the application's keyring (rows never moved to a key of its
    * own): offboarding refuses to read them, but crypto-shredding does not apply; delete them to erase.
    */
@@ -448,12 +453,13 @@ export class TenantAdmin {
   async offboard(tenantId: string): Promise<OffboardResult> {
     const id = this.#tenantId(tenantId);
     await this.#requireTables();
-    const keysDestroyed = await this.#registry.transaction(async (runner) => {
+    const erased = await this.#registry.transaction(async (runner) => {
       await this.#registry.ensureTenant(runner, id);
       const { keys } = await this.#registry.readTenant(id, runner);
       const destroyed = await this.#registry.offboard(runner, id);
       await this.#registry.record(runner, 'tenant-offboarded', id, null, {
-        keysDestroyed: destroyed,
+        keysDestroyed: destroyed.keys,
+        indexKeysErased: destroyed.indexKeys,
         keyReferences: keys.filter((k) => k.state !== 'destroyed').map((k) => k.keyReference),
       });
       return destroyed;
@@ -462,7 +468,8 @@ export class TenantAdmin {
     this.#encryption.purgeCache(id);
     return {
       tenantId: id,
-      keysDestroyed,
+      keysDestroyed: erased.keys,
+      indexKeysErased: erased.indexKeys,
       valuesUnderApplicationKey: await this.#valuesUnderApplicationKey(id),
     };
   }

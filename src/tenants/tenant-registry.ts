@@ -1,6 +1,7 @@
 import { randomBytes } from 'node:crypto';
 import type { QueryRunner } from 'typeorm';
 import { TENANT_KEYS_TABLE, TENANTS_TABLE } from '../../migrations/1764400000000-TypeormEnvelopeTenantKeys';
+import { INDEX_KEYS_TABLE } from '../../migrations/1764600000000-TypeormEnvelopeIndexKeys';
 import type { EnvelopeEncryption } from '../envelope-encryption';
 import type { TenantKeyRecord, TenantKeyState, TenantRecord } from '../keys/tenant-keyrings';
 import { type AuditEvent, KeyRegistry } from '../rotation/key-registry';
@@ -239,7 +240,29 @@ export class TenantRegistry {
    * customer-provided key, a KMS key and role) is erased, the records are kept as `destroyed` for
    * audit, and the tenant is marked offboarded. Returns how many keys were destroyed.
    */
-  async offboard(runner: QueryRunner, tenantId: string): Promise<number> {
+  async offboard(runner: QueryRunner, tenantId: string): Promise<{ keys: number; indexKeys: number }> {
+    return {
+      keys: await this.#destroyKeys(runner, tenantId),
+      indexKeys: await this.#eraseIndexKeys(runner, tenantId),
+    };
+  }
+
+  /**
+   * Erases the tenant's blind-index keys (records kept as `retired`): with them its indexes could
+   * still be computed, and a guessed value tested against its rows, even on the application's key.
+   */
+  async #eraseIndexKeys(runner: QueryRunner, tenantId: string): Promise<number> {
+    if (!(await runner.hasTable(this.audit.tablePath(INDEX_KEYS_TABLE, false)))) return 0;
+    const result = (await runner.query(
+      `UPDATE ${this.#table(INDEX_KEYS_TABLE)} SET state = 'retired', wrapped_key = NULL, retired_at = now()
+       WHERE keyring_id = $1 AND tenant_id = $2 AND wrapped_key IS NOT NULL`,
+      [this.#keyringId, tenantId],
+      true,
+    )) as { affected?: number };
+    return result.affected ?? 0;
+  }
+
+  async #destroyKeys(runner: QueryRunner, tenantId: string): Promise<number> {
     const result = (await runner.query(
       `UPDATE ${this.#table(TENANT_KEYS_TABLE)} SET state = 'destroyed', descriptor = '{}'::jsonb, destroyed_at = now()
        WHERE keyring_id = $1 AND tenant_id = $2 AND state <> 'destroyed'`,

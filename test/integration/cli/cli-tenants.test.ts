@@ -629,7 +629,12 @@ describe('typeorm-envelope tenants offboard and verify', () => {
   it('offboard --yes destroys the tenant key; verify counts its rows as offboarded, not failed', async () => {
     const run = await cliJson(['tenants', 'offboard', 'ws-gone', '--yes']);
     expect(run.status, run.stderr).toBe(0);
-    expect(run.json).toEqual({ tenantId: 'ws-gone', keysDestroyed: 1, valuesUnderApplicationKey: 0 });
+    expect(run.json).toEqual({
+      tenantId: 'ws-gone',
+      keysDestroyed: 1,
+      indexKeysErased: 0,
+      valuesUnderApplicationKey: 0,
+    });
     expect(await tenantRow('ws-gone')).toMatchObject({ state: 'offboarded' });
     const [destroyed] = await tenantKeys('ws-gone');
     expect(destroyed?.state).toBe('destroyed');

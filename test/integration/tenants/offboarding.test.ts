@@ -148,7 +148,12 @@ describe('offboarding a tenant with a customer-provided key', () => {
   it('destroys the wrapped key: descriptor {}, state destroyed, no trace of the key in any table', async () => {
     const fingerprint = new LocalKeyProvider({ key }).fingerprint;
     const result = await db.encryption.tenants.offboard(gone);
-    expect(result).toEqual({ tenantId: gone, keysDestroyed: 1, valuesUnderApplicationKey: 0 });
+    expect(result).toEqual({
+      tenantId: gone,
+      keysDestroyed: 1,
+      indexKeysErased: 0,
+      valuesUnderApplicationKey: 0,
+    });
     const rows = await keyRows(gone);
     expect(rows).toHaveLength(1);
     expect(rows[0]).toMatchObject({ state: 'destroyed', descriptor: {}, key_reference: fingerprint });
@@ -303,7 +308,12 @@ describe('offboarding a tenant that only used the application key', () => {
     const tenant = 'ws-vendor-only';
     const rows = await seed(tenant, 5);
     const result = await db.encryption.tenants.offboard(tenant);
-    expect(result).toEqual({ tenantId: tenant, keysDestroyed: 0, valuesUnderApplicationKey: 5 + 3 });
+    expect(result).toEqual({
+      tenantId: tenant,
+      keysDestroyed: 0,
+      indexKeysErased: 0,
+      valuesUnderApplicationKey: 5 + 3,
+    });
     const [count] = await rawQuery<{ n: number }>(
       db.schema.url,
       `SELECT (count(*) + count(profile_key_version))::int AS n FROM ${table()} WHERE "workspaceId" = $1 AND email_key_version = 1`,
