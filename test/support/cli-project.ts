@@ -124,11 +124,12 @@ export const TENANT_PROJECT_FILE = resolve(__dirname, '../fixtures/tenant-projec
 /**
  * Runs the CLI from source on the tenant fixture in a child process, without blocking this
  * process (emulators in it must keep answering the child), optionally writing `input` to its stdin.
+ * `dataSourceFile` runs it on another fixture.
  */
 export function runTenantCli(
   args: string[],
   env: Record<string, string>,
-  options: { input?: string | Buffer; command?: string[] } = {},
+  options: { input?: string | Buffer; command?: string[]; dataSourceFile?: string } = {},
 ): Promise<{ status: number | null; stdout: string; stderr: string }> {
   const root = resolve(__dirname, '../..');
   const argv = [
@@ -136,7 +137,7 @@ export function runTenantCli(
     resolve(root, 'test/support/register-ts.cjs'),
     resolve(root, 'src/cli/main.ts'),
     '-d',
-    TENANT_PROJECT_FILE,
+    options.dataSourceFile ?? TENANT_PROJECT_FILE,
     ...args,
   ];
   const [file, ...prefix] = options.command ?? [process.execPath];
