@@ -15,6 +15,7 @@ import { rotationMigrationName, rotationMigrationSource } from '../rotation/rota
 import { encryptionStatus, type PropertyStatus } from '../rotation/status';
 import { type VerifyResult, verifyEncryptedColumns } from '../rotation/verify';
 import { oneOf, parseTime, parsePositiveInteger as parseVersion } from './arguments';
+import { addIndexKeyCommands } from './index-keys';
 import { loadProject } from './load-project';
 import { RawOutput, table } from './output';
 import { Progress } from './progress';
@@ -391,6 +392,7 @@ export function buildProgram(): Command {
     });
 
   addTenantCommands(program, run);
+  addIndexKeyCommands(program, run);
   return program;
 }
 

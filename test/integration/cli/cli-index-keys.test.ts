@@ -425,9 +425,13 @@ describe('index-keys errors', () => {
         expect(run.status).toBe(1);
         expect(run.stderr).toContain('no entity has searchable encrypted properties');
       }
-      const selected = await cli(['index-keys', 'rotate', '--entity', 'NoSuchEntity']);
+      const selected = await cli(['index-keys', 'fill', '--entity', 'NoSuchEntity']);
       expect(selected.status).toBe(1);
       expect(selected.stderr).toContain('none of the selected entities has searchable properties');
+      // A rotation covers every entity of the scope: the old key is erased once none of its rows uses it.
+      const partial = await cli(['index-keys', 'rotate', '--entity', 'Member']);
+      expect(partial.status).toBe(1);
+      expect(partial.stderr).toContain("unknown option '--entity'");
     } finally {
       await project.schema.drop();
     }
