@@ -181,7 +181,8 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
       const waiting = (entity: object, event: LoadEvent<object>) => {
         const metadata = event?.metadata;
         const columns = metadata && this.lookup(metadata);
-        if (!columns || !this.store.hasLoaded(entity)) return afterLoad.call(subscriber, entity, event);
+        const pending = this.#opening.has(entity) || this.store.hasLoaded(entity);
+        if (!columns || !pending) return afterLoad.call(subscriber, entity, event);
         return Promise.resolve()
           .then(() => this.open(metadata, columns, entity, event.queryRunner))
           .then(() => afterLoad.call(subscriber, entity, event));
