@@ -27,6 +27,12 @@ interface AddOptions {
   roleArn?: string;
   externalId?: string;
   region?: string;
+  azureKey?: string;
+  gcpKey?: string;
+  vaultKey?: string;
+  vaultAddress?: string;
+  vaultMount?: string;
+  vaultNamespace?: string;
   activate: boolean;
 }
 
@@ -35,7 +41,7 @@ export function addTenantCommands(program: Command, run: Runner): void {
   const tenants = program
     .command('tenants')
     .description(
-      "tenant keys: each customer's own key (customer-provided, or KMS in its account), jobs, offboarding",
+      "tenant keys: each customer's own key (customer-provided, or in its AWS KMS, Azure Key Vault, Google Cloud KMS or Vault), jobs, offboarding",
     );
 
   tenants
@@ -53,7 +59,7 @@ export function addTenantCommands(program: Command, run: Runner): void {
   tenants
     .command('add <tenant>')
     .description(
-      "add a key for a tenant, validated with a round trip first: a customer-provided key read from a file (or stdin), or a KMS key in the customer's account",
+      "add a key for a tenant, validated with a round trip first: a customer-provided key read from a file (or stdin), or a key in the customer's AWS KMS, Azure Key Vault, Google Cloud KMS or Vault/OpenBao Transit (one per call; the credentials that reach it come from the application's tenantKeys configuration, never from the command line)",
     )
     .option(
       '--customer-key-file <path>',
@@ -67,6 +73,18 @@ export function addTenantCommands(program: Command, run: Runner): void {
       "the role's External ID (default: the tenant's own, see `tenants external-id`)",
     )
     .option('--region <region>', "the key's region (default: the one in its ARN)")
+    .option(
+      '--azure-key <key id>',
+      "a key in the customer's Azure Key Vault, https://<vault>.vault.azure.net/keys/<name>[/<version>] (without a version, its current one is recorded)",
+    )
+    .option(
+      '--gcp-key <name>',
+      "a key in the customer's Google Cloud KMS, projects/P/locations/L/keyRings/R/cryptoKeys/K (or …/cryptoKeyVersions/N)",
+    )
+    .option('--vault-key <name>', "a Transit key in the customer's Vault or OpenBao (needs --vault-address)")
+    .option('--vault-address <url>', "the Vault server's origin, e.g. https://vault.customer.example:8200")
+    .option('--vault-mount <path>', 'the Transit mount (default: transit)')
+    .option('--vault-namespace <path>', "the key's Vault namespace, if any")
     .option('--no-activate', 'record the key without making it the one new rows use')
     .action(async (tenant: string, options: AddOptions) => {
       const { descriptor, warnings } = descriptorOf(options);
@@ -303,15 +321,64 @@ function iso(date: Date | string | null): string {
   return date instanceof Date ? date.toISOString() : date;
 }
 
-/** The descriptor `tenants add` was given, refusing a key on the command line before anything is loaded. */
+/** The options of each kind of key `tenants add` takes: the one naming the key first, then what only it uses. */
+const KINDS = [
+  { key: 'customerKeyFile', flag: '--customer-key-file', what: 'a customer-provided key', extras: [] },
+  {
+    key: 'kmsKey',
+    flag: '--kms-key',
+    what: 'a key in AWS KMS',
+    extras: [
+      ['roleArn', '--role-arn'],
+      ['externalId', '--external-id'],
+      ['region', '--region'],
+    ],
+  },
+  { key: 'azureKey', flag: '--azure-key', what: 'a key in Azure Key Vault', extras: [] },
+  { key: 'gcpKey', flag: '--gcp-key', what: 'a key in Google Cloud KMS', extras: [] },
+  {
+    key: 'vaultKey',
+    flag: '--vault-key',
+    what: 'a key in Vault Transit',
+    extras: [
+      ['vaultAddress', '--vault-address'],
+      ['vaultMount', '--vault-mount'],
+      ['vaultNamespace', '--vault-namespace'],
+    ],
+  },
+] as const satisfies ReadonlyArray<{
+  key: keyof AddOptions;
+  flag: string;
+  what: string;
+  extras: ReadonlyArray<readonly [keyof AddOptions, string]>;
+}>;
+
+/**
+ * The descriptor `tenants add` was given, refusing a key on the command line, two kinds of key,
+ * or one kind's options with another, before anything is loaded.
+ */
 function descriptorOf(options: AddOptions): { descriptor: TenantKeyDescriptor; warnings: string[] } {
   if (options.customerKey !== undefined) throw new ConfigError(KEY_ON_COMMAND_LINE);
-  const { customerKeyFile, kmsKey, roleArn, externalId, region } = options;
-  if ((customerKeyFile === undefined) === (kmsKey === undefined)) {
+  const given = KINDS.filter((kind) => options[kind.key] !== undefined);
+  if (given.length > 1) {
     throw new ConfigError(
-      'tenants add needs one key: --customer-key-file <path> (a customer-provided key; - reads stdin) or --kms-key <arn> (a KMS key in the customer account)',
+      `tenants add takes one key, not ${given.map((kind) => kind.flag).join(' and ')}: add each with its own call`,
     );
   }
+  const [kind] = given;
+  if (kind === undefined) {
+    throw new ConfigError(
+      'tenants add needs one key: --customer-key-file <path> (a customer-provided key; - reads stdin), ' +
+        '--kms-key <arn> (AWS KMS), --azure-key <key id> (Azure Key Vault), --gcp-key <name> (Google Cloud KMS) ' +
+        'or --vault-key <name> with --vault-address <url> (Vault Transit), in the customer account',
+    );
+  }
+  for (const other of KINDS) {
+    if (other === kind) continue;
+    const stray = other.extras.find(([name]) => options[name] !== undefined);
+    if (stray) throw new ConfigError(`${stray[1]} is for ${other.flag}, not for ${kind.flag} (${kind.what})`);
+  }
+  const { customerKeyFile, kmsKey, roleArn, externalId, region, azureKey, gcpKey, vaultKey } = options;
   if (kmsKey !== undefined) {
     return {
       descriptor: {
@@ -324,12 +391,27 @@ function descriptorOf(options: AddOptions): { descriptor: TenantKeyDescriptor; w
       warnings: [],
     };
   }
-  const stray = [
-    ['--role-arn', roleArn],
-    ['--external-id', externalId],
-    ['--region', region],
-  ].find(([, value]) => value !== undefined);
-  if (stray) throw new ConfigError(`${stray[0]} is for --kms-key, not for a customer-provided key`);
+  if (azureKey !== undefined)
+    return { descriptor: { kind: 'azure-key-vault', keyId: azureKey }, warnings: [] };
+  if (gcpKey !== undefined) return { descriptor: { kind: 'gcp-kms', keyName: gcpKey }, warnings: [] };
+  if (vaultKey !== undefined) {
+    const { vaultAddress, vaultMount, vaultNamespace } = options;
+    if (vaultAddress === undefined) {
+      throw new ConfigError(
+        "--vault-key needs --vault-address <url>: the origin of the customer's Vault (one listed in tenantKeys.vaultTransit.addresses)",
+      );
+    }
+    return {
+      descriptor: {
+        kind: 'vault-transit',
+        address: vaultAddress,
+        keyName: vaultKey,
+        ...(vaultMount !== undefined ? { mount: vaultMount } : {}),
+        ...(vaultNamespace !== undefined ? { namespace: vaultNamespace } : {}),
+      },
+      warnings: [],
+    };
+  }
   const { key, warnings } = readCustomerKey(customerKeyFile as string);
   return { descriptor: { kind: 'customer-key', key }, warnings };
 }
