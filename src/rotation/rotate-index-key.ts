@@ -35,7 +35,11 @@ export interface IndexKeyJobOptions {
    * {@link fillBlindIndexes}: only this tenant's rows (default: all rows).
    */
   tenant?: string;
-  /** Entities to work on (classes or names). Default: every entity with searchable properties. */
+  /**
+   * Entities to work on (classes or names). Default: every entity with searchable properties. A
+   * rotation for some of them retires the old key only once no row of any searchable entity of
+   * the scope is indexed under it (a later run for the others finishes it).
+   */
   entities?: ReadonlyArray<EntitySelector>;
   /** Rows per batch (one UPDATE each). Default 500. */
   batchSize?: number;
@@ -185,10 +189,14 @@ async function runIndexJob(
         if (!rotate && options.tenant !== undefined && !t.tenant) continue;
         result.properties.push(await indexProperty(runner, encryption, store, t, filter, batchSize, options));
       }
-      for (const t of targets) result.rowsLeft += await rowsLeft(runner, t, filter);
+      result.rowsLeft = await rowsLeftOf(runner, targets, filter);
       if (rotate && scope && result.rowsLeft === 0 && result.fromVersion) {
         const duplicates = result.properties.some((p) => p.duplicates.length > 0);
-        if (!duplicates)
+        /* The key serves every searchable entity of the scope, not only the selected ones. */
+        const othersLeft = options.entities
+          ? await rowsLeftOf(runner, searchableTargets(target, encryption, undefined), filter)
+          : 0;
+        if (!duplicates && othersLeft === 0)
           result.previousRetired = await retire(runner, encryption, options.tenant, result.fromVersion);
         encryption.indexKeys.refresh(scope);
       }
@@ -212,6 +220,17 @@ async function runIndexJob(
   }
   result.durationMs = performance.now() - started;
   return result;
+}
+
+/** Rows of `targets` the filter still selects (for a rotation: not yet under its new key). */
+async function rowsLeftOf(
+  runner: QueryRunner,
+  targets: readonly Target[],
+  filter: RowFilter,
+): Promise<number> {
+  let left = 0;
+  for (const t of targets) left += await rowsLeft(runner, t, filter);
+  return left;
 }
 
 /** The searchable properties of the selected entities, with quoted names. */
