@@ -3,6 +3,7 @@ import { randomBytes } from 'node:crypto';
 import { resolve } from 'node:path';
 import 'reflect-metadata';
 import { DataSource } from 'typeorm';
+import { expect } from 'vitest';
 import { TypeormEnvelopeKeyRegistry1764300000000 } from '../../migrations/1764300000000-TypeormEnvelopeKeyRegistry';
 import { EnvelopeEncryption, LocalKeyProvider } from '../../src';
 import { createTestSchema, type TestSchema } from './database';
@@ -163,4 +164,23 @@ export function runTenantCli(
     });
     child.stdin.end(options.input ?? '');
   });
+}
+
+/**
+ * A `--json` run of the CLI with its stdout parsed: it must be exactly one JSON document (the
+ * test fails, showing stdout and stderr, when it is not).
+ */
+export function withJson<R extends { stdout: string; stderr: string }>(
+  run: R,
+  args: readonly string[],
+  // biome-ignore lint/suspicious/noExplicitAny: tests read whatever the CLI printed
+): R & { json: any } {
+  let json: unknown;
+  expect(
+    () => {
+      json = JSON.parse(run.stdout);
+    },
+    `stdout of ${args.join(' ')} is one JSON document: ${run.stdout}\n${run.stderr}`,
+  ).not.toThrow();
+  return { ...run, json };
 }

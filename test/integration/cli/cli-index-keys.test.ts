@@ -6,7 +6,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { EnvelopeEncryption, LocalKeyProvider, rotateIndexKey } from '../../../src';
 import { Account, BLIND_INDEX_MIGRATIONS, Member } from '../../support/blind-index-entities';
 import { runCli } from '../../support/cli';
-import { createCliProject, runTenantCli } from '../../support/cli-project';
+import { createCliProject, runTenantCli, withJson } from '../../support/cli-project';
 import { createTestSchema, rawQuery, type TestSchema } from '../../support/database';
 import { TENANT_MIGRATIONS } from '../../support/tenant-entities';
 
@@ -35,16 +35,7 @@ const cli = async (args: string[], extraEnv: Record<string, string> = {}) => {
 };
 
 const cliJson = async (args: string[], extraEnv: Record<string, string> = {}) => {
-  const run = await cli(['--json', ...args], extraEnv);
-  let json: unknown;
-  expect(
-    () => {
-      json = JSON.parse(run.stdout);
-    },
-    `stdout of ${args.join(' ')} is one JSON document: ${run.stdout}\n${run.stderr}`,
-  ).not.toThrow();
-  // biome-ignore lint/suspicious/noExplicitAny: tests read whatever the CLI printed
-  return { ...run, json: json as any };
+  return withJson(await cli(['--json', ...args], extraEnv), args);
 };
 
 const sql = <T = Record<string, unknown>>(text: string, params?: unknown[]) =>

@@ -7,7 +7,7 @@ import {
   startAzureKeyVaultEmulator,
   testCredential,
 } from '../../support/azure-key-vault-emulator';
-import { createTenantCliProject, runTenantCli } from '../../support/cli-project';
+import { createTenantCliProject, runTenantCli, withJson } from '../../support/cli-project';
 import { rawQuery, type TestSchema } from '../../support/database';
 import { APP_MEMBER, type GcpKmsEmulator, startGcpKmsEmulator } from '../../support/gcp-kms-emulator';
 import { TENANT_MIGRATIONS, TenantContact } from '../../support/tenant-entities';
@@ -52,16 +52,7 @@ const cli = async (args: string[]) => {
 
 /** Runs the CLI with --json; its stdout must be exactly one JSON document. */
 const cliJson = async (args: string[]) => {
-  const run = await cli(['--json', ...args]);
-  let json: unknown;
-  expect(
-    () => {
-      json = JSON.parse(run.stdout);
-    },
-    `stdout of ${args.join(' ')} is one JSON document: ${run.stdout}\n${run.stderr}`,
-  ).not.toThrow();
-  // biome-ignore lint/suspicious/noExplicitAny: tests read whatever the CLI printed
-  return { ...run, json: json as any };
+  return withJson(await cli(['--json', ...args]), args);
 };
 
 const sql = <T = Record<string, unknown>>(text: string, params?: unknown[]) =>

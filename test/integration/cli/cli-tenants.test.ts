@@ -7,7 +7,7 @@ import 'reflect-metadata';
 import { DataSource } from 'typeorm';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { EnvelopeEncryption, LocalKeyProvider } from '../../../src';
-import { createTenantCliProject, runTenantCli } from '../../support/cli-project';
+import { createTenantCliProject, runTenantCli, withJson } from '../../support/cli-project';
 import { parseCsv } from '../../support/csv';
 import { rawQuery, type TestSchema } from '../../support/database';
 import { type KmsEmulator, startKmsEmulator } from '../../support/kms-emulator';
@@ -49,16 +49,7 @@ const cliJson = async (
   args: string[],
   options: { input?: string | Buffer; env?: Record<string, string> } = {},
 ) => {
-  const run = await cli(['--json', ...args], options);
-  let json: unknown;
-  expect(
-    () => {
-      json = JSON.parse(run.stdout);
-    },
-    `stdout of ${args.join(' ')} is one JSON document: ${run.stdout}\n${run.stderr}`,
-  ).not.toThrow();
-  // biome-ignore lint/suspicious/noExplicitAny: tests read whatever the CLI printed
-  return { ...run, json: json as any };
+  return withJson(await cli(['--json', ...args], options), args);
 };
 
 const newCustomerKey = () => {
