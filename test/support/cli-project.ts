@@ -8,7 +8,7 @@ import { TypeormEnvelopeKeyRegistry1764300000000 } from '../../migrations/176430
 import { EnvelopeEncryption, LocalKeyProvider } from '../../src';
 import { createTestSchema, type TestSchema } from './database';
 import { Customer, Order } from './entities';
-import { TENANT_MIGRATIONS, TenantContact } from './tenant-entities';
+import { TenantContact, tenantContactsDataSource } from './tenant-entities';
 
 /** A schema seeded with customers under key version 1, and the environment for the CLI fixture. */
 export interface CliProject {
@@ -89,16 +89,10 @@ export async function createTenantCliProject(options: {
     activeVersion: 1,
     cache: { dataKeyMaxUses: options.maxUses },
   });
-  const dataSource = new DataSource({
-    type: 'postgres',
-    url: schema.url,
-    schema: schema.schema,
-    entities: [TenantContact],
+  const dataSource = tenantContactsDataSource(encryption, schema.url, schema.schema, {
     synchronize: true,
-    migrations: TENANT_MIGRATIONS,
     migrationsRun: true,
   });
-  encryption.attach(dataSource);
   await dataSource.initialize();
   const repo = dataSource.getRepository(TenantContact);
   for (const workspaceId of options.workspaces) {

@@ -3,9 +3,8 @@
 // environment (database URL and schema, the application's master key, tenant, batch size).
 // Prints one JSON line when the job starts, one after every batch, one when it ends.
 import 'reflect-metadata';
-import { DataSource } from 'typeorm';
 import { EnvelopeEncryption, LocalKeyProvider } from '../../src';
-import { TENANT_MIGRATIONS, TenantContact } from './tenant-entities';
+import { tenantContactsDataSource } from './tenant-entities';
 
 function required(name: string): string {
   const value = process.env[name];
@@ -19,14 +18,11 @@ async function main(): Promise<void> {
     keys: [{ version: 1, provider: new LocalKeyProvider({ key: required('TENANT_JOB_MASTER_KEY') }) }],
     activeVersion: 1,
   });
-  const dataSource = new DataSource({
-    type: 'postgres',
-    url: required('TENANT_JOB_DATABASE_URL'),
-    schema: required('TENANT_JOB_SCHEMA'),
-    entities: [TenantContact],
-    migrations: TENANT_MIGRATIONS,
-  });
-  encryption.attach(dataSource);
+  const dataSource = tenantContactsDataSource(
+    encryption,
+    required('TENANT_JOB_DATABASE_URL'),
+    required('TENANT_JOB_SCHEMA'),
+  );
   await dataSource.initialize();
   const print = (line: Record<string, unknown>) => process.stdout.write(`${JSON.stringify(line)}\n`);
   print({ event: 'started' });

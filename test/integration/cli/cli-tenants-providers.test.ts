@@ -1,5 +1,4 @@
 import 'reflect-metadata';
-import { DataSource } from 'typeorm';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { EnvelopeEncryption, LocalKeyProvider } from '../../../src';
 import {
@@ -10,7 +9,7 @@ import {
 import { createTenantCliProject, runTenantCli, withJson } from '../../support/cli-project';
 import { rawQuery, type TestSchema } from '../../support/database';
 import { APP_MEMBER, type GcpKmsEmulator, startGcpKmsEmulator } from '../../support/gcp-kms-emulator';
-import { TENANT_MIGRATIONS, TenantContact } from '../../support/tenant-entities';
+import { TenantContact, tenantContactsDataSource } from '../../support/tenant-entities';
 import {
   type AppRoleCredentials,
   startVaultEmulator,
@@ -101,14 +100,7 @@ async function saveAndRead(workspace: string) {
       vaultTransit: { auth: { appRole }, addresses: [vault.address] },
     },
   });
-  const dataSource = new DataSource({
-    type: 'postgres',
-    url: schema.url,
-    schema: schema.schema,
-    entities: [TenantContact],
-    migrations: TENANT_MIGRATIONS,
-  });
-  encryption.attach(dataSource);
+  const dataSource = tenantContactsDataSource(encryption, schema.url, schema.schema);
   await dataSource.initialize();
   try {
     const repo = dataSource.getRepository(TenantContact);

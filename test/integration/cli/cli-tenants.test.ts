@@ -4,7 +4,6 @@ import { chmodSync, mkdtempSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import 'reflect-metadata';
-import { DataSource } from 'typeorm';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { EnvelopeEncryption, LocalKeyProvider } from '../../../src';
 import { createTenantCliProject, runTenantCli, withJson } from '../../support/cli-project';
@@ -12,7 +11,7 @@ import { parseCsv } from '../../support/csv';
 import { rawQuery, type TestSchema } from '../../support/database';
 import { type KmsEmulator, startKmsEmulator } from '../../support/kms-emulator';
 import { type EmulatedUserCredentials, type StsEmulator, startStsEmulator } from '../../support/sts-emulator';
-import { TENANT_MIGRATIONS, TenantContact } from '../../support/tenant-entities';
+import { TenantContact, tenantContactsDataSource } from '../../support/tenant-entities';
 
 /** The customer owns the KMS key and the role; the application runs in the vendor's account. */
 const CUSTOMER = '111122223333';
@@ -229,14 +228,7 @@ describe('typeorm-envelope tenants: customer-provided keys', () => {
       keys: [{ version: 1, provider: new LocalKeyProvider({ key: env.TEST_MASTER_KEY_1 as string }) }],
       activeVersion: 1,
     });
-    const dataSource = new DataSource({
-      type: 'postgres',
-      url: schema.url,
-      schema: schema.schema,
-      entities: [TenantContact],
-      migrations: TENANT_MIGRATIONS,
-    });
-    encryption.attach(dataSource);
+    const dataSource = tenantContactsDataSource(encryption, schema.url, schema.schema);
     await dataSource.initialize();
     try {
       const contacts = await dataSource.getRepository(TenantContact).find({
