@@ -238,7 +238,8 @@ export class TenantRegistry {
   /**
    * Destroys what the application holds of the tenant's keys: every descriptor (a wrapped
    * customer-provided key, a KMS key and role) is erased, the records are kept as `destroyed` for
-   * audit, and the tenant is marked offboarded. Returns how many keys were destroyed.
+   * audit, the tenant's blind-index keys are erased (records kept as `retired`), and the tenant is
+   * marked offboarded. Returns how many keys and index keys were.
    */
   async offboard(runner: QueryRunner, tenantId: string): Promise<{ keys: number; indexKeys: number }> {
     return {

@@ -170,7 +170,8 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
    * `afterLoad` of each other subscriber is made to wait for the decryption of its entity. TypeORM
    * calls the subscribers of the DataSource options before this one and those added later after
    * it, each for a whole result set; either way the wait is one microtask, by which time this
-   * subscriber's `afterLoad` (which has the query runner) has started the decryption, and joins it.
+   * subscriber's `afterLoad` (which has the query runner) has started the decryption (see
+   * {@link #afterOpening}).
    */
   openBeforeSubscribers(subscribers: readonly EntitySubscriberInterface[]): void {
     for (const subscriber of subscribers) {
@@ -181,11 +182,8 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
       const waiting = (entity: object, event: LoadEvent<object>) => {
         const metadata = event?.metadata;
         const columns = metadata && this.lookup(metadata);
-        const pending = this.#opening.has(entity) || this.store.hasLoaded(entity);
-        if (!columns || !pending) return afterLoad.call(subscriber, entity, event);
-        return Promise.resolve()
-          .then(() => this.open(metadata, columns, entity, event.queryRunner))
-          .then(() => afterLoad.call(subscriber, entity, event));
+        const run = () => afterLoad.call(subscriber, entity, event);
+        return columns ? this.#afterOpening(metadata, columns, entity, event.queryRunner, run) : run();
       };
       try {
         subscriber.afterLoad = waiting;
@@ -198,18 +196,34 @@ export class EncryptionSubscriber implements EntitySubscriberInterface {
   /**
    * TypeORM runs an entity's own `@AfterLoad()` listeners before subscribers: each listener of
    * `metadata` is made to wait for the decryption, so it sees plaintext. TypeORM calls this
-   * subscriber's `afterLoad` in the same synchronous pass, right after the listeners, so the
-   * listener waits one microtask and then joins the decryption `afterLoad` started, which knows
-   * the query runner (a partial select inside a transaction reads its sidecars there).
+   * subscriber's `afterLoad` in the same synchronous pass, right after the listeners (see
+   * {@link #afterOpening}).
    */
   openBeforeListeners(metadata: EntityMetadata, columns: readonly EncryptedColumns[]): void {
     for (const listener of metadata.afterLoadListeners) {
       const execute = listener.execute.bind(listener);
       listener.execute = (entity: ObjectLiteral) =>
-        Promise.resolve()
-          .then(() => this.open(metadata, columns, entity))
-          .then(() => execute(entity));
+        this.#afterOpening(metadata, columns, entity, undefined, () => execute(entity));
     }
+  }
+
+  /**
+   * Runs `then` once `entity` is decrypted, for a listener or another subscriber: one microtask
+   * later, by which time this subscriber's `afterLoad` has started the decryption with the query
+   * runner (a partial select inside a transaction reads its sidecars there), and joins it; at once
+   * when the entity has nothing to decrypt.
+   */
+  #afterOpening<T>(
+    metadata: EntityMetadata,
+    columns: readonly EncryptedColumns[],
+    entity: object,
+    queryRunner: QueryRunner | undefined,
+    then: () => T,
+  ): T | Promise<T> {
+    if (!this.#opening.has(entity) && !this.store.hasLoaded(entity)) return then();
+    return Promise.resolve()
+      .then(() => this.open(metadata, columns, entity, queryRunner))
+      .then(then);
   }
 
   /**
