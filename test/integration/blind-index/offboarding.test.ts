@@ -1,6 +1,6 @@
 import { randomBytes } from 'node:crypto';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { TenantOffboardedError } from '../../../src';
+import { rotateIndexKey, TenantOffboardedError } from '../../../src';
 import { BLIND_INDEX_MIGRATIONS, Member } from '../../support/blind-index-entities';
 import { rawQuery } from '../../support/database';
 import { type EncryptedTestDatabase, encryptedDatabase } from '../../support/typeorm';
@@ -68,6 +68,15 @@ describe.each([
       }
       expect(await members().countBy({ workspaceId: stays, email: 'staying@example.com' })).toBe(1);
     }
+    /* Offboarding again erases nothing more; an index-key rotation for it is refused, making no key. */
+    expect(await db.encryption.tenants.offboard(gone)).toMatchObject({
+      keysDestroyed: 0,
+      indexKeysErased: 0,
+    });
+    const keysBefore = (await indexKeyRows(gone)).length;
+    const rotation = await rotateIndexKey(db.dataSource, db.encryption, { tenant: gone, settleTime: 0 });
+    expect(rotation.error).toBeInstanceOf(TenantOffboardedError);
+    expect((await indexKeyRows(gone)).length).toBe(keysBefore);
     /* Nothing left to compute its indexes with: the tenant's index keys are erased. */
     for (const key of await indexKeyRows(gone)) expect(key.wrapped_key).toBeNull();
     expect((await indexKeyRows(stays)).every((k) => k.wrapped_key !== null)).toBe(true);

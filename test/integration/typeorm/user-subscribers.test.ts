@@ -217,3 +217,31 @@ describe('a frozen subscriber', () => {
     }
   });
 });
+
+describe('a DataSource destroyed and initialized again', () => {
+  it('its subscribers still see each entity decrypted, once per load', async () => {
+    const other = await encryptedDatabase([Customer, Order], {
+      prefix: 'user_subscribers_again',
+      subscribers: [AuditBefore],
+    });
+    try {
+      other.dataSource.subscribers.push(late);
+      const [saved] = await other.dataSource.getRepository(Customer).save(people(1, 'again'));
+      await other.dataSource.destroy();
+      await other.dataSource.initialize();
+      /* initialize() built its subscribers anew: the one pushed before is gone, add it again. */
+      other.dataSource.subscribers.push(late);
+      for (const cold of [false, true]) {
+        if (cold) other.encryption.purgeCache();
+        seen.length = 0;
+        await other.dataSource.getRepository(Customer).findOneByOrFail({ id: saved?.id });
+        expect(seen.map((s) => [s.subscriber, s.email]).sort()).toEqual([
+          ['late', 'again0@example.com'],
+          ['options', 'again0@example.com'],
+        ]);
+      }
+    } finally {
+      await other.close();
+    }
+  });
+});
