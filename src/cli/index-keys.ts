@@ -5,8 +5,9 @@ import type { EnvelopeEncryption } from '../envelope-encryption';
 import { ConfigError } from '../errors';
 import { fillBlindIndexes, type IndexJobResult, rotateIndexKey } from '../rotation/rotate-index-key';
 import { searchableColumnsOf } from '../typeorm/blind-index-columns';
+import { indexKeysTableExists } from '../typeorm/blind-index-store';
 import { parsePositiveInteger } from './arguments';
-import { table } from './output';
+import { failOn, table } from './output';
 import { Progress } from './progress';
 import type { GlobalOptions, Runner } from './tenants';
 
@@ -57,7 +58,7 @@ export function addIndexKeyCommands(program: Command, run: Runner): void {
             onProgress,
           }),
         );
-        failOn(result);
+        failOnRowsLeft(result);
         return global.json ? result : rotateText(result);
       })(),
     );
@@ -76,7 +77,7 @@ export function addIndexKeyCommands(program: Command, run: Runner): void {
         const result = await withProgress(global, (onProgress) =>
           fillBlindIndexes(dataSource, encryption, { ...jobOptions(options), onProgress }),
         );
-        failOn(result);
+        failOnRowsLeft(result);
         return global.json ? result : fillText(result);
       })(),
     );
@@ -123,10 +124,9 @@ async function requireSearchable(dataSource: DataSource, encryption: EnvelopeEnc
       'no entity has searchable encrypted properties (declare one with @Encrypted({ searchable: … })): there is no blind index to work on',
     );
   }
-  const schema = (dataSource.options as { schema?: string }).schema;
   const runner = dataSource.createQueryRunner();
   try {
-    if (!(await runner.hasTable(schema ? `${schema}.${INDEX_KEYS_TABLE}` : INDEX_KEYS_TABLE))) {
+    if (!(await indexKeysTableExists(runner))) {
       throw new ConfigError(
         `searchable encrypted properties need the ${INDEX_KEYS_TABLE} table: add the TypeormEnvelopeIndexKeys1764600000000 migration to the DataSource's migrations and run it`,
       );
@@ -137,9 +137,8 @@ async function requireSearchable(dataSource: DataSource, encryption: EnvelopeEnc
 }
 
 /** An error ends the command; rows left unindexed (failures, duplicates) print the result, then exit 1. */
-function failOn(result: IndexJobResult): void {
-  if (result.error) throw result.error;
-  if (result.rowsLeft > 0 || result.properties.some((p) => p.failures.length > 0)) process.exitCode = 1;
+function failOnRowsLeft(result: IndexJobResult): void {
+  failOn(result.error, result.rowsLeft > 0 || result.properties.some((p) => p.failures.length > 0));
 }
 
 function scopeOf(result: IndexJobResult): string {

@@ -23,3 +23,9 @@ function text(value: unknown): string {
 export class RawOutput {
   constructor(readonly text: string) {}
 }
+
+/** A job that finished with failures still prints its result, then exits non-zero. */
+export function failOn(error: unknown, failed: boolean): void {
+  if (error) throw error;
+  if (failed) process.exitCode = 1;
+}

@@ -17,7 +17,7 @@ import { type VerifyResult, verifyEncryptedColumns } from '../rotation/verify';
 import { oneOf, parseTime, parsePositiveInteger as parseVersion } from './arguments';
 import { addIndexKeyCommands } from './index-keys';
 import { loadProject } from './load-project';
-import { RawOutput, table } from './output';
+import { failOn, RawOutput, table } from './output';
 import { Progress } from './progress';
 import { addTenantCommands, type GlobalOptions, jobOutcome, type Runner, tenantStatusText } from './tenants';
 
@@ -715,10 +715,4 @@ async function requireRegistry(registry: KeyRegistry): Promise<KeyRegistry> {
   }
   await registry.sync();
   return registry;
-}
-
-/** A job that finished with failures still prints its result, then exits non-zero. */
-function failOn(error: unknown, failed: boolean): void {
-  if (error) throw error;
-  if (failed) process.exitCode = 1;
 }

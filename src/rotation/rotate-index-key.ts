@@ -1,5 +1,4 @@
 import { type EntityMetadata, In, type ObjectLiteral, type QueryRunner } from 'typeorm';
-import { INDEX_KEYS_TABLE } from '../../migrations/1764600000000-TypeormEnvelopeIndexKeys';
 import type { EnvelopeEncryption } from '../envelope-encryption';
 import { ConfigError } from '../errors';
 import type { IndexKey, IndexKeyRecord } from '../keys/index-keys';
@@ -13,6 +12,7 @@ import {
 } from '../typeorm/blind-index-columns';
 import {
   indexKeysTable,
+  indexKeysTableExists,
   missingTable,
   NO_TENANT,
   recordOf,
@@ -665,9 +665,8 @@ export async function rewrapIndexKeys(
 ): Promise<IndexKeysRewrap> {
   const outcome: IndexKeysRewrap = { rewrapped: 0, failures: [] };
   const dataSource = dataSourceOf(target);
-  const schema = (dataSource.options as { schema?: string }).schema;
   await withQueryRunner(target, async (runner) => {
-    if (!(await runner.hasTable(schema ? `${schema}.${INDEX_KEYS_TABLE}` : INDEX_KEYS_TABLE))) return;
+    if (!(await indexKeysTableExists(runner))) return;
     const table = indexKeysTable(dataSource);
     const rows = (await runner.query(
       `SELECT tenant_id, version, state, key_version, wrapped_key FROM ${table}
@@ -727,8 +726,7 @@ export async function indexKeysWrappedBy(
   version: number,
 ): Promise<number> {
   const dataSource = runner.connection;
-  const schema = (dataSource.options as { schema?: string }).schema;
-  if (!(await runner.hasTable(schema ? `${schema}.${INDEX_KEYS_TABLE}` : INDEX_KEYS_TABLE))) return 0;
+  if (!(await indexKeysTableExists(runner))) return 0;
   const [row] = (await runner.query(
     `SELECT count(*)::int AS n FROM ${indexKeysTable(dataSource)} WHERE keyring_id = $1 AND key_version = $2 AND wrapped_key IS NOT NULL`,
     [keyringId, version],

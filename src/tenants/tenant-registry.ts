@@ -1,11 +1,11 @@
 import { randomBytes } from 'node:crypto';
 import type { QueryRunner } from 'typeorm';
 import { TENANT_KEYS_TABLE, TENANTS_TABLE } from '../../migrations/1764400000000-TypeormEnvelopeTenantKeys';
-import { INDEX_KEYS_TABLE } from '../../migrations/1764600000000-TypeormEnvelopeIndexKeys';
 import type { EnvelopeEncryption } from '../envelope-encryption';
 import type { TenantKeyRecord, TenantKeyState, TenantRecord } from '../keys/tenant-keyrings';
 import { type AuditEvent, KeyRegistry } from '../rotation/key-registry';
 import { type RotationTarget, withQueryRunner } from '../rotation/rotation-target';
+import { indexKeysTable, indexKeysTableExists } from '../typeorm/blind-index-store';
 
 /** The state of a tenant's key job (onboarding, rotation or revert), as persisted. */
 export type TenantJobState = 'pending' | 'validating' | 'rewrapping' | 'completed' | 'failed';
@@ -253,9 +253,9 @@ export class TenantRegistry {
    * still be computed, and a guessed value tested against its rows, even on the application's key.
    */
   async #eraseIndexKeys(runner: QueryRunner, tenantId: string): Promise<number> {
-    if (!(await runner.hasTable(this.audit.tablePath(INDEX_KEYS_TABLE, false)))) return 0;
+    if (!(await indexKeysTableExists(runner))) return 0;
     const result = (await runner.query(
-      `UPDATE ${this.#table(INDEX_KEYS_TABLE)} SET state = 'retired', wrapped_key = NULL, retired_at = now()
+      `UPDATE ${indexKeysTable(runner.connection)} SET state = 'retired', wrapped_key = NULL, retired_at = now()
        WHERE keyring_id = $1 AND tenant_id = $2 AND wrapped_key IS NOT NULL`,
       [this.#keyringId, tenantId],
       true,

@@ -6,6 +6,12 @@ import type { IndexKeyRecord, IndexKeyState, IndexKeyStore } from '../keys/index
 /** `tenant_id` of the application keyring's own index keys (a tenant id is never empty). */
 export const NO_TENANT = '';
 
+/** Whether the index-key table exists in the DataSource's schema (its migration has run). */
+export async function indexKeysTableExists(runner: QueryRunner): Promise<boolean> {
+  const schema = (runner.connection.options as { schema?: string }).schema;
+  return (await runner.hasTable(schema ? `${schema}.${INDEX_KEYS_TABLE}` : INDEX_KEYS_TABLE)) as boolean;
+}
+
 /** The index-key table's path in the DataSource's schema, quoted. */
 export function indexKeysTable(dataSource: DataSource): string {
   const schema = (dataSource.options as { schema?: string }).schema;
